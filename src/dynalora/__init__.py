@@ -1,0 +1,1 @@
+"""dynalora: dynamic low-rank module allocation (DynaLoRA) over PEFT adapters."""
