@@ -1,1 +1,18 @@
-"""dynalora: dynamic low-rank module allocation (DynaLoRA) over PEFT adapters."""
+"""dynalora: dynamic low-rank module allocation (DynaLoRA) over PEFT adapters.
+
+Only the most important subset of adapter modules trains at any time, re-chosen on a schedule
+("Dynamic Low-Rank Module Allocation", §3).
+"""
+
+from dynalora.adapters import AdapterModule, find_adapter_modules, find_linear_modules
+from dynalora.config import DynamicConfig
+from dynalora.controller import DynamicAllocator
+
+__all__ = [
+    "AdapterModule",
+    "DynamicAllocator",
+    "DynamicConfig",
+    "find_adapter_modules",
+    "find_linear_modules",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,94 @@
+"""Configuration of dynamic module allocation (paper §3)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+MEASURES = ("forward", "adapter", "gradient", "random")
+ALLOCATORS = ("topk", "threshold", "stochastic", "discounted_stochastic", "random")
+SCHEDULES = ("periodic", "once")
+OPTIMIZERS = ("global", "local")
+
+
+def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r} is not supported; allowed: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class DynamicConfig:
+    """How many adapter modules train at a time, which ones, and when the choice is renewed.
+
+    Every field is validated on construction; a bad value raises ``ValueError`` naming the field,
+    the value and what is allowed.
+    """
+
+    measure: str = "forward"
+    """Importance measure (§3.1): ``forward`` = sum over output vectors of ``||(W + ΔW)x||_2`` (eq. 1),
+    ``adapter`` = the same for the adapter's own output ``||ΔW x||_2``, ``gradient`` = L2 norm of the
+    module's adapter-weight gradients, ``random`` = no measurement (fresh uniform scores each time)."""
+
+    allocator: str = "discounted_stochastic"
+    """Module selection (§3.2): ``topk``, ``threshold``, ``stochastic``, ``discounted_stochastic`` (eq. 3)
+    or ``random`` (k uniformly)."""
+
+    k: int | float = 2 / 3
+    """Number of active modules: an int >= 1, or a float in (0, 1] meaning that fraction of the modules
+    (rounded, at least 1). Not used by the ``threshold`` allocator."""
+
+    threshold: float = 0.9
+    """p of the ``threshold`` allocator, in (0, 1]: the fewest most important modules whose normalised
+    importance (eq. 2) sums to at least p."""
+
+    schedule: str = "periodic"
+    """When to reallocate (§3.3): ``periodic`` every ``period`` optimizer steps, or ``once`` at step ``period``."""
+
+    period: int = 50
+    """Optimizer steps between reallocations; for ``once``, the step (alpha) of the single reallocation."""
+
+    optimizer: str = "global"
+    """Optimisation (§3.4): ``global`` = one optimizer and LR schedule over every module;
+    ``local`` = one per module, each advancing only on the steps its module is trained."""
+
+    seed: int = 0
+    """Seed of the allocator's own ``torch.Generator`` (stochastic/random choices, initial selection)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("measure", self.measure, MEASURES)
+        _check_choice("allocator", self.allocator, ALLOCATORS)
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        k = self.k
+        if isinstance(k, bool) or not isinstance(k, (int, float)):
+            raise ValueError(f"k={k!r} is not supported; allowed: an int >= 1 or a float in (0, 1]")
+        if isinstance(k, float) and not (0.0 < k <= 1.0):
+            raise ValueError(f"k={k!r} is out of range; allowed: an int >= 1 or a float in (0, 1]")
+        if isinstance(k, int) and k < 1:
+            raise ValueError(f"k={k!r} is out of range; allowed: an int >= 1 or a float in (0, 1]")
+        if not isinstance(self.threshold, (int, float)) or not (0.0 < self.threshold <= 1.0):
+            raise ValueError(f"threshold={self.threshold!r} is out of range; allowed: a number in (0, 1]")
+        if isinstance(self.period, bool) or not isinstance(self.period, int) or self.period < 1:
+            raise ValueError(f"period={self.period!r} is out of range; allowed: an int >= 1")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed={self.seed!r} is not supported; allowed: an int")
+
+    def resolve_k(self, num_modules: int) -> int:
+        """The number of active modules for a model with ``num_modules`` adapted modules.
+
+        Raises:
+            ValueError: if an int ``k`` exceeds ``num_modules``.
+        """
+        if isinstance(self.k, float):
+            return max(1, min(num_modules, math.floor(self.k * num_modules + 0.5)))
+        if self.k > num_modules:
+            raise ValueError(
+                f"k={self.k} is larger than the {num_modules} adapted modules; allowed: 1..{num_modules} "
+                "or a fraction in (0, 1]"
+            )
+        return self.k
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

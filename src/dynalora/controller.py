@@ -1,0 +1,225 @@
+"""DynamicAllocator: one ``step()`` per optimizer step ties measures, allocators and schedules together."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from dynalora import distributed
+from dynalora.adapters import AdapterModule, find_adapter_modules, other_trainable_params, set_trainable
+from dynalora.allocators import ALLOCATORS, AllocationRequest, initial_count, normalize
+from dynalora.config import DynamicConfig
+from dynalora.importance import MEASURES
+from dynalora.optim import LocalOptimizer, LocalScheduler
+from dynalora.schedules import SCHEDULES
+
+logger = logging.getLogger(__name__)
+
+
+class DynamicAllocator:
+    """Trains only a selected subset of a model's adapter modules, re-selected on a schedule.
+
+    Construction discovers the modules, makes the initial selection and freezes the rest. Before
+    any importance exists, the initial selection is drawn uniformly at random from the seeded
+    generator: k modules (``threshold``: ceil(p * M), what uniform importance would need). The
+    first reallocation then uses measured importance.
+
+    Call :meth:`step` once per optimizer step, before or after ``zero_grad``.
+
+    Args:
+        model: any model containing PEFT tuner layers (a ``PeftModel`` or a model that
+            ``inject_adapter_in_model`` changed), or any model when ``modules`` is given.
+        config: what to measure, how to select, when.
+        modules: units of allocation to use instead of the model's PEFT tuner layers, e.g.
+            :func:`dynalora.adapters.find_linear_modules` for dynamic full fine-tuning.
+    """
+
+    def __init__(
+        self, model: nn.Module, config: DynamicConfig, modules: Sequence[AdapterModule] | None = None
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.modules = list(modules) if modules is not None else find_adapter_modules(model)
+        if not self.modules:
+            raise ValueError(
+                "model has no trainable adapter modules; allowed: a model with PEFT tuner layers "
+                "(LoRA, DoRA, VeRA, ...) or an explicit `modules` list"
+            )
+        # Read before freezing anything: what is trainable now and outside the modules stays trainable.
+        self._extra = other_trainable_params(model, self.modules)
+        num = len(self.modules)
+        self.k = config.resolve_k(num)
+        self._generator = torch.Generator().manual_seed(config.seed)
+        self._measure = MEASURES[config.measure](self.modules, self._generator)
+        self._schedule = SCHEDULES[config.schedule](config.period)
+        self._allocate = ALLOCATORS[config.allocator]
+        self._active_steps = torch.zeros(num, dtype=torch.int64)
+        self._step = 0
+        self.history: list[dict[str, Any]] = []
+        n = initial_count(config.allocator, self.k, config.threshold, num)
+        first = torch.zeros(num, dtype=torch.bool)
+        first[torch.randperm(num, generator=self._generator)[:n]] = True
+        self._apply(distributed.broadcast_mask(first))
+
+    # ----------------------------------------------------------------------------- read-only views
+    @property
+    def module_names(self) -> list[str]:
+        return [m.name for m in self.modules]
+
+    @property
+    def active(self) -> frozenset[str]:
+        return frozenset(m.name for m, on in zip(self.modules, self._mask.tolist(), strict=True) if on)
+
+    @property
+    def active_mask(self) -> torch.Tensor:
+        """Bool mask over :attr:`module_names`, shape ``(M,)``."""
+        return self._mask
+
+    @property
+    def num_params(self) -> int:
+        return sum(m.num_params for m in self.modules)
+
+    @property
+    def num_active_params(self) -> int:
+        return sum(m.num_params for m, on in zip(self.modules, self._mask.tolist(), strict=True) if on)
+
+    @property
+    def num_extra_params(self) -> int:
+        """Trainable parameters outside the modules (classifier head ...): trained at every step."""
+        return sum(p.numel() for p in self._extra)
+
+    @property
+    def step_count(self) -> int:
+        return self._step
+
+    @property
+    def active_steps(self) -> dict[str, int]:
+        """C of eq. 3: optimizer steps each module was trained."""
+        return dict(zip(self.module_names, self._active_steps.tolist(), strict=True))
+
+    def scores(self) -> dict[str, float]:
+        """Raw importance measured so far (eq. 1), which the next reallocation normalises and uses."""
+        return dict(zip(self.module_names, self._measure.scores().tolist(), strict=True))
+
+    # ----------------------------------------------------------------------------- optimisation
+    def _trainable(self) -> list[nn.Parameter]:
+        owned = {id(p) for m in self.modules for p in m.params} | {id(p) for p in self._extra}
+        return [p for p in self.model.parameters() if id(p) in owned]
+
+    def create_optimizer(self, optimizer_cls: type[Optimizer], **kwargs: Any) -> Optimizer | LocalOptimizer:
+        """The optimizer over every module, active or not (§3.4), and the always-trained tensors.
+
+        ``global``: one ``optimizer_cls`` over all of them, in model order. ``local``: a
+        :class:`~dynalora.optim.LocalOptimizer` with one ``optimizer_cls`` per module.
+        """
+        if self.config.optimizer == "local":
+            return LocalOptimizer(
+                [m.params for m in self.modules], self._extra, lambda: self._mask, optimizer_cls, **kwargs
+            )
+        return optimizer_cls(self._trainable(), **kwargs)
+
+    def create_scheduler(
+        self, optimizer: Optimizer | LocalOptimizer, name: str = "linear", **kwargs: Any
+    ) -> Any:
+        """An LR schedule from ``transformers.get_scheduler`` (e.g. ``num_warmup_steps``, ``num_training_steps``).
+
+        For ``local`` optimisation, one schedule per module that advances only on the steps the
+        module is trained: with k of M modules active, a module's schedule covers about k/M of
+        ``num_training_steps``.
+        """
+        from transformers import get_scheduler
+
+        if isinstance(optimizer, LocalOptimizer):
+            return LocalScheduler(optimizer, lambda opt: get_scheduler(name, opt, **kwargs))
+        return get_scheduler(name, optimizer, **kwargs)
+
+    # ----------------------------------------------------------------------------- the step
+    def step(self) -> None:
+        """Account for one optimizer step; reallocate when the schedule says so."""
+        self._active_steps += self._mask
+        self._measure.end_step()
+        self._step += 1
+        if self._schedule.due(self._step):
+            self.reallocate()
+
+    def reallocate(self) -> None:
+        """Select modules from the importance measured so far, and freeze the others.
+
+        Under torch.distributed, scores are averaged over ranks and rank 0's selection is
+        broadcast, so every rank trains the same modules.
+        """
+        raw = distributed.mean_over_ranks(self._measure.scores())
+        request = AllocationRequest(
+            importance=normalize(raw),
+            k=self.k,
+            threshold=self.config.threshold,
+            active_steps=self._active_steps,
+            generator=self._generator,
+        )
+        mask = distributed.broadcast_mask(self._allocate(request))
+        self._measure.after_reallocation()
+        self._apply(mask, raw)
+
+    def _apply(self, mask: torch.Tensor, raw: torch.Tensor | None = None) -> None:
+        self._mask = mask
+        set_trainable(self.modules, mask)
+        names = self.module_names
+        self.history.append(
+            {
+                "step": self._step,
+                "scores": dict(zip(names, raw.tolist(), strict=True)) if raw is not None else {},
+                "active": [n for n, on in zip(names, mask.tolist(), strict=True) if on],
+            }
+        )
+        logger.debug("step %d: %d of %d modules active", self._step, int(mask.sum()), len(names))
+
+    # ----------------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: step, selection, counters, scores, RNG state, history."""
+        return {
+            "module_names": self.module_names,
+            "config": self.config.to_dict(),
+            "step": self._step,
+            "mask": self._mask.clone(),
+            "active_steps": self._active_steps.clone(),
+            "generator": self._generator.get_state(),
+            "measure": self._measure.state_dict(),
+            "history": [dict(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["module_names"] != self.module_names:
+            raise ValueError(
+                "allocator state was saved for other modules "
+                f"({len(state['module_names'])} saved, {len(self.modules)} here); allowed: the same model and adapters"
+            )
+        if state["config"] != self.config.to_dict():
+            logger.warning("allocator state was saved with another config: %s", state["config"])
+        self._step = int(state["step"])
+        self._active_steps = state["active_steps"].clone()
+        self._generator.set_state(state["generator"])
+        self._measure.load_state_dict(state["measure"])
+        self.history = [dict(h) for h in state["history"]]
+        self._mask = state["mask"].clone()
+        set_trainable(self.modules, self._mask)
+
+    def close(self) -> None:
+        """Remove every hook this allocator installed. Trainability stays as it is."""
+        self._measure.close()
+
+    def __enter__(self) -> DynamicAllocator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"DynamicAllocator({len(self.modules)} modules, k={self.k}, step={self._step}, "
+            f"active={int(self._mask.sum())}, config={self.config})"
+        )

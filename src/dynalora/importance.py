@@ -1,0 +1,244 @@
+"""Importance measures (paper §3.1) behind one small Protocol.
+
+A measure watches training-mode passes only: forward hooks look at ``module.training`` and
+``torch.is_grad_enabled()``, so evaluation passes (``model.eval()`` or ``torch.no_grad()``) never
+count. All accumulation stays on the module's device; nothing synchronises with the host until
+:meth:`ImportanceMeasure.scores` is read at a reallocation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch.utils.hooks import RemovableHandle
+
+from dynalora.adapters import AdapterModule
+
+
+class ImportanceMeasure(Protocol):
+    def scores(self) -> torch.Tensor:
+        """Raw importance ``y`` (eq. 1) per module, shape ``(M,)``, float64 on the CPU."""
+        ...
+
+    def end_step(self) -> None:
+        """Called once per optimizer step, after the step's backward passes."""
+        ...
+
+    def after_reallocation(self) -> None:
+        """Called after every (re)allocation."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def close(self) -> None:
+        """Remove every hook this measure installed."""
+        ...
+
+
+def _device(module: AdapterModule) -> torch.device:
+    return module.params[0].device
+
+
+def _output_tensor(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _is_training_pass(layer: torch.nn.Module) -> bool:
+    return layer.training and torch.is_grad_enabled()
+
+
+def _vector_norm_sum(h: torch.Tensor) -> torch.Tensor:
+    """Σ over every output vector of ``||h||_2``: h is (..., d_out), the result a 0-dim float32 tensor."""
+    return torch.linalg.vector_norm(h.detach(), dim=-1, dtype=torch.float32).sum()
+
+
+class _Accumulating:
+    """Per-module running sums, one 0-dim float64 tensor per module on that module's device."""
+
+    def __init__(self, modules: Sequence[AdapterModule]) -> None:
+        self.modules = list(modules)
+        self.totals = [torch.zeros((), dtype=torch.float64, device=_device(m)) for m in self.modules]
+        self.handles: list[RemovableHandle] = []
+
+    def scores(self) -> torch.Tensor:
+        return torch.stack([t.cpu() for t in self.totals])
+
+    def end_step(self) -> None:
+        pass
+
+    def after_reallocation(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"totals": self.scores()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for total, value in zip(self.totals, state["totals"], strict=True):
+            total.copy_(value)
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
+class ForwardNorm(_Accumulating):
+    """``y = Σ_x ||(W + ΔW) x||_2`` over every output vector of the adapted layer (eq. 1)."""
+
+    def __init__(self, modules: Sequence[AdapterModule], generator: torch.Generator | None = None) -> None:
+        super().__init__(modules)
+        for total, module in zip(self.totals, self.modules, strict=True):
+            self.handles.append(module.layer.register_forward_hook(self._hook(total)))
+
+    @staticmethod
+    def _hook(total: torch.Tensor):
+        def hook(layer, args, output):
+            if _is_training_pass(layer):
+                with torch.no_grad():
+                    total.add_(_vector_norm_sum(_output_tensor(output)))
+
+        return hook
+
+
+class AdapterNorm(_Accumulating):
+    """``y = Σ_x ||ΔW x||_2``: the adapter's own contribution, i.e. the tuner layer's output minus its base layer's.
+
+    Works for any tuner that adds its update to the base layer's output (LoRA, DoRA, VeRA, ...).
+    """
+
+    def __init__(self, modules: Sequence[AdapterModule], generator: torch.Generator | None = None) -> None:
+        super().__init__(modules)
+        for total, module in zip(self.totals, self.modules, strict=True):
+            layer = module.layer
+            if not isinstance(layer, BaseTunerLayer):
+                raise ValueError(
+                    f"measure='adapter' needs PEFT adapter layers, but {module.name} is a plain "
+                    f"{type(layer).__name__}; allowed for it: forward, gradient, random"
+                )
+            stash: dict[str, torch.Tensor] = {}
+            self.handles.append(layer.get_base_layer().register_forward_hook(self._stash_hook(layer, stash)))
+            self.handles.append(layer.register_forward_hook(self._hook(total, stash)))
+
+    @staticmethod
+    def _stash_hook(tuner: torch.nn.Module, stash: dict[str, torch.Tensor]):
+        def hook(base, args, output):
+            if _is_training_pass(tuner):
+                stash["base"] = _output_tensor(output)
+
+        return hook
+
+    @staticmethod
+    def _hook(total: torch.Tensor, stash: dict[str, torch.Tensor]):
+        def hook(layer, args, output):
+            base = stash.pop("base", None)
+            if base is not None and _is_training_pass(layer):
+                with torch.no_grad():
+                    total.add_(_vector_norm_sum(_output_tensor(output) - base))
+
+        return hook
+
+
+class GradientNorm(_Accumulating):
+    """L2 norm of the module's adapter-weight gradients, one measurement per optimizer step it trained.
+
+    The norm is read when the gradient is accumulated into ``.grad`` (a post-accumulate-grad hook),
+    so it does not matter whether ``zero_grad`` runs before or after :meth:`end_step`; with
+    gradient accumulation the last micro-batch's hook sees the full accumulated gradient.
+
+    A module that is not trained gets no gradient, so there is nothing to measure. Its score is
+    the **mean gradient norm over the steps it was trained** (summing, as eq. 1 does for forward
+    activations, would punish modules for having been inactive): a module inactive lately keeps
+    the mean it had when last trained, and a module never trained scores the mean of the trained
+    ones (neutral, so that every allocator can still pick it).
+    """
+
+    def __init__(self, modules: Sequence[AdapterModule], generator: torch.Generator | None = None) -> None:
+        super().__init__(modules)
+        self.counts = torch.zeros(len(self.modules), dtype=torch.int64)
+        # Squared norms of the current step, one slot per tensor of the module; overwritten (not
+        # added) by each accumulation, so the slot ends up holding the accumulated gradient's.
+        self.squares = [
+            torch.zeros(len(m.params), dtype=torch.float32, device=_device(m)) for m in self.modules
+        ]
+        self.seen = [False] * len(self.modules)
+        for i, module in enumerate(self.modules):
+            for j, param in enumerate(module.params):
+                self.handles.append(param.register_post_accumulate_grad_hook(self._hook(i, j, module.layer)))
+
+    def _hook(self, i: int, j: int, layer: torch.nn.Module):
+        def hook(param):
+            if layer.training:
+                self.squares[i][j] = torch.linalg.vector_norm(param.grad, dtype=torch.float32).square()
+                self.seen[i] = True
+
+        return hook
+
+    def end_step(self) -> None:
+        for i, seen in enumerate(self.seen):
+            if seen:
+                self.totals[i].add_(self.squares[i].sum().sqrt())
+                self.squares[i].zero_()
+                self.counts[i] += 1
+                self.seen[i] = False
+
+    def scores(self) -> torch.Tensor:
+        totals = super().scores()
+        measured = self.counts > 0
+        if not measured.any():
+            return totals
+        means = torch.zeros_like(totals)
+        means[measured] = totals[measured] / self.counts[measured]
+        means[~measured] = means[measured].mean()
+        return means
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"totals": super().scores(), "counts": self.counts.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.counts.copy_(state["counts"])
+
+
+class RandomScores:
+    """No measurement: every module gets a fresh U(0, 1) score from the allocator's seeded generator.
+
+    Scores are drawn at the start and after each reallocation, so :meth:`scores` always shows what
+    the next reallocation will use, and any allocator then picks at random (``topk`` becomes a
+    uniform choice of k modules).
+    """
+
+    def __init__(self, modules: Sequence[AdapterModule], generator: torch.Generator) -> None:
+        self.generator = generator
+        self.size = len(modules)
+        self.next = torch.rand(self.size, generator=generator, dtype=torch.float64)
+
+    def scores(self) -> torch.Tensor:
+        return self.next.clone()
+
+    def end_step(self) -> None:
+        pass
+
+    def after_reallocation(self) -> None:
+        self.next = torch.rand(self.size, generator=self.generator, dtype=torch.float64)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next": self.next.clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.next = state["next"].clone().to(torch.float64)
+
+    def close(self) -> None:
+        pass
+
+
+MEASURES: dict[str, type[ImportanceMeasure]] = {
+    "forward": ForwardNorm,
+    "adapter": AdapterNorm,
+    "gradient": GradientNorm,
+    "random": RandomScores,
+}

@@ -1,0 +1,68 @@
+"""Dynamic allocation inside a Hugging Face ``Trainer``.
+
+Build the optimizer with the allocator (``Trainer`` would build one from whatever has
+``requires_grad`` when training starts and leave every frozen module out for good)::
+
+    alloc = DynamicAllocator(model, DynamicConfig(k=16))
+    opt = alloc.create_optimizer(torch.optim.AdamW, lr=2e-3)
+    sched = alloc.create_scheduler(opt, "linear", num_warmup_steps=60, num_training_steps=1000)
+    trainer = Trainer(model, args, ..., optimizers=(opt, sched),
+                      callbacks=[DynamicAllocationCallback(alloc)])
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from dynalora.controller import DynamicAllocator
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "dynalora_allocator.pt"
+
+
+class DynamicAllocationCallback(TrainerCallback):
+    """Calls :meth:`DynamicAllocator.step` once per optimizer step and saves/restores its state.
+
+    The allocator's state goes into every checkpoint folder as ``dynalora_allocator.pt``; on
+    ``trainer.train(resume_from_checkpoint=...)`` it is read back from ``checkpoint-<step>``.
+    """
+
+    def __init__(self, allocator: DynamicAllocator) -> None:
+        self.allocator = allocator
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer=None, **kwargs
+    ):
+        if optimizer is not None:
+            covered = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            missing = [m.name for m in self.allocator.modules if any(id(p) not in covered for p in m.params)]
+            if missing:
+                raise ValueError(
+                    f"the optimizer leaves out {len(missing)} adapter modules (e.g. {missing[0]}); build it with "
+                    "allocator.create_optimizer(...) and pass Trainer(optimizers=(optimizer, scheduler))"
+                )
+        if state.global_step > 0 and self.allocator.step_count != state.global_step:
+            path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", STATE_FILE)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"resuming at step {state.global_step} but {path} is missing")
+            self.allocator.load_state_dict(torch.load(path, weights_only=True))
+            logger.info("restored dynamic allocation state from %s", path)
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
+    ):
+        # Runs after optimizer.step() and before the LR scheduler and zero_grad; LocalScheduler
+        # reads which modules that step trained, so a reallocation here is safe.
+        self.allocator.step()
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            torch.save(self.allocator.state_dict(), os.path.join(folder, STATE_FILE))

@@ -1,0 +1,137 @@
+"""Global and local optimisation (paper §3.4).
+
+Global: one optimizer over every adapter tensor, built up front, so a module that is inactive
+when the optimizer is built is still trained once selected (HF Trainer and most recipes build
+the optimizer from whatever has ``requires_grad`` at that moment, which would leave frozen
+modules out for good). Inactive tensors have ``grad is None``, which torch optimizers skip:
+no weight decay, no momentum step.
+
+Local: one optimizer and one LR schedule per module. A module's optimizer steps, and its
+schedule advances, only on the steps that module is trained. Which modules were trained is
+recorded by :meth:`LocalOptimizer.step` from the allocator's selection at that moment, never
+inferred from ``param.grad is not None`` (``zero_grad`` sets grads to None, and a schedule gated
+on that would stop advancing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+ActiveMask = Callable[[], torch.Tensor]
+
+
+class LocalOptimizer:
+    """One optimizer per module, plus one for the always-trained tensors; the usual torch interface.
+
+    Args:
+        groups: trainable tensors of each module, in module order.
+        extra: tensors trained at every step (classifier head, ``modules_to_save``); may be empty.
+        active: returns the current selection, a bool mask of shape ``(M,)``.
+        optimizer_cls, **kwargs: e.g. ``torch.optim.AdamW, lr=1e-3``.
+    """
+
+    def __init__(
+        self,
+        groups: Sequence[Sequence[nn.Parameter]],
+        extra: Sequence[nn.Parameter],
+        active: ActiveMask,
+        optimizer_cls: type[Optimizer],
+        **kwargs: Any,
+    ) -> None:
+        self.optimizers: list[Optimizer] = [optimizer_cls(list(params), **kwargs) for params in groups]
+        self.extra: Optimizer | None = optimizer_cls(list(extra), **kwargs) if extra else None
+        self._active = active
+        self.last_stepped = torch.zeros(len(self.optimizers), dtype=torch.bool)
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Every inner optimizer's groups (the same dicts, so setting ``lr`` here reaches them)."""
+        return [g for opt in self._all() for g in opt.param_groups]
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.optimizers[0].defaults
+
+    @property
+    def state(self) -> dict[nn.Parameter, Any]:
+        return {p: s for opt in self._all() for p, s in opt.state.items()}
+
+    def _all(self) -> list[Optimizer]:
+        return self.optimizers + ([self.extra] if self.extra is not None else [])
+
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = closure() if closure is not None else None
+        self.last_stepped = self._active().clone()
+        for i in self.last_stepped.nonzero().flatten().tolist():
+            self.optimizers[i].step()
+        if self.extra is not None:
+            self.extra.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self._all():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "modules": [opt.state_dict() for opt in self.optimizers],
+            "extra": self.extra.state_dict() if self.extra is not None else None,
+            "last_stepped": self.last_stepped.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["modules"]) != len(self.optimizers):
+            raise ValueError(
+                f"optimizer state holds {len(state['modules'])} modules, this optimizer has {len(self.optimizers)}"
+            )
+        for opt, sd in zip(self.optimizers, state["modules"], strict=True):
+            opt.load_state_dict(sd)
+        if self.extra is not None and state["extra"] is not None:
+            self.extra.load_state_dict(state["extra"])
+        self.last_stepped = state["last_stepped"].clone()
+
+    def __repr__(self) -> str:
+        inner = type(self.optimizers[0]).__name__
+        return f"LocalOptimizer({len(self.optimizers)} x {inner}, extra={self.extra is not None})"
+
+
+class LocalScheduler:
+    """One LR schedule per module; each advances only on the steps its module was trained.
+
+    Args:
+        optimizer: the :class:`LocalOptimizer` whose inner optimizers are scheduled.
+        make: builds a torch LR scheduler for one torch optimizer.
+    """
+
+    def __init__(self, optimizer: LocalOptimizer, make: Callable[[Optimizer], Any]) -> None:
+        self.optimizer = optimizer
+        self.schedulers = [make(opt) for opt in optimizer.optimizers]
+        self.extra = make(optimizer.extra) if optimizer.extra is not None else None
+
+    def step(self) -> None:
+        for i in self.optimizer.last_stepped.nonzero().flatten().tolist():
+            self.schedulers[i].step()
+        if self.extra is not None:
+            self.extra.step()
+
+    def get_last_lr(self) -> list[float]:
+        """Learning rates of the always-trained group (first, when present) and of every module."""
+        extra = self.extra.get_last_lr() if self.extra is not None else []
+        return extra + [lr for s in self.schedulers for lr in s.get_last_lr()]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "modules": [s.state_dict() for s in self.schedulers],
+            "extra": self.extra.state_dict() if self.extra is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for s, sd in zip(self.schedulers, state["modules"], strict=True):
+            s.load_state_dict(sd)
+        if self.extra is not None and state["extra"] is not None:
+            self.extra.load_state_dict(state["extra"])

@@ -1,0 +1,53 @@
+import pytest
+
+from dynalora import DynamicAllocator, DynamicConfig
+from tests import tiny
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "allowed"),
+    [
+        ("measure", "activation", "forward, adapter, gradient, random"),
+        ("allocator", "greedy", "topk, threshold"),
+        ("schedule", "cosine", "periodic, once"),
+        ("optimizer", "sgd", "global, local"),
+        ("k", 0, "int >= 1"),
+        ("k", -3, "int >= 1"),
+        ("k", 0.0, "(0, 1]"),
+        ("k", 1.5, "(0, 1]"),
+        ("k", "all", "int >= 1"),
+        ("threshold", 0.0, "(0, 1]"),
+        ("threshold", 1.2, "(0, 1]"),
+        ("period", 0, "int >= 1"),
+        ("period", 2.5, "int >= 1"),
+    ],
+)
+def test_bad_field_names_field_value_and_allowed(field, value, allowed):
+    with pytest.raises(ValueError) as err:
+        DynamicConfig(**{field: value})
+    message = str(err.value)
+    assert message.startswith(f"{field}={value!r}")
+    assert allowed in message
+
+
+@pytest.mark.parametrize(
+    ("k", "modules", "expected"), [(0.5, 24, 12), (2 / 3, 24, 16), (0.01, 24, 1), (1.0, 7, 7), (5, 8, 5)]
+)
+def test_resolve_k(k, modules, expected):
+    assert DynamicConfig(k=k).resolve_k(modules) == expected
+
+
+def test_k_larger_than_modules_is_rejected_by_allocator():
+    model = tiny.peft_bert()  # 2 layers x (query, value) = 4 modules
+    with pytest.raises(ValueError, match=r"k=5 is larger than the 4 adapted modules; allowed: 1..4"):
+        DynamicAllocator(model, DynamicConfig(k=5))
+
+
+def test_model_without_adapters_is_rejected():
+    with pytest.raises(ValueError, match="no trainable adapter modules"):
+        DynamicAllocator(tiny.bert(), DynamicConfig(k=1))
+
+
+def test_config_round_trips_through_dict():
+    cfg = DynamicConfig(measure="gradient", allocator="topk", k=3, period=7, seed=4)
+    assert DynamicConfig(**cfg.to_dict()) == cfg

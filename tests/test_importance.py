@@ -1,0 +1,138 @@
+"""Importance measures against hand-computed norms; evaluation passes never count."""
+
+import pytest
+import torch
+
+from dynalora import DynamicAllocator, DynamicConfig
+from tests import tiny
+
+
+def _capture_inputs(alloc):
+    """Record every input of every adapted layer (independently of dynalora's hooks)."""
+    seen = {m.name: [] for m in alloc.modules}
+    handles = [
+        m.layer.register_forward_pre_hook(
+            lambda mod, args, name=m.name: seen[name].append(args[0].detach().clone())
+        )
+        for m in alloc.modules
+    ]
+    return seen, handles
+
+
+def _lora_parts(layer):
+    base = layer.base_layer
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    scale = layer.scaling["default"]
+    return base, a, b, scale
+
+
+@pytest.mark.parametrize("measure", ["forward", "adapter"])
+def test_forward_and_adapter_norms_match_hand_computation(measure):
+    model = tiny.peft_bert("lora")
+    alloc = DynamicAllocator(model, DynamicConfig(measure=measure, k=2, period=1000))
+    seen, handles = _capture_inputs(alloc)
+    model.train()
+    for batch in tiny.batches(2):
+        model(**batch)
+    for h in handles:
+        h.remove()
+    scores = alloc.scores()
+    for module in alloc.modules:
+        base, a, b, scale = _lora_parts(module.layer)
+        expected = 0.0
+        with torch.no_grad():
+            for x in seen[module.name]:  # (B, T, d_in)
+                delta = (x @ a.T @ b.T) * scale  # ΔW x, ΔW = B A · scaling
+                h = x @ base.weight.T + base.bias + delta if measure == "forward" else delta
+                expected += sum(float(v.norm()) for v in h.reshape(-1, h.shape[-1]))  # Σ_x ||h||_2
+        assert scores[module.name] == pytest.approx(expected, rel=1e-5)
+        assert expected > 0
+
+
+@pytest.mark.parametrize("method", ["dora", "vera"])
+def test_adapter_norm_is_tuner_output_minus_base_output(method):
+    model = tiny.peft_bert(method)
+    alloc = DynamicAllocator(model, DynamicConfig(measure="adapter", k=1, period=1000))
+    seen, handles = _capture_inputs(alloc)
+    model.train()
+    model(**tiny.batches(1)[0])
+    for h in handles:
+        h.remove()
+    for module in alloc.modules:
+        x = seen[module.name][0]
+        with torch.no_grad():
+            delta = module.layer(x) - module.layer.base_layer(x)
+        expected = float(delta.norm(dim=-1).sum())
+        assert alloc.scores()[module.name] == pytest.approx(expected, rel=1e-4)
+        assert expected > 0
+
+
+def test_gradient_norm_matches_grad_and_is_read_whether_zero_grad_comes_first():
+    model = tiny.peft_bert("lora")
+    alloc = DynamicAllocator(model, DynamicConfig(measure="gradient", k=2, allocator="random", period=1000))
+    opt = alloc.create_optimizer(torch.optim.SGD, lr=0.0)
+    expected = {name: [] for name in alloc.module_names}
+    for i, batch in enumerate(tiny.batches(3)):
+        model(**batch).loss.backward()
+        for m in alloc.modules:
+            if m.name in alloc.active:
+                expected[m.name].append(float(torch.sqrt(sum(p.grad.pow(2).sum() for p in m.params))))
+        if i % 2 == 0:
+            opt.zero_grad()
+            alloc.step()
+        else:
+            alloc.step()
+            opt.zero_grad()
+    scores = alloc.scores()
+    trained = [n for n in alloc.module_names if expected[n]]
+    assert sorted(trained) == sorted(alloc.active)
+    for name in trained:  # mean norm over the steps it trained
+        assert scores[name] == pytest.approx(sum(expected[name]) / len(expected[name]), rel=1e-5)
+    mean_trained = sum(scores[n] for n in trained) / len(trained)
+    for name in set(alloc.module_names) - set(trained):  # never trained: the mean of the trained ones
+        assert scores[name] == pytest.approx(mean_trained)
+
+
+@pytest.mark.parametrize("measure", ["forward", "adapter", "gradient"])
+def test_evaluation_passes_do_not_count(measure):
+    model = tiny.peft_bert("lora")
+    alloc = DynamicAllocator(model, DynamicConfig(measure=measure, k=4, period=1000))
+    batch = tiny.batches(1)[0]
+    model.train()
+    model(**batch).loss.backward()
+    alloc.step()
+    before = alloc.scores()
+    assert any(v > 0 for v in before.values())
+    model.eval()
+    model(**batch).loss.backward()  # eval-mode pass, even with a backward
+    with torch.no_grad():
+        model.train()
+        model(**batch)  # training mode but no autograd: an evaluation pass too
+    alloc.step()
+    assert alloc.scores() == before
+
+
+def test_random_measure_installs_no_hooks_and_is_seeded():
+    model = tiny.peft_bert("lora")
+    a = DynamicAllocator(model, DynamicConfig(measure="random", k=1, seed=5))
+    assert all(not m.layer._forward_hooks for m in a.modules)
+    first = a.scores()
+    model(**tiny.batches(1)[0])
+    assert a.scores() == first
+    a.close()
+    b = DynamicAllocator(tiny.peft_bert("lora"), DynamicConfig(measure="random", k=1, seed=5))
+    assert b.scores() == first
+
+
+@pytest.mark.parametrize("measure", ["forward", "adapter", "gradient"])
+def test_close_removes_every_hook(measure):
+    model = tiny.peft_bert("lora")
+    alloc = DynamicAllocator(model, DynamicConfig(measure=measure, k=4))
+    alloc.close()
+    for module in alloc.modules:
+        assert not module.layer._forward_hooks
+        assert not module.layer.base_layer._forward_hooks
+        assert all(not p._post_accumulate_grad_hooks for p in module.params)
+    model(**tiny.batches(1)[0]).loss.backward()
+    alloc.step()
+    assert all(v == 0 for v in alloc.scores().values())

@@ -1,0 +1,94 @@
+"""DynamicAllocationCallback drives the allocator inside a Hugging Face Trainer."""
+
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+
+from dynalora import DynamicAllocator, DynamicConfig
+from dynalora.integrations import DynamicAllocationCallback
+from dynalora.integrations.trainer import STATE_FILE
+from tests import tiny
+
+
+def dataset(n=48):
+    gen = torch.Generator().manual_seed(0)
+    return Dataset.from_dict(
+        {
+            "input_ids": torch.randint(0, tiny.VOCAB, (n, 8), generator=gen).tolist(),
+            "labels": torch.randint(0, 2, (n,), generator=gen).tolist(),
+        }
+    )
+
+
+def args(tmp_path, max_steps, **kw):
+    defaults = {
+        "per_device_train_batch_size": 4,
+        "report_to": [],
+        "use_cpu": True,
+        "save_strategy": "no",
+        "logging_strategy": "no",
+        "disable_tqdm": True,
+        "seed": 0,
+        "data_seed": 0,
+    }
+    return TrainingArguments(output_dir=str(tmp_path), max_steps=max_steps, **(defaults | kw))
+
+
+def trainer(tmp_path, max_steps, optimizer="global", **kw):
+    model = tiny.peft_bert()
+    alloc = DynamicAllocator(model, DynamicConfig(k=2, period=3, allocator="random", optimizer=optimizer))
+    opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
+    sched = alloc.create_scheduler(opt, "linear", num_warmup_steps=0, num_training_steps=max_steps)
+    t = Trainer(
+        model=model,
+        args=args(tmp_path, max_steps, **kw),
+        train_dataset=dataset(),
+        optimizers=(opt, sched),
+        callbacks=[DynamicAllocationCallback(alloc)],
+    )
+    return t, alloc
+
+
+@pytest.mark.parametrize("optimizer", ["global", "local"])
+def test_trainer_reallocates_on_schedule(tmp_path, optimizer):
+    t, alloc = trainer(tmp_path, 7, optimizer)
+    before = {m.name: [p.detach().clone() for p in m.params] for m in alloc.modules}
+    t.train()
+    assert alloc.step_count == 7
+    assert [h["step"] for h in alloc.history] == [0, 3, 6]
+    assert len({tuple(h["active"]) for h in alloc.history}) > 1
+    assert sum(alloc.active_steps.values()) == 2 * 7
+    for m in alloc.modules:  # trained exactly the modules that were ever active
+        changed = any(not torch.equal(a, p) for a, p in zip(before[m.name], m.params, strict=True))
+        assert changed == (alloc.active_steps[m.name] > 0)
+
+
+def test_trainer_built_optimizer_that_misses_frozen_modules_is_refused(tmp_path):
+    model = tiny.peft_bert()
+    alloc = DynamicAllocator(model, DynamicConfig(k=1))
+    t = Trainer(
+        model=model,
+        args=args(tmp_path, 2),
+        train_dataset=dataset(),
+        callbacks=[DynamicAllocationCallback(alloc)],
+    )
+    with pytest.raises(ValueError, match="create_optimizer"):
+        t.train()
+
+
+def test_trainer_resume_restores_allocator_state(tmp_path):
+    full, alloc_full = trainer(tmp_path / "full", 8)
+    full.train()
+
+    first, _ = trainer(tmp_path / "part", 8, save_strategy="steps", save_steps=4)
+    first.train()
+    assert os.path.exists(tmp_path / "part" / "checkpoint-4" / STATE_FILE)
+
+    resumed, alloc = trainer(tmp_path / "part", 8, save_strategy="steps", save_steps=4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-4"))
+    assert alloc.step_count == 8
+    assert [h["active"] for h in alloc.history] == [h["active"] for h in alloc_full.history]
+    assert alloc.active_steps == alloc_full.active_steps
