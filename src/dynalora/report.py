@@ -73,7 +73,8 @@ def run_label(metrics: Mapping[str, Any]) -> str:
     ``"LoRA"`` for plain LoRA, ``"DynaLoRA (forward/discounted_stochastic, k=16)"`` for dynamic
     LoRA; likewise ``VeRA``/``DynaVeRA``, ``DoRA``/``DynaDoRA``, ``Full FT``/``Dynamic full FT``,
     ``BitFit``/``Dynamic BitFit``. The parenthesis lists the dynamic config's ``measure`` and
-    ``allocator`` (joined by ``/``) and ``k``, whichever are present.
+    ``allocator`` (joined by ``/``) and the budget: ``p`` for threshold, else ``k`` as "active of
+    all modules" when the run recorded both, whichever are present.
 
     Args:
         metrics: A run's ``metrics.json`` content.
@@ -90,8 +91,12 @@ def run_label(metrics: Mapping[str, Any]) -> str:
     strategy = "/".join(str(dynamic[key]) for key in ("measure", "allocator") if dynamic.get(key) is not None)
     if strategy:
         parts.append(strategy)
-    if dynamic.get("k") is not None:
-        parts.append(f"k={dynamic['k']}")
+    if dynamic.get("allocator") == "threshold" and dynamic.get("threshold") is not None:
+        parts.append(f"p={dynamic['threshold']}")
+    elif dynamic.get("k_modules") is not None and metrics.get("num_modules"):
+        parts.append(f"k={dynamic['k_modules']}/{metrics['num_modules']}")
+    elif dynamic.get("k") is not None:
+        parts.append(f"k={dynamic['k']:.3g}" if isinstance(dynamic["k"], float) else f"k={dynamic['k']}")
     return f"{dynamic_prefix} ({', '.join(parts)})" if parts else dynamic_prefix
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from dynalora.cli import main
+
+sys.exit(main())

