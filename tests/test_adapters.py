@@ -18,9 +18,7 @@ def test_one_module_per_adapted_layer_holding_its_own_tensors(method):
     model = tiny.peft_bert(method)
     modules = find_adapter_modules(model)
     names = [m.name for m in modules]
-    assert names == [
-        f"bert.encoder.layer.{i}.attention.self.{t}" for i in range(2) for t in ("query", "value")
-    ]
+    assert names == [f"bert.encoder.layer.{i}.attention.self.{t}" for i in range(2) for t in ("query", "value")]
     by_id = {id(p): n for n, p in model.named_parameters()}
     for module in modules:
         prefix = "base_model.model." + module.name + "."

@@ -70,9 +70,7 @@ def test_local_schedules_advance_only_when_their_module_trains(order):
     model, alloc, opt, sched = make(DynamicConfig(k=2, period=3, optimizer="local", allocator="random"))
     assert isinstance(opt, LocalOptimizer) and isinstance(sched, LocalScheduler)
     tiny.train(model, alloc, opt, sched, tiny.batches(9), step_before_zero_grad=order == "before_zero_grad")
-    for name, module_sched, module_opt in zip(
-        alloc.module_names, sched.schedulers, opt.optimizers, strict=True
-    ):
+    for name, module_sched, module_opt in zip(alloc.module_names, sched.schedulers, opt.optimizers, strict=True):
         trained = alloc.active_steps[name]
         assert module_sched.last_epoch == trained
         state_steps = [s["step"] for s in module_opt.state.values()]

@@ -25,9 +25,7 @@ def _worker(rank: int, world: int, port: int, out: str, synced: bool) -> None:
         opt = alloc.create_optimizer(torch.optim.SGD, lr=0.0)
         tiny.train(model, alloc, opt, None, tiny.batches(6, seed=100 + rank))  # each rank its own shard
         with open(f"{out}.{rank}", "w") as f:
-            json.dump(
-                {"active": [h["active"] for h in alloc.history], "scores": alloc.history[-1]["scores"]}, f
-            )
+            json.dump({"active": [h["active"] for h in alloc.history], "scores": alloc.history[-1]["scores"]}, f)
     finally:
         dist.destroy_process_group()
 

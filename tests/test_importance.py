@@ -11,9 +11,7 @@ def _capture_inputs(alloc):
     """Record every input of every adapted layer (independently of dynalora's hooks)."""
     seen = {m.name: [] for m in alloc.modules}
     handles = [
-        m.layer.register_forward_pre_hook(
-            lambda mod, args, name=m.name: seen[name].append(args[0].detach().clone())
-        )
+        m.layer.register_forward_pre_hook(lambda mod, args, name=m.name: seen[name].append(args[0].detach().clone()))
         for m in alloc.modules
     ]
     return seen, handles

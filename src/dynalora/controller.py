@@ -39,9 +39,7 @@ class DynamicAllocator:
             :func:`dynalora.adapters.find_linear_modules` for dynamic full fine-tuning.
     """
 
-    def __init__(
-        self, model: nn.Module, config: DynamicConfig, modules: Sequence[AdapterModule] | None = None
-    ) -> None:
+    def __init__(self, model: nn.Module, config: DynamicConfig, modules: Sequence[AdapterModule] | None = None) -> None:
         self.model = model
         self.config = config
         self.modules = list(modules) if modules is not None else find_adapter_modules(model)
@@ -123,9 +121,7 @@ class DynamicAllocator:
             )
         return optimizer_cls(self._trainable(), **kwargs)
 
-    def create_scheduler(
-        self, optimizer: Optimizer | LocalOptimizer, name: str = "linear", **kwargs: Any
-    ) -> Any:
+    def create_scheduler(self, optimizer: Optimizer | LocalOptimizer, name: str = "linear", **kwargs: Any) -> Any:
         """An LR schedule from ``transformers.get_scheduler`` (e.g. ``num_warmup_steps``, ``num_training_steps``).
 
         For ``local`` optimisation, one schedule per module that advances only on the steps the

@@ -162,9 +162,7 @@ class GradientNorm(_Accumulating):
         self.counts = torch.zeros(len(self.modules), dtype=torch.int64)
         # Squared norms of the current step, one slot per tensor of the module; overwritten (not
         # added) by each accumulation, so the slot ends up holding the accumulated gradient's.
-        self.squares = [
-            torch.zeros(len(m.params), dtype=torch.float32, device=_device(m)) for m in self.modules
-        ]
+        self.squares = [torch.zeros(len(m.params), dtype=torch.float32, device=_device(m)) for m in self.modules]
         self.seen = [False] * len(self.modules)
         for i, module in enumerate(self.modules):
             for j, param in enumerate(module.params):

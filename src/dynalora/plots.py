@@ -243,7 +243,8 @@ def loss_figure(
         if metric is not None and _finite((r.get("metrics") or {}).get(metric))
     ]
     if metric is not None and not metric_points and any(r.get("metrics") for r in evals):
-        raise ValueError(f"metric {metric!r} is not in any validation record")
+        # e.g. a Pearson correlation that is NaN for constant predictions early in training
+        logger.info("metric %r has no finite validation value; plotting the loss only", metric)
 
     n_panels = 2 if metric_points else 1
     fig = Figure(figsize=(7.0, 3.2 * n_panels), layout="constrained")

@@ -279,9 +279,7 @@ def aggregate_table(rows: Sequence[Mapping[str, Any]], *, fmt: TableFormat = "ma
     return render_table(header, body, fmt=fmt, n_left=3)
 
 
-def render_table(
-    header: Sequence[str], rows: Sequence[Sequence[str]], *, fmt: TableFormat, n_left: int = 1
-) -> str:
+def render_table(header: Sequence[str], rows: Sequence[Sequence[str]], *, fmt: TableFormat, n_left: int = 1) -> str:
     """Lay out string cells as a markdown pipe table or space-aligned text.
 
     Args:
@@ -311,10 +309,7 @@ def render_table(
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
 
     def line(cells: Sequence[str]) -> str:
-        padded = [
-            c.ljust(w) if i < n_left else c.rjust(w)
-            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-        ]
+        padded = [c.ljust(w) if i < n_left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
         return "  ".join(padded).rstrip()
 
     return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(row) for row in rows])
@@ -331,12 +326,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(prog="python -m dynalora.report", description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by `dynalora train`")
-    parser.add_argument(
-        "--format", choices=FORMATS, default="markdown", help="table format (default: markdown)"
-    )
-    parser.add_argument(
-        "--aggregate", action="store_true", help="mean ± std across seeds instead of one row per run"
-    )
+    parser.add_argument("--format", choices=FORMATS, default="markdown", help="table format (default: markdown)")
+    parser.add_argument("--aggregate", action="store_true", help="mean ± std across seeds instead of one row per run")
     args = parser.parse_args(argv)
     try:
         runs = [load_run(run_dir) for run_dir in args.run_dirs]
@@ -344,9 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     table = (
-        aggregate_table(aggregate(runs), fmt=args.format)
-        if args.aggregate
-        else compare_table(runs, fmt=args.format)
+        aggregate_table(aggregate(runs), fmt=args.format) if args.aggregate else compare_table(runs, fmt=args.format)
     )
     print(table)
     return 0

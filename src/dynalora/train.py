@@ -66,6 +66,7 @@ class TrainArgs:
     max_steps: int | None = _opt("stop after this many optimizer steps")
     max_length: int = _opt("maximum tokens per example", default=64)
     max_train_samples: int | None = _opt("use only this many training examples")
+    max_eval_samples: int | None = _opt("evaluate on only the first N validation/test examples")
     eval_every: int = _opt("evaluate on the validation split every N steps (0: only at the end)", default=50)
     seed: int = _opt("random seed (data order, initialisation, allocation)", default=0)
     output_dir: str = _opt("folder for config, metrics, logs, plots and the trained weights", default="runs/train")
@@ -87,7 +88,7 @@ class TrainArgs:
         for name in ("rank", "batch_size", "max_length", "period"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "max_train_samples"):
+        for name in ("max_steps", "max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -173,6 +174,7 @@ def load_model(path: str, spec: TaskSpec, device: torch.device):
             path,
             num_labels=spec.num_labels,
             problem_type="regression" if spec.is_regression else "single_label_classification",
+            ignore_mismatched_sizes=True,  # a head trained for another label set is replaced, not an error
         )
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -266,7 +268,9 @@ def run(args: TrainArgs) -> dict[str, Any]:
         tokenized["train"], batch_size=args.batch_size, shuffle=True, collate_fn=collator, generator=loader_gen
     )
     eval_loaders = {
-        split: DataLoader(tokenized[split], batch_size=2 * args.batch_size, collate_fn=collator)
+        split: DataLoader(
+            _head(tokenized[split], args.max_eval_samples), batch_size=2 * args.batch_size, collate_fn=collator
+        )
         for split in ("validation", "test")
         if split in tokenized and (split != "test" or data.has_test_labels)
     }
@@ -372,6 +376,10 @@ def run(args: TrainArgs) -> dict[str, Any]:
     }
     _write_outputs(out, model, tokenizer, allocator, records, metrics)
     return metrics
+
+
+def _head(dataset, n: int | None):
+    return dataset if n is None else dataset.select(range(min(n, len(dataset))))
 
 
 def _cycle(loader: DataLoader):

@@ -54,9 +54,7 @@ class DynamicAllocationCallback(TrainerCallback):
             self.allocator.load_state_dict(torch.load(path, weights_only=True))
             logger.info("restored dynamic allocation state from %s", path)
 
-    def on_optimizer_step(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs
-    ):
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # Runs after optimizer.step() and before the LR scheduler and zero_grad; LocalScheduler
         # reads which modules that step trained, so a reallocation here is safe.
         self.allocator.step()

@@ -1,0 +1,294 @@
+"""`dynalora train/compare/report` end to end on a tiny model and a tiny CSV; bad input exits 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+from dynalora.cli import main
+
+WORDS = [
+    "good",
+    "great",
+    "fine",
+    "fun",
+    "bad",
+    "awful",
+    "dull",
+    "boring",
+    "movie",
+    "plot",
+    "film",
+    "the",
+    "a",
+    "was",
+    "is",
+    "very",
+    "not",
+]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-bert")
+    (path / "vocab.txt").write_text("\n".join(SPECIAL + WORDS) + "\n")
+    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(SPECIAL) + len(WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertForSequenceClassification(config).save_pretrained(path)
+    return str(path)
+
+
+def _write_csv(path: Path, n: int, seed: int, regression: bool = False) -> str:
+    gen = torch.Generator().manual_seed(seed)
+    rows = ["text,label"]
+    for _ in range(n):
+        positive = bool(torch.randint(0, 2, (1,), generator=gen))
+        words = ["good", "great", "fun"] if positive else ["bad", "awful", "dull"]
+        picks = [words[int(i)] for i in torch.randint(0, 3, (4,), generator=gen)]
+        label = f"{float(positive) + 0.25:.2f}" if regression else ("pos" if positive else "neg")
+        rows.append(f"the movie was {' '.join(picks)},{label}")
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def csv_task(tmp_path_factory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("csv")
+    return {
+        "train": _write_csv(d / "train.csv", 64, 0),
+        "validation": _write_csv(d / "validation.csv", 16, 1),
+        "test": _write_csv(d / "test.csv", 16, 2),
+    }
+
+
+def cli_args(tiny_model, csv_task, out, *extra):
+    return [
+        "train", "--model", tiny_model, "--task", "custom", "--train-file", csv_task["train"],
+        "--validation-file", csv_task["validation"], "--test-file", csv_task["test"], "--batch-size", "8",
+        "--max-steps", "6", "--eval-every", "3", "--period", "2", "--lr", "1e-2", "--output-dir", str(out), "--quiet",
+        *extra,
+    ]  # fmt: skip
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def test_dynamic_lora_run_writes_every_output(tiny_model, csv_task, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(cli_args(tiny_model, csv_task, out, "--k", "2")) == 0
+    assert "DynaLoRA" in capsys.readouterr().out
+    for name in ("config.json", "metrics.json", "log.jsonl", "allocations.jsonl", "loss.png", "module_activity.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "model" / "adapter_model.safetensors").exists()
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["method"] == "lora" and m["dynamic"]["k_modules"] == 2 and m["num_modules"] == 4
+    assert set(m["validation"]) == {"accuracy", "f1_macro"} and set(m["test"]) == {"accuracy", "f1_macro"}
+    assert sum(m["module_active_steps"].values()) == 2 * 6
+    head = 32 * 2 + 2
+    lora = 4 * 2 * (32 * 8)  # 4 modules x (A: 8x32, B: 32x8)
+    assert m["trainable_params"] == lora + head
+    assert m["mean_active_trainable_params"] == lora // 2 + head
+    assert m["peak_memory_kind"] == "cpu_peak_rss" and m["peak_memory_bytes"] > 0
+    assert m["median_step_ms"] > 0 and m["train_runtime_s"] > 0
+    log = read_jsonl(out / "log.jsonl")
+    assert [r["step"] for r in log if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [(r["step"], r["split"]) for r in log if r["type"] == "eval"] == [
+        (3, "validation"),
+        (6, "validation"),
+        (6, "test"),
+    ]
+    allocations = read_jsonl(out / "allocations.jsonl")
+    assert [a["step"] for a in allocations] == [0, 2, 4, 6]
+    assert all(len(a["active"]) == 2 for a in allocations)
+    config = json.loads((out / "config.json").read_text())
+    assert config["k"] == "2" and config["num_steps"] == 6
+
+
+def test_plain_lora_trains_everything_every_step(tiny_model, csv_task, tmp_path):
+    out = tmp_path / "plain"
+    assert main(cli_args(tiny_model, csv_task, out, "--no-dynamic")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["dynamic"] is None and m["module_active_steps"] == {}
+    assert m["mean_active_trainable_params"] == m["trainable_params"] == 4 * 2 * 32 * 8 + 66
+    assert not (out / "allocations.jsonl").exists()
+
+
+def _count(model_dir, keep):
+    model = BertForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    return sum(p.numel() for n, p in model.named_parameters() if keep(n))
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--method", "bitfit"], lambda n: n.endswith(".bias") or n.startswith("classifier")),
+        (["--method", "full"], lambda n: True),
+    ],
+)
+def test_baselines_train_what_they_should(tiny_model, csv_task, tmp_path, flags, expected):
+    out = tmp_path / "run"
+    assert main(cli_args(tiny_model, csv_task, out, *flags)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["dynamic"] is None
+    assert m["trainable_params"] == _count(tiny_model, expected)
+
+
+@pytest.mark.parametrize("method", ["vera", "dora"])
+def test_other_adapters_run_dynamic(tiny_model, csv_task, tmp_path, method):
+    out = tmp_path / method
+    assert main(cli_args(tiny_model, csv_task, out, "--method", method, "--k", "0.5")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["method"] == method and m["dynamic"]["k_modules"] == 2
+    assert sum(m["module_active_steps"].values()) == 12
+
+
+def test_dynamic_full_finetuning_allocates_block_linears(tiny_model, csv_task, tmp_path):
+    out = tmp_path / "dynfull"
+    assert main(cli_args(tiny_model, csv_task, out, "--method", "full", "--dynamic", "--k", "4")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert (
+        m["num_modules"] == 2 * 6
+    )  # per block: query key value attention.output.dense intermediate.dense output.dense
+    assert sum(m["module_active_steps"].values()) == 4 * 6
+    assert m["mean_active_trainable_params"] < m["trainable_params"]
+
+
+def test_regression_on_custom_floats(tiny_model, tmp_path):
+    files = {
+        s: _write_csv(tmp_path / f"{s}.csv", 32, i, regression=True) for i, s in enumerate(["train", "validation"])
+    }
+    out = tmp_path / "reg"
+    argv = [
+        "train", "--model", tiny_model, "--task", "custom", "--train-file", files["train"],
+        "--validation-file", files["validation"], "--regression", "--max-steps", "3",
+        "--output-dir", str(out), "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["validation"]) == {"pearson", "spearman"} and m["test"] == {}
+
+
+def test_compare_prints_both_runs(tiny_model, csv_task, tmp_path, capsys):
+    argv = cli_args(tiny_model, csv_task, tmp_path / "cmp")
+    argv[0] = "compare"
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "DynaLoRA" in printed and "\nLoRA " in printed
+    assert (tmp_path / "cmp" / "compare.md").exists()
+
+
+def test_report_reads_runs(tiny_model, csv_task, tmp_path, capsys):
+    assert main(cli_args(tiny_model, csv_task, tmp_path / "r")) == 0
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "r"), "--format", "markdown"]) == 0
+    assert "| DynaLoRA" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------- bad input
+BAD = {
+    "unknown task": (["--task", "imdb"], "invalid choice"),
+    "unknown method": (["--method", "lokr"], "invalid choice"),
+    "missing model": (["--model", "/nonexistent/model"], "no such directory"),
+    "missing column": (["--text-column", "review"], "review"),
+    "k above modules": (["--k", "9"], "k=9 is larger than the 4 adapted modules"),
+    "k not a number": (["--k", "lots"], "--k 'lots' is not a number"),
+    "bad threshold": (["--allocator", "threshold", "--threshold", "1.5"], "--threshold=1.5 is out of range"),
+    "targets match nothing": (["--targets", "q_proj"], "--targets q_proj matched no linear layer"),
+    "bf16 on cpu": (["--bf16", "--device", "cpu"], "need a CUDA device"),
+    "bad batch size": (["--batch-size", "0"], "--batch-size must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_one_line_exit_2_nothing_overwritten(tiny_model, csv_task, tmp_path, capsys, case):
+    flags, expected = BAD[case]
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code = None
+    try:
+        code = main(cli_args(tiny_model, csv_task, out, *flags))
+    except SystemExit as exc:  # argparse choices
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert expected in lines[0]
+    assert "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_bad_labels_and_empty_split(tiny_model, csv_task, tmp_path, capsys):
+    floats = tmp_path / "floats.csv"
+    floats.write_text("text,label\ngood movie,0.5\nbad movie,1.5\n")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    for bad, expected in ((str(floats), "--regression"), (str(empty), "empty")):
+        argv = cli_args(tiny_model, csv_task, tmp_path / "x")
+        argv[argv.index("--train-file") + 1] = bad
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err
+        assert not (tmp_path / "x").exists()
+
+
+def test_existing_run_is_not_overwritten_without_flag(tiny_model, csv_task, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(cli_args(tiny_model, csv_task, out)) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(cli_args(tiny_model, csv_task, out, "--seed", "1")) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert main(cli_args(tiny_model, csv_task, out, "--seed", "1", "--overwrite")) == 0
+    assert json.loads((out / "config.json").read_text())["seed"] == 1
+
+
+def test_console_entry_point_exits_2_with_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "dynalora", "train", "--task", "nope"], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "--task" in proc.stderr
+
+
+@pytest.mark.slow
+def test_real_embedded_default_runs_a_few_steps(tmp_path):
+    """The real MiniLM-L6 on the embedded Rotten Tomatoes data, all defaults but the size of the run."""
+    out = tmp_path / "default"
+    argv = [
+        "train",
+        "--max-steps",
+        "3",
+        "--max-train-samples",
+        "96",
+        "--max-eval-samples",
+        "64",
+        "--output-dir",
+        str(out),
+        "--quiet",
+    ]
+    assert main(argv) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["task"] == "rotten_tomatoes" and m["method"] == "lora"
+    assert m["dynamic"]["allocator"] == "discounted_stochastic" and m["dynamic"]["measure"] == "forward"
+    assert m["num_modules"] == 12 and m["dynamic"]["k_modules"] == 8  # 6 layers x (query, value); k = 2/3
+    assert 0.0 <= m["test"]["accuracy"] <= 1.0
