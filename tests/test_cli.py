@@ -159,8 +159,10 @@ def test_other_adapters_run_dynamic(tiny_model, csv_task, tmp_path, method):
 
 def test_dynamic_full_finetuning_allocates_block_linears(tiny_model, csv_task, tmp_path):
     out = tmp_path / "dynfull"
-    assert main(cli_args(tiny_model, csv_task, out, "--method", "full", "--dynamic", "--k", "4")) == 0
+    flags = ("--method", "full", "--dynamic", "--k", "4", "--state-policy", "reset")
+    assert main(cli_args(tiny_model, csv_task, out, *flags)) == 0
     m = json.loads((out / "metrics.json").read_text())
+    assert m["dynamic"]["state_policy"] == "reset"
     assert (
         m["num_modules"] == 2 * 6
     )  # per block: query key value attention.output.dense intermediate.dense output.dense
@@ -292,3 +294,16 @@ def test_real_embedded_default_runs_a_few_steps(tmp_path):
     assert m["dynamic"]["allocator"] == "discounted_stochastic" and m["dynamic"]["measure"] == "forward"
     assert m["num_modules"] == 12 and m["dynamic"]["k_modules"] == 8  # 6 layers x (query, value); k = 2/3
     assert 0.0 <= m["test"]["accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize(
+    ("method", "dynamic", "lr"),
+    [("lora", None, 2e-3), ("vera", None, 1e-2), ("full", None, 5e-5), ("full", True, 1e-4), ("bitfit", None, 1e-3)],
+)
+def test_learning_rate_defaults_by_method(method, dynamic, lr):
+    from dynalora.train import TrainArgs
+
+    args = TrainArgs(method=method, dynamic=dynamic)
+    assert args.lr == lr
+    assert args.dynamic == (method in ("lora", "dora", "vera") if dynamic is None else dynamic)
+    assert TrainArgs(method=method, dynamic=dynamic, lr=3e-4).lr == 3e-4

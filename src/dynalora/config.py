@@ -11,6 +11,7 @@ MEASURES = ("forward", "adapter", "gradient", "random")
 ALLOCATORS = ("topk", "threshold", "stochastic", "discounted_stochastic", "random")
 SCHEDULES = ("periodic", "once")
 OPTIMIZERS = ("global", "local")
+STATE_POLICIES = ("keep", "reset", "offload")
 
 
 def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -53,6 +54,11 @@ class DynamicConfig:
     """Optimisation (§3.4): ``global`` = one optimizer and LR schedule over every module;
     ``local`` = one per module, each advancing only on the steps its module is trained."""
 
+    state_policy: str = "keep"
+    """Optimizer state of a deactivated module: ``keep`` (the paper: moments stay and resume),
+    ``reset`` (dropped; the module restarts fresh when selected again) or ``offload`` (moved to host
+    memory while inactive; CUDA only). Only ``reset`` and ``offload`` give memory back."""
+
     seed: int = 0
     """Seed of the allocator's own ``torch.Generator`` (stochastic/random choices, initial selection)."""
 
@@ -61,6 +67,7 @@ class DynamicConfig:
         _check_choice("allocator", self.allocator, ALLOCATORS)
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("state_policy", self.state_policy, STATE_POLICIES)
         k = self.k
         if isinstance(k, bool) or not isinstance(k, (int, float)):
             raise ValueError(f"k={k!r} is not supported; allowed: an int >= 1 or a float in (0, 1]")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ from dynalora.adapters import AdapterModule, find_adapter_modules, other_trainab
 from dynalora.allocators import ALLOCATORS, AllocationRequest, initial_count, normalize
 from dynalora.config import DynamicConfig
 from dynalora.importance import MEASURES
-from dynalora.optim import LocalOptimizer, LocalScheduler
+from dynalora.optim import STATE_POLICIES, LocalOptimizer, LocalScheduler
 from dynalora.schedules import SCHEDULES
 
 logger = logging.getLogger(__name__)
@@ -56,6 +56,11 @@ class DynamicAllocator:
         self._measure = MEASURES[config.measure](self.modules, self._generator)
         self._schedule = SCHEDULES[config.schedule](config.period)
         self._allocate = ALLOCATORS[config.allocator]
+        self._state_policy = STATE_POLICIES[config.state_policy]
+        if config.state_policy == "offload" and any(p.device.type != "cuda" for m in self.modules for p in m.params):
+            raise ValueError("state_policy='offload' needs CUDA parameters; allowed on CPU: keep, reset")
+        self._optimizer: Optimizer | LocalOptimizer | None = None  # set by create_optimizer, for the state policy
+        self._mask = torch.zeros(num, dtype=torch.bool)
         self._active_steps = torch.zeros(num, dtype=torch.int64)
         self._step = 0
         self.history: list[dict[str, Any]] = []
@@ -113,13 +118,15 @@ class DynamicAllocator:
         """The optimizer over every module, active or not (§3.4), and the always-trained tensors.
 
         ``global``: one ``optimizer_cls`` over all of them, in model order. ``local``: a
-        :class:`~dynalora.optim.LocalOptimizer` with one ``optimizer_cls`` per module.
+        :class:`~dynalora.optim.LocalOptimizer` with one ``optimizer_cls`` per module. The allocator
+        keeps a reference to apply ``config.state_policy`` to modules it deactivates.
         """
         if self.config.optimizer == "local":
-            return LocalOptimizer(
-                [m.params for m in self.modules], self._extra, lambda: self._mask, optimizer_cls, **kwargs
-            )
-        return optimizer_cls(self._trainable(), **kwargs)
+            groups = [m.params for m in self.modules]
+            self._optimizer = LocalOptimizer(groups, self._extra, lambda: self._mask, optimizer_cls, **kwargs)
+        else:
+            self._optimizer = optimizer_cls(self._trainable(), **kwargs)
+        return self._optimizer
 
     def create_scheduler(self, optimizer: Optimizer | LocalOptimizer, name: str = "linear", **kwargs: Any) -> Any:
         """An LR schedule from ``transformers.get_scheduler`` (e.g. ``num_warmup_steps``, ``num_training_steps``).
@@ -161,7 +168,26 @@ class DynamicAllocator:
         self._measure.after_reallocation()
         self._apply(mask, raw)
 
+    def set_active(self, names: Iterable[str]) -> None:
+        """Train exactly these modules from now on: a manual selection (experiments, warm starts).
+
+        The state policy applies and the selection is recorded in :attr:`history`; the schedule
+        carries on and replaces it at the next reallocation.
+        """
+        wanted = set(names)
+        unknown = wanted - set(self.module_names)
+        if unknown:
+            raise ValueError(f"unknown modules {sorted(unknown)[:3]}; allowed: names from module_names")
+        if not wanted:
+            raise ValueError("set_active needs at least one module; allowed: names from module_names")
+        self._apply(torch.tensor([n in wanted for n in self.module_names], dtype=torch.bool))
+
     def _apply(self, mask: torch.Tensor, raw: torch.Tensor | None = None) -> None:
+        if self._optimizer is not None:
+            pairs = list(zip(self.modules, self._mask.tolist(), mask.tolist(), strict=True))
+            off = [p for m, was, now in pairs if was and not now for p in m.params]
+            on = [p for m, was, now in pairs if now and not was for p in m.params]
+            self._state_policy(self._optimizer, off, on)
         self._mask = mask
         set_trainable(self.modules, mask)
         names = self.module_names

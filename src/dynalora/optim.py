@@ -135,3 +135,37 @@ class LocalScheduler:
             s.load_state_dict(sd)
         if self.extra is not None and state["extra"] is not None:
             self.extra.load_state_dict(state["extra"])
+
+
+# ------------------------------------------------------------------------------------------ state policies
+def _states(optimizer: Optimizer | LocalOptimizer, params: Sequence[nn.Parameter]) -> list[tuple[dict, nn.Parameter]]:
+    """The optimizer-state dicts that hold ``params``, with the parameter each belongs to."""
+    inner = (
+        optimizer.optimizers + ([optimizer.extra] if optimizer.extra else [])
+        if isinstance(optimizer, LocalOptimizer)
+        else [optimizer]
+    )
+    return [(opt.state, p) for p in params for opt in inner if p in opt.state]
+
+
+def keep_state(optimizer, deactivated: Sequence[nn.Parameter], activated: Sequence[nn.Parameter]) -> None:
+    """The paper's behaviour: moments stay where they are and resume when the module is selected again."""
+
+
+def reset_state(optimizer, deactivated: Sequence[nn.Parameter], activated: Sequence[nn.Parameter]) -> None:
+    """Drop a deactivated module's moments (and step count); torch re-creates them on its next step."""
+    for state, p in _states(optimizer, deactivated):
+        del state[p]
+
+
+def offload_state(optimizer, deactivated: Sequence[nn.Parameter], activated: Sequence[nn.Parameter]) -> None:
+    """Move a deactivated module's moments to host memory, and a re-activated module's back to its device."""
+    # Only the moments (dim > 0) travel; the 0-dim 'step' counter stays wherever torch keeps it.
+    for state, p in _states(optimizer, deactivated):
+        state[p] = {k: v.to("cpu") if torch.is_tensor(v) and v.dim() > 0 else v for k, v in state[p].items()}
+    for state, p in _states(optimizer, activated):
+        state[p] = {k: v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in state[p].items()}
+
+
+StatePolicy = Callable[[Any, Sequence[nn.Parameter], Sequence[nn.Parameter]], None]
+STATE_POLICIES: dict[str, StatePolicy] = {"keep": keep_state, "reset": reset_state, "offload": offload_state}

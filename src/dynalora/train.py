@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dynalora.backbones import ADAPTER_METHODS, METHODS, MethodOptions
-from dynalora.config import ALLOCATORS, MEASURES, OPTIMIZERS, SCHEDULES, DynamicConfig
+from dynalora.config import ALLOCATORS, MEASURES, OPTIMIZERS, SCHEDULES, STATE_POLICIES, DynamicConfig
 from dynalora.controller import DynamicAllocator
 from dynalora.data import TASKS, TaskData, load_task, make_collator, tokenize
 from dynalora.errors import UsageError
@@ -29,6 +29,11 @@ from dynalora.tasks import TaskSpec, compute_metrics
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "embedded:minilm-l6"
+# Peak learning rates that work on the embedded default (lora: measured; see benchmarks/). Full
+# fine-tuning needs far smaller steps than adapters; dynamic full fine-tuning trains each layer only
+# part of the time and takes a larger one.
+DEFAULT_LR = {"lora": 2e-3, "dora": 2e-3, "vera": 1e-2, "bitfit": 1e-3, "full": 5e-5}
+DEFAULT_LR_DYNAMIC_FULL = 1e-4
 # Files that mark a folder as holding a run; --overwrite is needed to write over them.
 RUN_FILES = ("config.json", "metrics.json", "log.jsonl", "allocations.jsonl")
 
@@ -58,7 +63,12 @@ class TrainArgs:
     optimizer: str = _opt(
         "global or per-module (local) optimizer and LR schedule", default="global", choices=OPTIMIZERS
     )
-    lr: float = _opt("peak learning rate of AdamW", default=2e-3)
+    state_policy: str = _opt(
+        "optimizer state of deactivated modules: keep, reset, or offload to host memory (CUDA)",
+        default="keep",
+        choices=STATE_POLICIES,
+    )
+    lr: float | None = _opt("peak learning rate of AdamW (default: by method, see DEFAULT_LR)")
     weight_decay: float = _opt("AdamW weight decay", default=0.01)
     warmup_ratio: float = _opt("fraction of steps of linear warm-up", default=0.06)
     batch_size: int = _opt("training batch size", default=32)
@@ -104,6 +114,11 @@ class TrainArgs:
             raise UsageError("--bf16 and --fp16 exclude each other; choose one")
         if self.dynamic is None:
             self.dynamic = self.method in ADAPTER_METHODS
+        if self.lr is None:
+            dynamic_full = self.method == "full" and self.dynamic
+            self.lr = DEFAULT_LR_DYNAMIC_FULL if dynamic_full else DEFAULT_LR[self.method]
+        if self.lr <= 0:
+            raise UsageError(f"--lr must be > 0, got {self.lr}")
         if self.dynamic:
             self.dynamic_config()  # validate now, before anything is loaded or written
 
@@ -117,6 +132,7 @@ class TrainArgs:
                 schedule=self.schedule,
                 period=self.period,
                 optimizer=self.optimizer,
+                state_policy=self.state_policy,
                 seed=self.seed,
             )
         except ValueError as err:

@@ -1,0 +1,391 @@
+"""What dynamic allocation costs and saves: step time and memory by category, side by side.
+
+Every configuration is built in one process on one fixed batch. They are timed in interleaved
+rounds (A B C ... A B C ...) after warm-up, so all of them see the same machine. Memory is measured,
+not derived from formulas:
+- parameter, gradient and optimizer-state bytes are counted from the live tensors;
+- saved activations are the distinct tensors autograd saves for backward;
+- peak memory above the loaded model is read in a fresh subprocess per configuration
+  (CUDA: max_memory_allocated; CPU: peak RSS), so one configuration's freed blocks cannot hide
+  another's peak.
+
+    .venv/bin/python benchmarks/cost.py              # ~15 min on 2 CPU cores; run it alone
+    .venv/bin/python benchmarks/cost.py --quick      # a smoke run: few configurations, one round
+
+Writes benchmarks/results/cost.{json,md,png} and depth.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from dynalora import DynamicAllocator, DynamicConfig  # noqa: E402
+from dynalora.backbones import METHODS, MethodOptions  # noqa: E402
+from dynalora.memory import PeakMemory, step_memory_breakdown  # noqa: E402
+from dynalora.plots import parse_module_name  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+MiB = 2**20
+# Reallocations before memory is read, so that `keep` has gathered the state of several selections.
+CYCLES = 4
+
+
+@dataclass(frozen=True)
+class Spec:
+    name: str
+    method: str  # lora | full | bitfit | frozen
+    dynamic: DynamicConfig | None = None
+    lowest_layer: int | None = None  # depth curve: train only modules in layers >= this
+
+
+@dataclass
+class Setup:
+    spec: Spec
+    model: nn.Module
+    optimizer: Any
+    allocator: DynamicAllocator | None
+
+
+def specs(quick: bool) -> list[Spec]:
+    fixed = {"period": 10**9, "seed": 0}  # no reallocation while timing; hooks still run every step
+    out = [Spec("full", "full"), Spec("bitfit", "bitfit"), Spec("lora", "lora"), Spec("frozen", "frozen")]
+    ks = {"all": 1.0, "2/3": 2 / 3, "1/3": 1 / 3}
+    measures = ("forward", "adapter", "gradient", "random")
+    for k_name, k in ks.items():
+        for opt in ("global", "local"):
+            for measure in measures:
+                if quick and (opt == "local" or measure in ("adapter", "random")):
+                    continue
+                cfg = DynamicConfig(k=k, optimizer=opt, measure=measure, **fixed)
+                out.append(Spec(f"dynalora k={k_name} {opt} {measure}", "lora", cfg))
+    for policy in ("reset", "keep"):
+        cfg = DynamicConfig(k=1 / 3, state_policy=policy, **fixed)
+        out.append(Spec(f"dynamic-full k=1/3 {policy}", "full", cfg))
+    return out
+
+
+def depth_specs(num_layers: int) -> list[Spec]:
+    cfg = DynamicConfig(k=1.0, measure="random", allocator="topk", period=10**9)
+    return [Spec(f"depth {d}", "lora", cfg, lowest_layer=d) for d in range(num_layers)]
+
+
+# ------------------------------------------------------------------------------------------ set-up
+def load_base(model: str | None, device: torch.device):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from dynalora.train import DEFAULT_MODEL, resolve_model_path
+
+    path = resolve_model_path(model or DEFAULT_MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2).to(device)
+    return tokenizer, base
+
+
+def fixed_batch(tokenizer, batch_size: int, max_length: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Real review snippets, padded to exactly ``max_length``: every step has the same shape."""
+    from dynalora.data import load_task
+
+    train = load_task("rotten_tomatoes").splits["train"].select(range(batch_size))
+    enc = tokenizer(train["text"], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    enc["labels"] = torch.tensor(train["label"])
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+def build(spec: Spec, base: nn.Module, copy_base: bool = True) -> Setup:
+    model = copy.deepcopy(base) if copy_base else base
+    allocator = None
+    if spec.method == "frozen":  # the floor: only the task head trains
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("classifier"))
+    else:
+        options = MethodOptions(None, rank=8, alpha=16.0, dropout=0.1, dynamic=spec.dynamic is not None)
+        model, modules = METHODS[spec.method](model, options)
+        if spec.dynamic is not None:
+            allocator = DynamicAllocator(model, spec.dynamic, modules=modules)
+            if spec.lowest_layer is not None:
+                allocator.set_active(
+                    n for n in allocator.module_names if (parse_module_name(n)[0] or 0) >= spec.lowest_layer
+                )
+    if allocator is not None:
+        optimizer = allocator.create_optimizer(torch.optim.AdamW, lr=1e-5, weight_decay=0.01)
+    else:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, weight_decay=0.01)
+    model.train()
+    return Setup(spec, model, optimizer, allocator)
+
+
+def train_step(s: Setup, batch: dict[str, torch.Tensor]) -> float:
+    loss = s.model(**batch).loss
+    loss.backward()
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    if s.allocator is not None:
+        s.allocator.step()
+    return float(loss)  # a sync point on CUDA: the step's time is real, not queued
+
+
+def settle(s: Setup, batch: dict[str, torch.Tensor]) -> None:
+    """Reach steady state: a few reallocations with a step each (the state policy at work)."""
+    for _ in range(CYCLES if s.allocator is not None and s.spec.lowest_layer is None else 1):
+        if s.allocator is not None and s.spec.lowest_layer is None:
+            s.allocator.reallocate()
+        train_step(s, batch)
+
+
+# ------------------------------------------------------------------------------------------ measurements
+def time_interleaved(setups: list[Setup], batch, rounds: int, steps: int, warmup: int) -> dict[str, list[float]]:
+    for s in setups:
+        for _ in range(warmup):
+            train_step(s, batch)
+    times: dict[str, list[float]] = {s.spec.name: [] for s in setups}
+    for r in range(rounds):
+        for s in setups:
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                train_step(s, batch)
+                times[s.spec.name].append((time.perf_counter() - t0) * 1e3)
+        print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    return times
+
+
+def embeddings_need_grad(s: Setup, batch) -> bool:
+    """Whether backward reaches the embeddings (it must not unless something trains there)."""
+    seen = []
+    emb = s.model.get_input_embeddings()
+    handle = emb.register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
+    s.model(**batch)
+    handle.remove()
+    return any(seen)
+
+
+def peak_in_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--peak-of", name, "--batch-size", str(args.batch_size)]
+    cmd += ["--max-length", str(args.max_length)] + (["--model", args.model] if args.model else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peak_of(name: str, args: argparse.Namespace) -> None:
+    """Child process: peak memory above the loaded model for one configuration."""
+    device = torch.device(args.device)
+    tokenizer, base = load_base(args.model, device)
+    batch = fixed_batch(tokenizer, args.batch_size, args.max_length, device)
+    spec = next(s for s in specs(quick=False) if s.name == name)
+    setup = build(spec, base, copy_base=False)  # a copy would leave freed memory for the peak to hide in
+    with PeakMemory(device) as peak:
+        settle(setup, batch)
+        for _ in range(3):
+            train_step(setup, batch)
+    print(json.dumps({"peak_above_model_bytes": peak.increase_bytes, "peak_bytes": peak.peak_bytes, "kind": peak.kind}))
+
+
+# ------------------------------------------------------------------------------------------ report
+def write_results(rows: list[dict[str, Any]], depth: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    by = {r["name"]: r for r in rows}
+    lora = by["lora"]
+    for r in rows + depth:
+        r["ratio_to_lora"] = r["median_step_ms"] / lora["median_step_ms"]
+
+    def mib(x: float | None) -> str:
+        return "n/a" if x is None else f"{x / MiB:,.1f}"
+
+    kind = next((r["peak"].get("kind") for r in rows if "kind" in r.get("peak", {})), "n/a")
+    lines = [
+        f"# Cost of dynamic allocation ({meta['model']}, batch {meta['batch_size']} x {meta['max_length']} tokens,"
+        f" {meta['device']})",
+        "",
+        f"Median of {meta['rounds']} interleaved rounds x {meta['steps']} steps after warm-up; memory in MiB,"
+        f" counted from live tensors; peak above the loaded model: {kind}, one fresh process per row.",
+        "",
+        "| configuration | median step (ms) | x LoRA | params | grads | optimizer | saved activations"
+        " | grads+opt | peak above model |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        m = r["memory"]
+        lines.append(
+            f"| {r['name']} | {r['median_step_ms']:.1f} | {r['ratio_to_lora']:.3f} | {mib(m['parameters'])}"
+            f" | {mib(m['gradients'])} | {mib(m['optimizer_state'])} | {mib(m['saved_activations'])}"
+            f" | {mib(m['gradients'] + m['optimizer_state'])} | {mib(r['peak'].get('peak_above_model_bytes'))} |"
+        )
+    lines += ["", "## Step time against the lowest trained layer (LoRA q,v; modules in layers >= d trained)", ""]
+    lines += [
+        "| lowest trained layer | median step (ms) | x LoRA | backward reaches embeddings |",
+        "|---:|---:|---:|---|",
+    ]
+    for r in depth:
+        lines.append(
+            f"| {r['lowest_layer']} | {r['median_step_ms']:.1f} | {r['ratio_to_lora']:.3f} | {r['embeddings_grad']} |"
+        )
+    lines += ["", "## Targets", ""] + targets(by)
+    text = "\n".join(lines) + "\n"
+    (RESULTS / "cost.md").write_text(text)
+    (RESULTS / "cost.json").write_text(json.dumps({"meta": meta, "configurations": rows, "depth": depth}, indent=2))
+    plot(rows, depth)
+    return text
+
+
+def targets(by: dict[str, dict[str, Any]]) -> list[str]:
+    lora = by["lora"]
+    out = []
+
+    def check(label: str, ok: bool, detail: str) -> None:
+        out.append(f"- {label}: {'met' if ok else 'NOT met'} ({detail})")
+
+    for measure in ("forward", "adapter", "gradient", "random"):
+        r = by.get(f"dynalora k=all global {measure}")
+        if r:
+            check(f"k=all ({measure}) step <= 1.03 x LoRA", r["ratio_to_lora"] <= 1.03, f"{r['ratio_to_lora']:.3f}")
+    r = by.get("dynalora k=2/3 global forward")
+    if r:
+        check("k=2/3 step <= LoRA", r["ratio_to_lora"] <= 1.0, f"{r['ratio_to_lora']:.3f}")
+        ra, la = r["memory"]["saved_activations"], lora["memory"]["saved_activations"]
+        check("k=2/3 saved activations < LoRA", ra < la, f"{ra / MiB:.1f} vs {la / MiB:.1f} MiB")
+        rg = r["memory"]["gradients"] + r["memory"]["optimizer_state"]
+        lg = lora["memory"]["gradients"] + lora["memory"]["optimizer_state"]
+        check("k=2/3 grads+optimizer < LoRA", rg < lg, f"{rg / MiB:.2f} vs {lg / MiB:.2f} MiB")
+    dyn, full = by.get("dynamic-full k=1/3 reset"), by.get("full")
+    if dyn and full and "peak_above_model_bytes" in dyn["peak"] and "peak_above_model_bytes" in full["peak"]:
+        ratio = dyn["peak"]["peak_above_model_bytes"] / full["peak"]["peak_above_model_bytes"]
+        check("dynamic full k=1/3 reset: training memory <= 0.7 x full", ratio <= 0.7, f"{ratio:.3f}")
+    return out
+
+
+def plot(rows: list[dict[str, Any]], depth: list[dict[str, Any]]) -> None:
+    from matplotlib.figure import Figure
+
+    names = [r["name"] for r in rows]
+    fig = Figure(figsize=(12, 0.32 * len(rows) + 1.5), layout="constrained")
+    ax_t, ax_m = fig.subplots(1, 2, sharey=True)
+    ax_t.barh(names, [r["ratio_to_lora"] for r in rows], color="tab:blue")
+    ax_t.axvline(1.0, color="black", lw=0.8)
+    ax_t.set_xlabel("median step time / plain LoRA")
+    ax_t.invert_yaxis()
+    left = [0.0] * len(rows)
+    for key, color in (("gradients", "tab:orange"), ("optimizer_state", "tab:red"), ("saved_activations", "tab:green")):
+        values = [r["memory"][key] / MiB for r in rows]
+        ax_m.barh(names, values, left=left, color=color, label=key.replace("_", " "))
+        left = [a + b for a, b in zip(left, values, strict=True)]
+    ax_m.set_xlabel("training memory beyond the weights (MiB, counted)")
+    ax_m.legend(loc="lower right")
+    fig.savefig(RESULTS / "cost.png", dpi=110)
+
+    fig = Figure(figsize=(6, 3.5), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(
+        [r["lowest_layer"] for r in depth], [r["median_step_ms"] for r in depth], marker="o", label="LoRA, layers >= d"
+    )
+    for name, style in (("lora", "--"), ("frozen", ":")):
+        ref = next(r for r in rows if r["name"] == name)
+        ax.axhline(
+            ref["median_step_ms"],
+            ls=style,
+            color="gray",
+            label=f"{name} (all layers)" if name == "lora" else "head only",
+        )
+    ax.set_xlabel("lowest trained layer d")
+    ax.set_ylabel("median step (ms)")
+    ax.legend()
+    fig.savefig(RESULTS / "depth.png", dpi=110)
+
+
+# ------------------------------------------------------------------------------------------ main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model id or folder (default: embedded MiniLM-L6)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=2, help="steps per configuration per round")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="fewer configurations, one round, no subprocess peaks")
+    parser.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    from dynalora.cli import _quiet_libraries
+
+    _quiet_libraries()
+    if args.peak_of:
+        return peak_of(args.peak_of, args)
+    if args.quick:
+        args.rounds = 1
+    device = torch.device(args.device)
+    tokenizer, base = load_base(args.model, device)
+    batch = fixed_batch(tokenizer, args.batch_size, args.max_length, device)
+    num_layers = base.config.num_hidden_layers
+
+    all_specs = specs(args.quick)
+    setups = [build(s, base) for s in all_specs]
+    print(f"memory of {len(setups)} configurations", file=sys.stderr)
+    memory = {}
+    for s in setups:
+        settle(s, batch)
+        params = [p for p in s.model.parameters()]
+        memory[s.spec.name] = {k: v for k, v in step_memory_breakdown(s.model, s.optimizer, batch).items() if k in (
+            "parameters", "gradients", "optimizer_state", "saved_activations")} | {
+            "trainable_params": sum(p.numel() for p in params if p.requires_grad)}  # fmt: skip
+    print(f"timing {len(setups)} configurations", file=sys.stderr)
+    times = time_interleaved(setups, batch, args.rounds, args.steps, args.warmup)
+    del setups
+
+    depth_setups = [build(s, base) for s in depth_specs(num_layers)]
+    depth_times = time_interleaved(depth_setups, batch, args.rounds, args.steps, args.warmup)
+    depth = [
+        {
+            "lowest_layer": s.spec.lowest_layer,
+            "median_step_ms": statistics.median(depth_times[s.spec.name]),
+            "embeddings_grad": embeddings_need_grad(s, batch),
+            "active_modules": len(s.allocator.active),
+        }
+        for s in depth_setups
+    ]
+    del depth_setups
+
+    rows = []
+    for spec in all_specs:
+        peak = {} if args.quick else peak_in_subprocess(spec.name, args)
+        rows.append(
+            {
+                "name": spec.name,
+                "median_step_ms": statistics.median(times[spec.name]),
+                "step_ms": times[spec.name],
+                "memory": memory[spec.name],
+                "peak": peak,
+                "dynamic": spec.dynamic.to_dict() if spec.dynamic else None,
+            }
+        )
+        print(f"  peak of {spec.name}: {peak}", file=sys.stderr, flush=True)
+    meta = {
+        "model": args.model or "embedded MiniLM-L6",
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "rounds": args.rounds,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    print(write_results(rows, depth, meta))
+
+
+if __name__ == "__main__":
+    main()
