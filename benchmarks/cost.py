@@ -101,8 +101,8 @@ def fixed_batch(tokenizer, batch_size: int, max_length: int, device: torch.devic
     from dynalora.data import load_task
 
     train = load_task("rotten_tomatoes").splits["train"].select(range(batch_size))
-    enc = tokenizer(train["text"], padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    enc["labels"] = torch.tensor(train["label"])
+    enc = tokenizer(list(train["text"]), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    enc["labels"] = torch.tensor(list(train["label"]))
     return {k: v.to(device) for k, v in enc.items()}
 
 
