@@ -240,15 +240,37 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def run(args: TrainArgs) -> dict[str, Any]:
-    """Fine-tune, evaluate and write every output; returns the content of ``metrics.json``."""
-    out = prepare_output_dir(args)
+@dataclass
+class Job:
+    """Everything a run needs, built (and validated) before any file is written."""
+
+    args: TrainArgs
+    device: torch.device
+    spec: TaskSpec
+    model_path: str
+    tokenizer: Any
+    model: torch.nn.Module
+    allocator: DynamicAllocator | None
+    optimizer: Any
+    scheduler: Any
+    train_loader: DataLoader
+    eval_loaders: dict[str, DataLoader]
+    num_steps: int
+    num_trainable: int
+
+    def autocast(self):
+        return _autocast(self.device, self.args)
+
+
+def prepare(args: TrainArgs) -> Job:
+    """Load data and model, set up the method, allocator and optimizer. Raises UsageError on bad input."""
+    prepare_output_dir(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda" and (args.bf16 or args.fp16):
         raise UsageError("--bf16/--fp16 need a CUDA device; allowed on CPU: full precision (drop the flag)")
     model_path = resolve_model_path(args.model)
 
-    from transformers import set_seed
+    from transformers import get_scheduler, set_seed
 
     set_seed(args.seed)
     data: TaskData = load_task(
@@ -264,8 +286,7 @@ def run(args: TrainArgs) -> dict[str, Any]:
         max_train_samples=args.max_train_samples,
         seed=args.seed,
     )
-    spec = data.spec
-    tokenizer, model = load_model(model_path, spec, device)
+    tokenizer, model = load_model(model_path, data.spec, device)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else None
     options = MethodOptions(targets, args.rank, args.alpha, args.adapter_dropout, bool(args.dynamic))
     model, modules = METHODS[args.method](model, options)
@@ -279,9 +300,12 @@ def run(args: TrainArgs) -> dict[str, Any]:
 
     tokenized = tokenize(data, tokenizer, args.max_length)
     collator = make_collator(tokenizer)
-    loader_gen = torch.Generator().manual_seed(args.seed)
     train_loader = DataLoader(
-        tokenized["train"], batch_size=args.batch_size, shuffle=True, collate_fn=collator, generator=loader_gen
+        tokenized["train"],
+        batch_size=args.batch_size,
+        shuffle=True,
+        collate_fn=collator,
+        generator=torch.Generator().manual_seed(args.seed),
     )
     eval_loaders = {
         split: DataLoader(
@@ -291,46 +315,38 @@ def run(args: TrainArgs) -> dict[str, Any]:
         if split in tokenized and (split != "test" or data.has_test_labels)
     }
     num_steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_loader)))
-    warmup = int(args.warmup_ratio * num_steps)
-    if allocator is not None:
+    schedule = {"num_warmup_steps": int(args.warmup_ratio * num_steps), "num_training_steps": num_steps}
+    if allocator is not None:  # the optimizer covers frozen modules too (§3.4)
         optimizer = allocator.create_optimizer(torch.optim.AdamW, lr=args.lr, weight_decay=args.weight_decay)
-        scheduler = allocator.create_scheduler(
-            optimizer, "linear", num_warmup_steps=warmup, num_training_steps=num_steps
-        )
-    else:
-        from transformers import get_scheduler
-
-        optimizer = torch.optim.AdamW(trainable_params(model), lr=args.lr, weight_decay=args.weight_decay)
-        scheduler = get_scheduler("linear", optimizer, num_warmup_steps=warmup, num_training_steps=num_steps)
-    num_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if allocator is not None:
+        scheduler = allocator.create_scheduler(optimizer, "linear", **schedule)
         num_trainable = allocator.num_params + allocator.num_extra_params
-    scaler = torch.amp.GradScaler(device.type, enabled=args.fp16)
-    autocast = lambda: _autocast(device, args)  # noqa: E731
+    else:
+        optimizer = torch.optim.AdamW(trainable_params(model), lr=args.lr, weight_decay=args.weight_decay)
+        scheduler = get_scheduler("linear", optimizer, **schedule)
+        num_trainable = sum(p.numel() for p in trainable_params(model))
+    return Job(
+        args, device, data.spec, model_path, tokenizer, model, allocator, optimizer, scheduler,
+        train_loader, eval_loaders, num_steps, num_trainable,
+    )  # fmt: skip
 
-    out.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES:  # --overwrite: the old run's files go before any new one is written
-        (out / name).unlink(missing_ok=True)
-    config = {**args.to_dict(), "model_path": model_path, "num_steps": num_steps, "device": str(device)}
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    logger.info(
-        "training %s on %s for %d steps (%d trainable parameters)", args.method, args.task, num_steps, num_trainable
-    )
 
+def train_loop(job: Job) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Train for ``job.num_steps`` optimizer steps; returns the log records and the run's cost figures."""
+    args, model, allocator, optimizer, scheduler = job.args, job.model, job.allocator, job.optimizer, job.scheduler
+    scaler = torch.amp.GradScaler(job.device.type, enabled=args.fp16)
     records: list[dict[str, Any]] = []
     step_ms: list[float] = []
     active_params: list[int] = []
     last_eval: dict[str, Any] = {}
-    bar = tqdm(total=num_steps, disable=args.quiet, desc=f"{args.method}{' dynamic' if allocator else ''}")
+    bar = tqdm(total=job.num_steps, disable=args.quiet, desc=f"{args.method}{' dynamic' if allocator else ''}")
+    batches = _cycle(job.train_loader)
     model.train()
-    train_time = 0.0
-    batches = _cycle(train_loader)
-    with PeakMemory(device) as peak:
-        for step in range(1, num_steps + 1):
-            batch = {k: v.to(device, non_blocking=True) for k, v in next(batches).items()}
-            active = allocator.num_active_params + allocator.num_extra_params if allocator else num_trainable
+    with PeakMemory(job.device) as peak:
+        for step in range(1, job.num_steps + 1):
+            batch = {k: v.to(job.device, non_blocking=True) for k, v in next(batches).items()}
+            active = allocator.num_active_params + allocator.num_extra_params if allocator else job.num_trainable
             t0 = time.perf_counter()
-            with autocast():
+            with job.autocast():
                 loss = model(**batch).loss
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -338,59 +354,73 @@ def run(args: TrainArgs) -> dict[str, Any]:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             if allocator is not None:
-                allocator.step()
+                allocator.step()  # may reallocate: freezes, unfreezes, applies the state policy
             loss_value = loss.item()  # a sync point: the step's time below is real, not queued work
-            dt = time.perf_counter() - t0
-            train_time += dt
-            step_ms.append(dt * 1e3)
+            dt_ms = (time.perf_counter() - t0) * 1e3
+            step_ms.append(dt_ms)
             active_params.append(active)
-            num_active = len(allocator.active) if allocator else None
             records.append(
-                {
-                    "type": "train",
-                    "step": step,
-                    "loss": loss_value,
-                    "lr": scheduler.get_last_lr()[0],
-                    "num_active": num_active,
-                    "step_ms": dt * 1e3,
-                }
-            )
-            if "validation" in eval_loaders and (
-                step == num_steps or (args.eval_every and step % args.eval_every == 0)
-            ):
-                last_eval = evaluate(model, eval_loaders["validation"], spec, device, autocast)
+                {"type": "train", "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+                 "num_active": len(allocator.active) if allocator else None, "step_ms": dt_ms}
+            )  # fmt: skip
+            due = step == job.num_steps or (args.eval_every and step % args.eval_every == 0)
+            if due and "validation" in job.eval_loaders:
+                last_eval = evaluate(model, job.eval_loaders["validation"], job.spec, job.device, job.autocast)
                 records.append({"type": "eval", "step": step, "split": "validation", **last_eval})
             bar.update(1)
-            bar.set_postfix(_postfix(loss_value, last_eval, spec, allocator), refresh=False)
+            bar.set_postfix(_postfix(loss_value, last_eval, job.spec, allocator), refresh=False)
     bar.close()
-
-    results = {"validation": last_eval.get("metrics", {}), "test": {}}
-    if "test" in eval_loaders:
-        test = evaluate(model, eval_loaders["test"], spec, device, autocast)
-        records.append({"type": "eval", "step": num_steps, "split": "test", **test})
-        results["test"] = test["metrics"]
-
-    metrics = {
-        "task": args.task,
-        "model": args.model,
-        "method": args.method,
-        "dynamic": allocator.config.to_dict() | {"k_modules": allocator.k} if allocator else None,
-        **results,
-        "main_metric": spec.main_metric,
-        "trainable_params": num_trainable,
+    costs = {
+        "validation": last_eval.get("metrics", {}),
         "mean_active_trainable_params": float(np.mean(active_params)),
-        "train_runtime_s": train_time,
+        "train_runtime_s": sum(step_ms) / 1e3,
         "median_step_ms": statistics.median(step_ms),
         "peak_memory_bytes": peak.peak_bytes,
         "peak_memory_kind": peak.kind,
         "peak_memory_above_start_bytes": peak.increase_bytes,
-        "module_active_steps": allocator.active_steps if allocator else {},
-        "num_modules": len(allocator.modules) if allocator else None,
-        "num_steps": num_steps,
-        "seed": args.seed,
-        "device": str(device),
     }
-    _write_outputs(out, model, tokenizer, allocator, records, metrics)
+    return records, costs
+
+
+def run(args: TrainArgs) -> dict[str, Any]:
+    """Fine-tune, evaluate and write every output; returns the content of ``metrics.json``."""
+    job = prepare(args)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:  # --overwrite: the old run's files go before any new one is written
+        (out / name).unlink(missing_ok=True)
+    config = {**args.to_dict(), "model_path": job.model_path, "num_steps": job.num_steps, "device": str(job.device)}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    logger.info(
+        "training %s on %s for %d steps (%d trainable parameters)",
+        args.method, args.task, job.num_steps, job.num_trainable,
+    )  # fmt: skip
+
+    records, costs = train_loop(job)
+    test = {}
+    if "test" in job.eval_loaders:
+        result = evaluate(job.model, job.eval_loaders["test"], job.spec, job.device, job.autocast)
+        records.append({"type": "eval", "step": job.num_steps, "split": "test", **result})
+        test = result["metrics"]
+
+    alloc = job.allocator
+    metrics = {
+        "task": args.task,
+        "model": args.model,
+        "method": args.method,
+        "dynamic": alloc.config.to_dict() | {"k_modules": alloc.k} if alloc else None,
+        "validation": costs.pop("validation"),
+        "test": test,
+        "main_metric": job.spec.main_metric,
+        "trainable_params": job.num_trainable,
+        **costs,
+        "module_active_steps": alloc.active_steps if alloc else {},
+        "num_modules": len(alloc.modules) if alloc else None,
+        "num_steps": job.num_steps,
+        "seed": args.seed,
+        "device": str(job.device),
+    }
+    _write_outputs(out, job.model, job.tokenizer, alloc, records, metrics)
     return metrics
 
 
