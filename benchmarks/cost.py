@@ -101,7 +101,9 @@ def fixed_batch(tokenizer, batch_size: int, max_length: int, device: torch.devic
     from dynalora.data import load_task
 
     train = load_task("rotten_tomatoes").splits["train"].select(range(batch_size))
-    enc = tokenizer(list(train["text"]), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    enc = tokenizer(
+        list(train["text"]), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
     enc["labels"] = torch.tensor(list(train["label"]))
     return {k: v.to(device) for k, v in enc.items()}
 
@@ -254,6 +256,15 @@ def targets(by: dict[str, dict[str, Any]]) -> list[str]:
         r = by.get(f"dynalora k=all global {measure}")
         if r:
             check(f"k=all ({measure}) step <= 1.03 x LoRA", r["ratio_to_lora"] <= 1.03, f"{r['ratio_to_lora']:.3f}")
+    for k in ("all", "2/3", "1/3"):  # hot path: what measuring costs over no measurement
+        ref = by.get(f"dynalora k={k} global random")
+        if ref:
+            cost = ", ".join(
+                f"{m} {by[name]['median_step_ms'] / ref['median_step_ms'] - 1:+.1%}"
+                for m in ("forward", "adapter", "gradient")
+                if (name := f"dynalora k={k} global {m}") in by
+            )
+            out.append(f"- measurement overhead against `random` at k={k}: {cost}")
     r = by.get("dynalora k=2/3 global forward")
     if r:
         check("k=2/3 step <= LoRA", r["ratio_to_lora"] <= 1.0, f"{r['ratio_to_lora']:.3f}")
