@@ -213,6 +213,10 @@ BAD = {
     "targets match nothing": (["--targets", "q_proj"], "--targets q_proj matched no linear layer"),
     "bf16 on cpu": (["--bf16", "--device", "cpu"], "need a CUDA device"),
     "bad batch size": (["--batch-size", "0"], "--batch-size must be >= 1"),
+    "bad device": (["--device", "gpu"], "--device 'gpu' is not a device"),
+    "lr not finite": (["--lr", "nan"], "--lr must be a finite number"),
+    "epochs not finite": (["--epochs", "inf"], "--epochs must be a finite number"),
+    "offload on cpu": (["--state-policy", "offload"], "--state-policy='offload' needs CUDA"),
 }
 
 
@@ -307,3 +311,36 @@ def test_learning_rate_defaults_by_method(method, dynamic, lr):
     assert args.lr == lr
     assert args.dynamic == (method in ("lora", "dora", "vera") if dynamic is None else dynamic)
     assert TrainArgs(method=method, dynamic=dynamic, lr=3e-4).lr == 3e-4
+
+
+def test_output_dir_under_a_file_is_refused(tiny_model, csv_task, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("mine")
+    assert main(cli_args(tiny_model, csv_task, blocker / "run")) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert blocker.read_text() == "mine"
+
+
+def test_a_users_model_folder_is_not_deleted(tiny_model, csv_task, tmp_path, capsys):
+    out = tmp_path / "work"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "my_checkpoint.bin").write_text("precious")
+    assert main(cli_args(tiny_model, csv_task, out)) == 2
+    assert "already holds a run (model)" in capsys.readouterr().err
+    assert (out / "model" / "my_checkpoint.bin").read_text() == "precious"
+
+
+def test_compare_refuses_an_existing_comparison_and_resolves_lr_per_variant(tiny_model, csv_task, tmp_path, capsys):
+    root = tmp_path / "cmp"
+    root.mkdir()
+    (root / "compare.md").write_text("old table")
+    argv = cli_args(tiny_model, csv_task, root, "--method", "full")
+    argv[0] = "compare"
+    argv.remove("--lr")
+    argv.remove("1e-2")
+    assert main(argv) == 2
+    assert "already holds a comparison" in capsys.readouterr().err
+    assert (root / "compare.md").read_text() == "old table"
+    assert main([*argv, "--overwrite"]) == 0
+    lrs = {v: json.loads((root / v / "config.json").read_text())["lr"] for v in ("dynamic", "plain")}
+    assert lrs == {"dynamic": 1e-4, "plain": 5e-5}

@@ -51,3 +51,13 @@ def test_model_without_adapters_is_rejected():
 def test_config_round_trips_through_dict():
     cfg = DynamicConfig(measure="gradient", allocator="topk", k=3, period=7, seed=4)
     assert DynamicConfig(**cfg.to_dict()) == cfg
+
+
+def test_threshold_ignores_k():
+    alloc = DynamicAllocator(tiny.peft_bert(), DynamicConfig(allocator="threshold", k=20, threshold=0.5))
+    assert len(alloc.active) == 2  # ceil(0.5 * 4) at the start
+
+
+def test_offload_on_cpu_is_refused_with_the_field_name():
+    with pytest.raises(ValueError, match=r"state_policy='offload' needs CUDA"):
+        DynamicAllocator(tiny.peft_bert(), DynamicConfig(k=1, state_policy="offload"))

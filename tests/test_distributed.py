@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -47,3 +48,53 @@ def test_without_sync_ranks_would_disagree(tmp_path):
     r0, r1 = _run(tmp_path, synced=False, port=29518)
     assert r0["scores"] != r1["scores"]
     assert r0["active"] != r1["active"]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str, defer: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from dynalora import distributed
+
+        model = tiny.peft_bert()
+        if not defer:  # freeze before wrapping, as an allocator built without the process group would
+            real = distributed.is_distributed
+            distributed.is_distributed = lambda: False
+        alloc = DynamicAllocator(model, DynamicConfig(k=1, period=2, measure="forward", allocator="random", seed=3))
+        if not defer:
+            distributed.is_distributed = real
+        ddp = DDP(model, find_unused_parameters=True)
+        opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
+        for batch in tiny.batches(8, seed=200 + rank):  # each rank its own shard
+            ddp(**batch).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            alloc.step()
+        torch.save({n: p.detach() for n, p in model.named_parameters()}, f"{out}.{rank}")
+        with open(f"{out}.{rank}.json", "w") as f:
+            json.dump(alloc.active_steps, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_run(tmp_path, defer: bool, port: int):
+    out = str(tmp_path / "ddp")
+    mp.spawn(_ddp_worker, args=(2, port, out, defer), nprocs=2, join=True)
+    weights = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    steps = json.loads(Path(f"{out}.0.json").read_text())
+    return weights, steps
+
+
+def test_ddp_keeps_ranks_identical_when_frozen_modules_are_activated(tmp_path):
+    (w0, w1), steps = _ddp_run(tmp_path, defer=True, port=29519)
+    assert sum(1 for c in steps.values() if c > 0) > 1  # modules frozen at the start did train later
+    assert all(torch.equal(w0[n], w1[n]) for n in w0)
+
+
+def test_ddp_diverges_if_modules_are_frozen_before_wrapping(tmp_path):
+    """Guards the test above: DDP never syncs what was frozen when it wrapped the model."""
+    (w0, w1), _ = _ddp_run(tmp_path, defer=False, port=29520)
+    assert any(not torch.equal(w0[n], w1[n]) for n in w0)

@@ -134,3 +134,54 @@ def test_close_removes_every_hook(measure):
     model(**tiny.batches(1)[0]).loss.backward()
     alloc.step()
     assert all(v == 0 for v in alloc.scores().values())
+
+
+def test_overflowed_measurements_are_dropped_not_summed():
+    """An inf (fp16 overflow) would otherwise poison the running sum and make every selection uniform."""
+    model = tiny.peft_bert("lora")
+    fwd = DynamicAllocator(model, DynamicConfig(measure="forward", k=4, period=1000))
+    layer = fwd.modules[0].layer
+    layer.train()
+    hook = next(iter(layer._forward_hooks.values()))
+    hook(layer, (None,), torch.tensor([[1.0, float("inf")], [3.0, 4.0]]))
+    assert fwd.scores()[fwd.modules[0].name] == 0.0
+    hook(layer, (None,), torch.tensor([[3.0, 4.0]]))
+    assert fwd.scores()[fwd.modules[0].name] == 5.0
+    fwd.close()
+
+    grad = DynamicAllocator(model, DynamicConfig(measure="gradient", k=4, period=1000))
+    batch = tiny.batches(1)[0]
+    (model(**batch).loss * float("inf")).backward()
+    grad.step()
+    model.zero_grad()
+    assert all(v == 0.0 for v in grad.scores().values())  # nothing measured yet
+    model(**batch).loss.backward()
+    grad.step()
+    assert all(v > 0 and v != float("inf") for v in grad.scores().values())
+
+
+def test_once_schedule_stops_measuring_after_its_reallocation():
+    model = tiny.peft_bert("lora")
+    alloc = DynamicAllocator(model, DynamicConfig(measure="forward", k=2, schedule="once", period=2))
+    opt = alloc.create_optimizer(torch.optim.SGD, lr=0.0)
+    tiny.train(model, alloc, opt, None, tiny.batches(2))
+    assert [h["step"] for h in alloc.history] == [0, 2]
+    assert all(not m.layer._forward_hooks for m in alloc.modules)
+    frozen = alloc.scores()
+    tiny.train(model, alloc, opt, None, tiny.batches(2))
+    assert alloc.scores() == frozen
+
+
+@pytest.mark.parametrize("measure", ["forward", "adapter"])
+def test_activation_checkpointing_recomputation_does_not_count_twice(measure):
+    scores = []
+    for checkpointing in (False, True):
+        model = tiny.peft_bert("lora")
+        if checkpointing:
+            model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        alloc = DynamicAllocator(model, DynamicConfig(measure=measure, k=4, period=1000))
+        model.train()
+        model(**tiny.batches(1)[0]).loss.backward()
+        scores.append(alloc.scores())
+    plain, checkpointed = scores
+    assert checkpointed == pytest.approx(plain, rel=1e-5)

@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 import typing
-from dataclasses import MISSING, replace
+from dataclasses import MISSING
 from pathlib import Path
 from typing import Any
 
@@ -82,25 +82,22 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
     from dynalora.report import compare_table, load_run
     from dynalora.train import RUN_FILES, run
 
-    base = _train_args(ns)
-    if base.dynamic is False:
+    if ns.dynamic is False:
         raise UsageError("compare runs the dynamic and the plain variant itself; drop --no-dynamic")
-    root = Path(base.output_dir)
+    root = Path(ns.output_dir)
+    # Each variant resolves its own defaults (e.g. the learning rate of dynamic vs plain full fine-tuning).
     variants = [
-        replace(base, dynamic=True, output_dir=str(root / "dynamic")),
-        replace(base, dynamic=False, output_dir=str(root / "plain")),
+        _train_args(argparse.Namespace(**{**vars(ns), "dynamic": dynamic, "output_dir": str(root / name)}))
+        for dynamic, name in ((True, "dynamic"), (False, "plain"))
     ]
-    for v in variants:  # refuse before the first run, not after it
-        held = [f for f in RUN_FILES if (Path(v.output_dir) / f).exists()]
-        if held and not v.overwrite:
-            raise UsageError(
-                f"--output-dir {root} already holds runs ({v.output_dir}); choose another or pass --overwrite"
-            )
+    held = [root / "compare.md"] + [Path(v.output_dir) / f for v in variants for f in RUN_FILES]
+    if not ns.overwrite and any(p.exists() for p in held):  # refuse before the first run, not after it
+        raise UsageError(f"--output-dir {root} already holds a comparison; choose another folder or pass --overwrite")
     for v in variants:
         run(v)
-    table = compare_table([load_run(v.output_dir) for v in variants], fmt="text")
-    print(table)
-    (root / "compare.md").write_text(compare_table([load_run(v.output_dir) for v in variants], fmt="markdown") + "\n")
+    runs = [load_run(v.output_dir) for v in variants]
+    print(compare_table(runs, fmt="text"))
+    (root / "compare.md").write_text(compare_table(runs, fmt="markdown") + "\n")
     print(f"outputs in {root}/dynamic and {root}/plain; table in {root}/compare.md")
     return 0
 

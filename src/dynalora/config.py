@@ -82,20 +82,24 @@ class DynamicConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} is not supported; allowed: an int")
 
+    def resolve_k_unchecked(self, num_modules: int) -> int:
+        """``k`` as a number of modules, without checking it against ``num_modules``."""
+        if isinstance(self.k, float):
+            return max(1, min(num_modules, math.floor(self.k * num_modules + 0.5)))
+        return self.k
+
     def resolve_k(self, num_modules: int) -> int:
         """The number of active modules for a model with ``num_modules`` adapted modules.
 
         Raises:
             ValueError: if an int ``k`` exceeds ``num_modules``.
         """
-        if isinstance(self.k, float):
-            return max(1, min(num_modules, math.floor(self.k * num_modules + 0.5)))
-        if self.k > num_modules:
+        if isinstance(self.k, int) and self.k > num_modules:
             raise ValueError(
                 f"k={self.k} is larger than the {num_modules} adapted modules; allowed: 1..{num_modules} "
                 "or a fraction in (0, 1]"
             )
-        return self.k
+        return self.resolve_k_unchecked(num_modules)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 
 from dynalora import distributed
 from dynalora.adapters import AdapterModule, find_adapter_modules, other_trainable_params, set_trainable
@@ -51,14 +52,15 @@ class DynamicAllocator:
         # Read before freezing anything: what is trainable now and outside the modules stays trainable.
         self._extra = other_trainable_params(model, self.modules)
         num = len(self.modules)
-        self.k = config.resolve_k(num)
+        # threshold ignores k; any k is then as good as the number of modules
+        self.k = config.resolve_k(num) if config.allocator != "threshold" else min(config.resolve_k_unchecked(num), num)
+        self._state_policy = STATE_POLICIES[config.state_policy]
+        if config.state_policy == "offload" and any(p.device.type != "cuda" for m in self.modules for p in m.params):
+            raise ValueError("state_policy='offload' needs CUDA parameters; allowed on CPU: keep, reset")
         self._generator = torch.Generator().manual_seed(config.seed)
         self._measure = MEASURES[config.measure](self.modules, self._generator)
         self._schedule = SCHEDULES[config.schedule](config.period)
         self._allocate = ALLOCATORS[config.allocator]
-        self._state_policy = STATE_POLICIES[config.state_policy]
-        if config.state_policy == "offload" and any(p.device.type != "cuda" for m in self.modules for p in m.params):
-            raise ValueError("state_policy='offload' needs CUDA parameters; allowed on CPU: keep, reset")
         self._optimizer: Optimizer | LocalOptimizer | None = None  # set by create_optimizer, for the state policy
         self._mask = torch.zeros(num, dtype=torch.bool)
         self._active_steps = torch.zeros(num, dtype=torch.int64)
@@ -67,7 +69,14 @@ class DynamicAllocator:
         n = initial_count(config.allocator, self.k, config.threshold, num)
         first = torch.zeros(num, dtype=torch.bool)
         first[torch.randperm(num, generator=self._generator)[:n]] = True
-        self._apply(distributed.broadcast_mask(first))
+        self._deferred: RemovableHandle | None = None
+        if distributed.is_distributed():
+            # DDP registers only what requires grad when it wraps the model: keep every module
+            # trainable until the first training forward, which comes after the wrapping.
+            self._record(distributed.broadcast_mask(first))
+            self._deferred = model.register_forward_pre_hook(self._freeze_at_first_forward)
+        else:
+            self._apply(first)
 
     # ----------------------------------------------------------------------------- read-only views
     @property
@@ -76,7 +85,7 @@ class DynamicAllocator:
 
     @property
     def active(self) -> frozenset[str]:
-        return frozenset(m.name for m, on in zip(self.modules, self._mask.tolist(), strict=True) if on)
+        return self._active_names
 
     @property
     def active_mask(self) -> torch.Tensor:
@@ -89,7 +98,7 @@ class DynamicAllocator:
 
     @property
     def num_active_params(self) -> int:
-        return sum(m.num_params for m, on in zip(self.modules, self._mask.tolist(), strict=True) if on)
+        return self._num_active_params
 
     @property
     def num_extra_params(self) -> int:
@@ -167,6 +176,8 @@ class DynamicAllocator:
         mask = distributed.broadcast_mask(self._allocate(request))
         self._measure.after_reallocation()
         self._apply(mask, raw)
+        if self._schedule.finished(self._step):
+            self._measure.close()  # nothing will read importance again: stop paying for it
 
     def set_active(self, names: Iterable[str]) -> None:
         """Train exactly these modules from now on: a manual selection (experiments, warm starts).
@@ -182,23 +193,46 @@ class DynamicAllocator:
             raise ValueError("set_active needs at least one module; allowed: names from module_names")
         self._apply(torch.tensor([n in wanted for n in self.module_names], dtype=torch.bool))
 
+    def apply_state_policy(self) -> None:
+        """Apply the state policy to every inactive module, e.g. after ``optimizer.load_state_dict``
+        (which moves all state back to the parameters' devices, undoing ``offload``)."""
+        if self._optimizer is not None:
+            inactive = [p for m, on in zip(self.modules, self._mask.tolist(), strict=True) if not on for p in m.params]
+            self._state_policy(self._optimizer, inactive, [])
+
+    def _freeze_at_first_forward(self, model: nn.Module, args: Any) -> None:
+        if model.training and torch.is_grad_enabled() and self._deferred is not None:
+            self._deferred.remove()
+            self._deferred = None
+            set_trainable(self.modules, self._mask)
+
     def _apply(self, mask: torch.Tensor, raw: torch.Tensor | None = None) -> None:
         if self._optimizer is not None:
             pairs = list(zip(self.modules, self._mask.tolist(), mask.tolist(), strict=True))
             off = [p for m, was, now in pairs if was and not now for p in m.params]
             on = [p for m, was, now in pairs if now and not was for p in m.params]
             self._state_policy(self._optimizer, off, on)
-        self._mask = mask
-        set_trainable(self.modules, mask)
-        names = self.module_names
+        if self._deferred is None:
+            set_trainable(self.modules, mask)
+        self._record(mask, raw)
+
+    def _record(self, mask: torch.Tensor, raw: torch.Tensor | None = None) -> None:
+        """Make ``mask`` the selection and log it in the history, without touching the tensors."""
+        self._select(mask)
         self.history.append(
             {
                 "step": self._step,
-                "scores": dict(zip(names, raw.tolist(), strict=True)) if raw is not None else {},
-                "active": [n for n, on in zip(names, mask.tolist(), strict=True) if on],
+                "scores": dict(zip(self.module_names, raw.tolist(), strict=True)) if raw is not None else {},
+                "active": [m.name for m in self.modules if m.name in self._active_names],
             }
         )
-        logger.debug("step %d: %d of %d modules active", self._step, int(mask.sum()), len(names))
+        logger.debug("step %d: %d of %d modules active", self._step, len(self._active_names), len(self.modules))
+
+    def _select(self, mask: torch.Tensor) -> None:
+        self._mask = mask
+        on = mask.tolist()
+        self._active_names = frozenset(m.name for m, a in zip(self.modules, on, strict=True) if a)
+        self._num_active_params = sum(m.num_params for m, a in zip(self.modules, on, strict=True) if a)
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -227,12 +261,18 @@ class DynamicAllocator:
         self._generator.set_state(state["generator"])
         self._measure.load_state_dict(state["measure"])
         self.history = [dict(h) for h in state["history"]]
-        self._mask = state["mask"].clone()
-        set_trainable(self.modules, self._mask)
+        self._select(state["mask"].clone())
+        if self._deferred is None:
+            set_trainable(self.modules, self._mask)
+        if self._schedule.finished(self._step):
+            self._measure.close()
 
     def close(self) -> None:
         """Remove every hook this allocator installed. Trainability stays as it is."""
         self._measure.close()
+        if self._deferred is not None:
+            self._deferred.remove()
+            self._deferred = None
 
     def __enter__(self) -> DynamicAllocator:
         return self

@@ -3,6 +3,11 @@
 Each rank measures importance on its own shard of the data, so raw scores differ between ranks.
 Averaging them gives every rank the same importance, and broadcasting rank 0's mask makes the
 selection identical even if floating-point or RNG state ever drifted.
+
+DDP only synchronises the gradients of parameters that required grad when the model was wrapped.
+So under torch.distributed the allocator applies its first freeze at the first training forward
+(after wrapping), and the wrapper needs ``find_unused_parameters=True`` (HF Trainer's default for
+models without gradient checkpointing; accelerate: ``DistributedDataParallelKwargs``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,11 @@ import torch.distributed as dist
 
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one rank."""
+    return _active()
 
 
 def _comm_device() -> torch.device:

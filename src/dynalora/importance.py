@@ -48,13 +48,33 @@ def _output_tensor(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
+# -1 outside a backward pass; activation checkpointing re-runs forwards inside backward, and those
+# recomputations must not count twice (torch.utils.checkpoint uses the same test).
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
 def _is_training_pass(layer: torch.nn.Module) -> bool:
-    return layer.training and torch.is_grad_enabled()
+    return layer.training and torch.is_grad_enabled() and _graph_task_id() == -1
+
+
+def _finite(v: torch.Tensor) -> torch.Tensor:
+    """0 for an inf/NaN measurement (an fp16 overflow), which would otherwise poison a running sum forever."""
+    return torch.where(torch.isfinite(v), v, torch.zeros_like(v))
 
 
 def _vector_norm_sum(h: torch.Tensor) -> torch.Tensor:
-    """Σ over every output vector of ``||h||_2``: h is (..., d_out), the result a 0-dim float32 tensor."""
-    return torch.linalg.vector_norm(h.detach(), dim=-1, dtype=torch.float32).sum()
+    """Σ over every output vector of ``||h||_2``: h is (..., d_out), the result a 0-dim float32 tensor.
+
+    Padding positions count like any other output vector.
+    """
+    return _finite(torch.linalg.vector_norm(h.detach(), dim=-1, dtype=torch.float32).sum())
+
+
+def _to_cpu(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack 0-dim tensors into one CPU tensor, with one transfer when they share a device."""
+    if len({v.device for v in values}) == 1:
+        return torch.stack(list(values)).cpu()
+    return torch.stack([v.cpu() for v in values])
 
 
 class _Accumulating:
@@ -66,7 +86,7 @@ class _Accumulating:
         self.handles: list[RemovableHandle] = []
 
     def scores(self) -> torch.Tensor:
-        return torch.stack([t.cpu() for t in self.totals])
+        return _to_cpu(self.totals)
 
     def end_step(self) -> None:
         pass
@@ -159,7 +179,8 @@ class GradientNorm(_Accumulating):
 
     def __init__(self, modules: Sequence[AdapterModule], generator: torch.Generator | None = None) -> None:
         super().__init__(modules)
-        self.counts = torch.zeros(len(self.modules), dtype=torch.int64)
+        # Steps measured per module, on the module's device like the totals (no host sync per step).
+        self.counts = [torch.zeros((), dtype=torch.int64, device=_device(m)) for m in self.modules]
         # Squared norms of the current step, one slot per tensor of the module; overwritten (not
         # added) by each accumulation, so the slot ends up holding the accumulated gradient's.
         self.squares = [torch.zeros(len(m.params), dtype=torch.float32, device=_device(m)) for m in self.modules]
@@ -179,27 +200,30 @@ class GradientNorm(_Accumulating):
     def end_step(self) -> None:
         for i, seen in enumerate(self.seen):
             if seen:
-                self.totals[i].add_(self.squares[i].sum().sqrt())
+                norm = self.squares[i].sum().sqrt()
+                ok = torch.isfinite(norm)  # an overflowed (fp16) step is not a measurement
+                self.totals[i].add_(torch.where(ok, norm, torch.zeros_like(norm)))
+                self.counts[i].add_(ok)
                 self.squares[i].zero_()
-                self.counts[i] += 1
                 self.seen[i] = False
 
     def scores(self) -> torch.Tensor:
-        totals = super().scores()
-        measured = self.counts > 0
+        totals, counts = _to_cpu(self.totals), _to_cpu(self.counts)
+        measured = counts > 0
         if not measured.any():
             return totals
         means = torch.zeros_like(totals)
-        means[measured] = totals[measured] / self.counts[measured]
+        means[measured] = totals[measured] / counts[measured]
         means[~measured] = means[measured].mean()
         return means
 
     def state_dict(self) -> dict[str, Any]:
-        return {"totals": super().scores(), "counts": self.counts.clone()}
+        return {"totals": _to_cpu(self.totals), "counts": _to_cpu(self.counts)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.counts.copy_(state["counts"])
+        for count, value in zip(self.counts, state["counts"], strict=True):
+            count.copy_(value)
 
 
 class RandomScores:

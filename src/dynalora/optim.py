@@ -116,6 +116,8 @@ class LocalScheduler:
     def step(self) -> None:
         for i in self.optimizer.last_stepped.nonzero().flatten().tolist():
             self.schedulers[i].step()
+        # Consumed: if the next optimizer step is skipped (fp16 overflow), no module schedule moves.
+        self.optimizer.last_stepped = torch.zeros_like(self.optimizer.last_stepped)
         if self.extra is not None:
             self.extra.step()
 

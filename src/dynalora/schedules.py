@@ -11,6 +11,10 @@ class Schedule(Protocol):
         """True when the selection is to be renewed after ``step`` optimizer steps."""
         ...
 
+    def finished(self, step: int) -> bool:
+        """True when no reallocation follows ``step``: importance need not be measured any more."""
+        ...
+
 
 @dataclass(frozen=True)
 class Periodic:
@@ -21,6 +25,9 @@ class Periodic:
     def due(self, step: int) -> bool:
         return step > 0 and step % self.period == 0
 
+    def finished(self, step: int) -> bool:
+        return False
+
 
 @dataclass(frozen=True)
 class Once:
@@ -30,6 +37,9 @@ class Once:
 
     def due(self, step: int) -> bool:
         return step == self.period
+
+    def finished(self, step: int) -> bool:
+        return step >= self.period
 
 
 SCHEDULES: dict[str, type[Periodic] | type[Once]] = {"periodic": Periodic, "once": Once}

@@ -35,7 +35,15 @@ DEFAULT_MODEL = "embedded:minilm-l6"
 DEFAULT_LR = {"lora": 2e-3, "dora": 2e-3, "vera": 1e-2, "bitfit": 1e-3, "full": 5e-5}
 DEFAULT_LR_DYNAMIC_FULL = 1e-4
 # Files that mark a folder as holding a run; --overwrite is needed to write over them.
-RUN_FILES = ("config.json", "metrics.json", "log.jsonl", "allocations.jsonl")
+RUN_FILES = (
+    "config.json",
+    "metrics.json",
+    "log.jsonl",
+    "allocations.jsonl",
+    "loss.png",
+    "module_activity.png",
+    "model",
+)
 
 
 def _opt(help: str, **kw: Any) -> Any:
@@ -104,6 +112,9 @@ class TrainArgs:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         if self.eval_every < 0:
             raise UsageError(f"--eval-every must be >= 0, got {self.eval_every}")
+        for name in ("epochs", "alpha", "weight_decay", "threshold", "warmup_ratio", "adapter_dropout"):
+            if not math.isfinite(getattr(self, name)):
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if self.epochs <= 0:
             raise UsageError(f"--epochs must be > 0, got {self.epochs}")
         if not 0 <= self.adapter_dropout < 1:
@@ -117,8 +128,8 @@ class TrainArgs:
         if self.lr is None:
             dynamic_full = self.method == "full" and self.dynamic
             self.lr = DEFAULT_LR_DYNAMIC_FULL if dynamic_full else DEFAULT_LR[self.method]
-        if self.lr <= 0:
-            raise UsageError(f"--lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"--lr must be a finite number > 0, got {self.lr}")
         if self.dynamic:
             self.dynamic_config()  # validate now, before anything is loaded or written
 
@@ -136,10 +147,19 @@ class TrainArgs:
                 seed=self.seed,
             )
         except ValueError as err:
-            raise UsageError(f"--{err}") from None
+            raise UsageError(as_flag_message(err)) from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def as_flag_message(err: ValueError) -> str:
+    """``"state_policy='x' is ..."`` (a config field) -> ``"--state-policy='x' is ..."`` (the CLI flag)."""
+    text = str(err)
+    field_name, sep, rest = text.partition("=")
+    if sep and field_name.isidentifier():
+        return f"--{field_name.replace('_', '-')}={rest}"
+    return text
 
 
 def parse_k(text: str) -> int | float:
@@ -170,15 +190,43 @@ def resolve_model_path(model: str) -> str:
 
 
 def prepare_output_dir(args: TrainArgs) -> Path:
+    """Refuse a folder that holds a run (unless --overwrite) or that cannot be a folder; writes nothing."""
     out = Path(args.output_dir)
     existing = [f for f in RUN_FILES if (out / f).exists()]
     if existing and not args.overwrite:
         raise UsageError(
             f"--output-dir {out} already holds a run ({existing[0]}); choose another folder or pass --overwrite"
         )
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--output-dir {out} is a file; allowed: a folder")
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"--output-dir {out}: {parent} is a file; allowed: a folder")
     return out
+
+
+def clear_run(out: Path) -> None:
+    """Remove a previous run's files (only those dynalora writes) before a new run writes any."""
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def resolve_device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; allowed: cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here; allowed: cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: unsupported; allowed: cpu, cuda, cuda:N")
+    return device
 
 
 def load_model(path: str, spec: TaskSpec, device: torch.device):
@@ -265,7 +313,7 @@ class Job:
 def prepare(args: TrainArgs) -> Job:
     """Load data and model, set up the method, allocator and optimizer. Raises UsageError on bad input."""
     prepare_output_dir(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     if device.type != "cuda" and (args.bf16 or args.fp16):
         raise UsageError("--bf16/--fp16 need a CUDA device; allowed on CPU: full precision (drop the flag)")
     model_path = resolve_model_path(args.model)
@@ -296,7 +344,7 @@ def prepare(args: TrainArgs) -> Job:
         try:
             allocator = DynamicAllocator(model, args.dynamic_config(), modules=modules)
         except ValueError as err:
-            raise UsageError(f"--{err}") from None
+            raise UsageError(as_flag_message(err)) from None
 
     tokenized = tokenize(data, tokenizer, args.max_length)
     collator = make_collator(tokenizer)
@@ -387,8 +435,7 @@ def run(args: TrainArgs) -> dict[str, Any]:
     job = prepare(args)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for name in RUN_FILES:  # --overwrite: the old run's files go before any new one is written
-        (out / name).unlink(missing_ok=True)
+    clear_run(out)  # --overwrite: the old run's files go before any new one is written
     config = {**args.to_dict(), "model_path": job.model_path, "num_steps": job.num_steps, "device": str(job.device)}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     logger.info(
@@ -456,8 +503,6 @@ def _write_outputs(out: Path, model, tokenizer, allocator, records, metrics) -> 
         )
     plot_loss(records, out / "loss.png", metric=metrics["main_metric"])
     weights = out / "model"
-    if weights.exists():
-        shutil.rmtree(weights)
     model.save_pretrained(weights)  # PEFT: the adapter (and head) only; full/bitfit: the whole model
     tokenizer.save_pretrained(weights)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -30,11 +30,22 @@ class DynamicAllocationCallback(TrainerCallback):
     """Calls :meth:`DynamicAllocator.step` once per optimizer step and saves/restores its state.
 
     The allocator's state goes into every checkpoint folder as ``dynalora_allocator.pt``; on
-    ``trainer.train(resume_from_checkpoint=...)`` it is read back from ``checkpoint-<step>``.
+    ``trainer.train(resume_from_checkpoint=...)`` it is read back from ``resume_from``, else
+    ``<output_dir>/checkpoint-<step>``, and its saved step must match the step Trainer resumes at.
+
+    Under DDP, build the allocator after the process group is initialised and keep
+    ``ddp_find_unused_parameters`` True (the default without gradient checkpointing): inactive
+    modules produce no gradients.
     """
 
-    def __init__(self, allocator: DynamicAllocator) -> None:
+    def __init__(self, allocator: DynamicAllocator, resume_from: str | None = None) -> None:
+        """Args:
+        allocator: the allocator to drive.
+        resume_from: the checkpoint folder ``trainer.train(resume_from_checkpoint=...)`` resumes
+            from, when it is not ``<output_dir>/checkpoint-<step>`` (Trainer does not tell callbacks).
+        """
         self.allocator = allocator
+        self.resume_from = resume_from
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer=None, **kwargs
@@ -48,11 +59,26 @@ class DynamicAllocationCallback(TrainerCallback):
                     "allocator.create_optimizer(...) and pass Trainer(optimizers=(optimizer, scheduler))"
                 )
         if state.global_step > 0 and self.allocator.step_count != state.global_step:
-            path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", STATE_FILE)
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"resuming at step {state.global_step} but {path} is missing")
-            self.allocator.load_state_dict(torch.load(path, weights_only=True))
-            logger.info("restored dynamic allocation state from %s", path)
+            self._restore(args, state)
+        # Trainer has loaded the optimizer by now, which puts every state tensor back on its
+        # parameter's device; re-apply the policy (offload) to the inactive modules.
+        self.allocator.apply_state_policy()
+
+    def _restore(self, args: TrainingArguments, state: TrainerState) -> None:
+        folder = self.resume_from or args.resume_from_checkpoint
+        if not folder or not os.path.isdir(folder):
+            folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        path = os.path.join(folder, STATE_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"resuming at step {state.global_step} but {path} is missing; "
+                "pass DynamicAllocationCallback(..., resume_from=<checkpoint folder>)"
+            )
+        saved = torch.load(path, weights_only=True)
+        if int(saved["step"]) != state.global_step:
+            raise ValueError(f"{path} was saved at step {saved['step']}, the run resumes at {state.global_step}")
+        self.allocator.load_state_dict(saved)
+        logger.info("restored dynamic allocation state from %s", path)
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         # Runs after optimizer.step() and before the LR scheduler and zero_grad; LocalScheduler
@@ -60,7 +86,7 @@ class DynamicAllocationCallback(TrainerCallback):
         self.allocator.step()
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if state.is_world_process_zero:
+        if args.should_save:
             folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             os.makedirs(folder, exist_ok=True)
             torch.save(self.allocator.state_dict(), os.path.join(folder, STATE_FILE))
