@@ -38,7 +38,7 @@ RESULTS = Path(__file__).parent / "results"
 VARIANTS: dict[str, dict[str, Any]] = {
     "dynalora": {"dynamic": True},
     "lora": {"dynamic": False},
-    "dynamic-full": {"method": "full", "dynamic": True, "k": "1/3", "state_policy": "reset", "lr": None},
+    "dynamic-full": {"method": "full", "dynamic": True, "k": "1/3", "state_policy": "reset", "lr": None},  # lr 2e-4
     "full": {"method": "full", "dynamic": False, "lr": None},
 }
 KEPT = ("variant", "seed", "invocation", "test", "validation", "median_step_ms", "train_runtime_s",
@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=["dynalora", "lora"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-steps", type=int, default=None, help="shorten every run (smoke test)")
+    parser.add_argument("--lr", type=float, default=None, help="override every variant's learning rate")
     parser.add_argument("--runs-dir", default="runs/bench-quality")
     parser.add_argument("--name", default="quality_rotten_tomatoes")
     ns = parser.parse_args()
@@ -131,7 +132,8 @@ def main() -> None:
     for seed in ns.seeds:
         for variant in ns.variants:
             # replace() re-runs __post_init__, which resolves method-dependent defaults such as lr
-            args = replace(base, seed=seed, output_dir=f"{ns.runs_dir}/{variant}-seed{seed}", **VARIANTS[variant])
+            overrides = VARIANTS[variant] | ({"lr": ns.lr} if ns.lr else {})
+            args = replace(base, seed=seed, output_dir=f"{ns.runs_dir}/{variant}-seed{seed}", **overrides)
             metrics = run(args)
             rows.append({k: v for k, v in {**metrics, "variant": variant, "invocation": invocation,
                                            "lr": args.lr}.items() if k in KEPT})  # fmt: skip
