@@ -138,7 +138,7 @@ def train_step(s: Setup, batch: dict[str, torch.Tensor]) -> float:
     s.optimizer.zero_grad(set_to_none=True)
     if s.allocator is not None:
         s.allocator.step()
-    return float(loss)  # a sync point on CUDA: the step's time is real, not queued
+    return loss.detach().item()  # a sync point on CUDA: the step's time is real, not queued
 
 
 def settle(s: Setup, batch: dict[str, torch.Tensor]) -> None:
