@@ -344,3 +344,18 @@ def test_compare_refuses_an_existing_comparison_and_resolves_lr_per_variant(tiny
     assert main([*argv, "--overwrite"]) == 0
     lrs = {v: json.loads((root / v / "config.json").read_text())["lr"] for v in ("dynamic", "plain")}
     assert lrs == {"dynamic": 2e-4, "plain": 5e-5}
+
+
+def test_evaluating_more_often_does_not_change_training(tiny_model, csv_task, tmp_path):
+    """Dropout is on in the tiny model: an evaluation that touched the global RNG would change the run."""
+    from safetensors.torch import load_file
+
+    weights = []
+    for every in ("1", "0"):
+        out = tmp_path / f"eval{every}"
+        argv = cli_args(tiny_model, csv_task, out)
+        argv[argv.index("--eval-every") + 1] = every
+        assert main(argv) == 0
+        weights.append(load_file(out / "model" / "adapter_model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -358,7 +358,12 @@ def prepare(args: TrainArgs) -> Job:
     )
     eval_loaders = {
         split: DataLoader(
-            _head(tokenized[split], args.max_eval_samples), batch_size=2 * args.batch_size, collate_fn=collator
+            _head(tokenized[split], args.max_eval_samples),
+            batch_size=2 * args.batch_size,
+            collate_fn=collator,
+            # without its own generator, every pass over the loader draws from the global RNG, and
+            # the dropout masks of training would then depend on how often it evaluates
+            generator=torch.Generator().manual_seed(0),
         )
         for split in ("validation", "test")
         if split in tokenized and (split != "test" or data.has_test_labels)
