@@ -12,7 +12,8 @@ not derived from formulas:
     .venv/bin/python benchmarks/cost.py              # ~15 min on 2 CPU cores; run it alone
     .venv/bin/python benchmarks/cost.py --quick      # a smoke run: few configurations, one round
 
-Writes benchmarks/results/cost.{json,md,png} and depth.png.
+Writes benchmarks/results/cost.{json,md,png} and depth.png (--quick: runs/bench-cost-quick/, so a
+smoke run never replaces the committed results).
 """
 
 from __future__ import annotations
@@ -199,8 +200,8 @@ def peak_of(name: str, args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------ report
-def write_results(rows: list[dict[str, Any]], depth: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(rows: list[dict[str, Any]], depth: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
     by = {r["name"]: r for r in rows}
     lora = by["lora"]
     for r in rows + depth:
@@ -239,9 +240,9 @@ def write_results(rows: list[dict[str, Any]], depth: list[dict[str, Any]], meta:
         )
     lines += ["", "## Targets", ""] + targets(by)
     text = "\n".join(lines) + "\n"
-    (RESULTS / "cost.md").write_text(text)
-    (RESULTS / "cost.json").write_text(json.dumps({"meta": meta, "configurations": rows, "depth": depth}, indent=2))
-    plot(rows, depth)
+    (out / "cost.md").write_text(text)
+    (out / "cost.json").write_text(json.dumps({"meta": meta, "configurations": rows, "depth": depth}, indent=2))
+    plot(rows, depth, out)
     return text
 
 
@@ -280,7 +281,7 @@ def targets(by: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
-def plot(rows: list[dict[str, Any]], depth: list[dict[str, Any]]) -> None:
+def plot(rows: list[dict[str, Any]], depth: list[dict[str, Any]], out: Path) -> None:
     from matplotlib.figure import Figure
 
     names = [r["name"] for r in rows]
@@ -297,7 +298,7 @@ def plot(rows: list[dict[str, Any]], depth: list[dict[str, Any]]) -> None:
         left = [a + b for a, b in zip(left, values, strict=True)]
     ax_m.set_xlabel("training memory beyond the weights (MiB, counted)")
     ax_m.legend(loc="lower right")
-    fig.savefig(RESULTS / "cost.png", dpi=110)
+    fig.savefig(out / "cost.png", dpi=110)
 
     fig = Figure(figsize=(6, 3.5), layout="constrained")
     ax = fig.subplots()
@@ -315,7 +316,7 @@ def plot(rows: list[dict[str, Any]], depth: list[dict[str, Any]]) -> None:
     ax.set_xlabel("lowest trained layer d")
     ax.set_ylabel("median step (ms)")
     ax.legend()
-    fig.savefig(RESULTS / "depth.png", dpi=110)
+    fig.savefig(out / "depth.png", dpi=110)
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -329,6 +330,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer configurations, one round, no subprocess peaks")
+    parser.add_argument(
+        "--results-dir", default=None, help="default: benchmarks/results (--quick: runs/bench-cost-quick)"
+    )
     parser.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     from dynalora.cli import _quiet_libraries
@@ -395,7 +399,8 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-    print(write_results(rows, depth, meta))
+    out = Path(args.results_dir or ("runs/bench-cost-quick" if args.quick else RESULTS))
+    print(write_results(rows, depth, meta, out))
 
 
 if __name__ == "__main__":
