@@ -2,6 +2,9 @@
 
 import json
 import os
+import socket
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -12,10 +15,27 @@ from dynalora import DynamicAllocator, DynamicConfig
 from tests import tiny
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _spawn(fn, *args, timeout: float = 180.0) -> None:
+    """mp.spawn with a deadline: a rank that dies must fail the test, never hang the suite."""
+    ctx = mp.start_processes(fn, args=(2, _free_port(), *args), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            raise TimeoutError(f"distributed workers did not finish within {timeout:.0f} s")
+
+
 def _worker(rank: int, world: int, port: int, out: str, synced: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         model = tiny.peft_bert()
         alloc = DynamicAllocator(model, DynamicConfig(k=2, period=2, measure="forward", allocator="topk"))
@@ -31,21 +51,21 @@ def _worker(rank: int, world: int, port: int, out: str, synced: bool) -> None:
         dist.destroy_process_group()
 
 
-def _run(tmp_path, synced: bool, port: int):
+def _run(tmp_path, synced: bool):
     out = str(tmp_path / "rank")
-    mp.spawn(_worker, args=(2, port, out, synced), nprocs=2, join=True)
+    _spawn(_worker, out, synced)
     return [json.load(open(f"{out}.{r}")) for r in range(2)]
 
 
 def test_every_rank_selects_the_same_modules(tmp_path):
-    r0, r1 = _run(tmp_path, synced=True, port=29517)
+    r0, r1 = _run(tmp_path, synced=True)
     assert r0["active"] == r1["active"]
     assert r0["scores"] == r1["scores"]  # averaged over ranks
 
 
 def test_without_sync_ranks_would_disagree(tmp_path):
     """Guards the test above: with these shards, unsynchronised ranks do choose differently."""
-    r0, r1 = _run(tmp_path, synced=False, port=29518)
+    r0, r1 = _run(tmp_path, synced=False)
     assert r0["scores"] != r1["scores"]
     assert r0["active"] != r1["active"]
 
@@ -53,7 +73,7 @@ def test_without_sync_ranks_would_disagree(tmp_path):
 def _ddp_worker(rank: int, world: int, port: int, out: str, defer: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -80,21 +100,21 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, defer: bool) -> None
         dist.destroy_process_group()
 
 
-def _ddp_run(tmp_path, defer: bool, port: int):
+def _ddp_run(tmp_path, defer: bool):
     out = str(tmp_path / "ddp")
-    mp.spawn(_ddp_worker, args=(2, port, out, defer), nprocs=2, join=True)
+    _spawn(_ddp_worker, out, defer)
     weights = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
     steps = json.loads(Path(f"{out}.0.json").read_text())
     return weights, steps
 
 
 def test_ddp_keeps_ranks_identical_when_frozen_modules_are_activated(tmp_path):
-    (w0, w1), steps = _ddp_run(tmp_path, defer=True, port=29519)
+    (w0, w1), steps = _ddp_run(tmp_path, defer=True)
     assert sum(1 for c in steps.values() if c > 0) > 1  # modules frozen at the start did train later
     assert all(torch.equal(w0[n], w1[n]) for n in w0)
 
 
 def test_ddp_diverges_if_modules_are_frozen_before_wrapping(tmp_path):
     """Guards the test above: DDP never syncs what was frozen when it wrapped the model."""
-    (w0, w1), _ = _ddp_run(tmp_path, defer=False, port=29520)
+    (w0, w1), _ = _ddp_run(tmp_path, defer=False)
     assert any(not torch.equal(w0[n], w1[n]) for n in w0)

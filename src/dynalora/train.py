@@ -135,18 +135,10 @@ class TrainArgs:
             self.dynamic_config()  # validate now, before anything is loaded or written
 
     def dynamic_config(self) -> DynamicConfig:
+        # every DynamicConfig field has a flag of the same name; only k needs parsing
+        values = {f.name: getattr(self, f.name) for f in fields(DynamicConfig)} | {"k": parse_k(self.k)}
         try:
-            return DynamicConfig(
-                measure=self.measure,
-                allocator=self.allocator,
-                k=parse_k(self.k),
-                threshold=self.threshold,
-                schedule=self.schedule,
-                period=self.period,
-                optimizer=self.optimizer,
-                state_policy=self.state_policy,
-                seed=self.seed,
-            )
+            return DynamicConfig(**values)
         except ValueError as err:
             raise UsageError(as_flag_message(err)) from None
 
