@@ -17,8 +17,6 @@ from dynalora.errors import UsageError
 
 # Parameters of the task head, trained by every method (they are new, randomly initialised).
 HEAD_NAMES = ("classifier", "score")
-# Dynamic full fine-tuning selects among the linear layers of the numbered blocks by default.
-BLOCK_LINEARS = r".*\.layers?\.\d+\..*"
 
 
 @dataclass(frozen=True)
@@ -81,7 +79,8 @@ def _full(model: nn.Module, opts: MethodOptions) -> Built:
         return model, None
     if opts.targets:
         _check_targets(model, opts.targets)
-    modules = find_linear_modules(model, opts.targets or BLOCK_LINEARS)
+    # default: every linear layer of the numbered blocks (find_linear_modules' own default)
+    modules = find_linear_modules(model, opts.targets) if opts.targets else find_linear_modules(model)
     modules = [m for m in modules if not _is_head(m.name)]
     for name, param in model.named_parameters():
         param.requires_grad_(_is_head(name))
