@@ -8,6 +8,7 @@ dynalora report RUN_DIR [RUN_DIR ...]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import typing
@@ -27,10 +28,10 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainArgs field: name, type, default, choices and help all come from the dataclass."""
-    from dynalora.train import TrainArgs, train_args_fields
+    from dynalora.train import TrainArgs
 
     hints = typing.get_type_hints(TrainArgs)
-    for f in train_args_fields():
+    for f in dataclasses.fields(TrainArgs):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         default = f.default if f.default is not MISSING else None
@@ -62,9 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_args(ns: argparse.Namespace):
-    from dynalora.train import TrainArgs, train_args_fields
+    from dynalora.train import TrainArgs
 
-    return TrainArgs(**{f.name: getattr(ns, f.name) for f in train_args_fields()})
+    return TrainArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)})
 
 
 def _cmd_train(ns: argparse.Namespace) -> int:

@@ -142,11 +142,7 @@ class LocalScheduler:
 # ------------------------------------------------------------------------------------------ state policies
 def _states(optimizer: Optimizer | LocalOptimizer, params: Sequence[nn.Parameter]) -> list[tuple[dict, nn.Parameter]]:
     """The optimizer-state dicts that hold ``params``, with the parameter each belongs to."""
-    inner = (
-        optimizer.optimizers + ([optimizer.extra] if optimizer.extra else [])
-        if isinstance(optimizer, LocalOptimizer)
-        else [optimizer]
-    )
+    inner = optimizer._all() if isinstance(optimizer, LocalOptimizer) else [optimizer]
     return [(opt.state, p) for p in params for opt in inner if p in opt.state]
 
 

@@ -504,7 +504,3 @@ def _write_outputs(out: Path, model, tokenizer, allocator, records, metrics) -> 
     model.save_pretrained(weights)  # PEFT: the adapter (and head) only; full/bitfit: the whole model
     tokenizer.save_pretrained(weights)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-
-
-def train_args_fields() -> list[Any]:
-    return list(fields(TrainArgs))
