@@ -111,6 +111,22 @@ def test_optimizer_container_sums_its_optimizers() -> None:
     assert optimizer_state_bytes(LocalOptimizer([opt1, opt2])) == 1160 + 552
 
 
+def test_optimizer_state_bytes_by_device() -> None:
+    """State moved off the model's device (``offload``) is counted apart; meta stands in for the other device."""
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters())
+    model(_x()).sum().backward()
+    opt.step()
+    first_weight = model[0].weight
+    opt.state[first_weight] = {
+        k: v.to("meta") if v.dim() > 0 else v for k, v in opt.state[first_weight].items()
+    }  # its two moments, 2 x 4 x 16 x 8 bytes
+    moved = 2 * first_weight.numel() * F32
+    assert optimizer_state_bytes(opt, "cpu") == 1712 - moved
+    assert optimizer_state_bytes(opt, torch.device("meta")) > 0  # (meta storages all share address 0)
+    assert optimizer_state_bytes(opt, "cuda") == optimizer_state_bytes(opt, "cuda:1") == 0
+
+
 def test_optimizer_state_bytes_rejects_other_objects() -> None:
     with pytest.raises(TypeError, match="optimizer"):
         optimizer_state_bytes(object())
@@ -203,6 +219,38 @@ def test_peak_memory_rejects_other_devices() -> None:
         PeakMemory("meta")
 
 
+def test_peak_memory_cuda_reads_the_allocator_in_order(monkeypatch) -> None:
+    """The CUDA path without a GPU: the allocator's counters are stood in for, and every call is logged."""
+    calls = []
+    counters = {"allocated": 300, "peak": 900}
+
+    def log(name, result=None):
+        def call(device=None):
+            calls.append((name, torch.device(device)))
+            if name == "reset_peak_memory_stats":
+                counters["peak"] = counters["allocated"]
+            return counters.get(result)
+
+        return call
+
+    monkeypatch.setattr(torch.cuda, "synchronize", log("synchronize"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", log("reset_peak_memory_stats"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", log("memory_allocated", "allocated"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", log("max_memory_allocated", "peak"))
+    with PeakMemory("cuda:1") as peak:
+        counters.update(allocated=500, peak=1_700)  # the region allocates, peaks, frees part
+    dev = torch.device("cuda:1")
+    assert calls == [
+        ("synchronize", dev),  # queued kernels finish before the reset...
+        ("reset_peak_memory_stats", dev),  # ...so an earlier peak cannot leak in
+        ("memory_allocated", dev),
+        ("synchronize", dev),
+        ("max_memory_allocated", dev),
+    ]
+    assert (peak.kind, peak.reset) == ("cuda_max_allocated", True)
+    assert (peak.baseline_bytes, peak.peak_bytes, peak.increase_bytes) == (300, 1_700, 1_400)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_peak_memory_cuda() -> None:
     size = 200 * 10**6
@@ -220,6 +268,7 @@ def test_step_memory_breakdown_mlp_with_loss_fn() -> None:
     assert result["parameters"] == MLP_PARAM_BYTES
     assert result["gradients"] == MLP_PARAM_BYTES  # measured before zero_grad
     assert result["optimizer_state"] == 2 * MLP_PARAM_BYTES + 4 * STEP_BYTES
+    assert result["optimizer_state_host"] == 0  # the model is on the host already
     assert result["saved_activations"] == X_BYTES + HIDDEN_BYTES
     assert result["peak_kind"] == "cpu_peak_rss"
     assert all(p.grad is None for p in model.parameters())  # zero_grad(set_to_none=True) ran

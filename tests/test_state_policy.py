@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from dynalora import DynamicAllocator, DynamicConfig, find_linear_modules
 from dynalora.memory import optimizer_state_bytes
@@ -98,6 +100,86 @@ def test_offload_moves_moments_to_host_and_back():
     alloc.set_active(first)
     assert inner_state(opt, p)["exp_avg"].device.type == "cuda"
     assert torch.equal(inner_state(opt, p)["exp_avg"], before)
+
+
+class FakeCuda:
+    """Parameters on a CUDA device that only exists as metadata (``FakeTensorMode``).
+
+    Lets a CPU-only machine check where ``offload`` puts optimizer state, and that the optimizer
+    still steps: a fake CPU moment next to a fake CUDA parameter raises a device-mismatch error
+    just as real tensors would. Values are not modelled; only shapes, dtypes and devices.
+    """
+
+    def __init__(self, monkeypatch, layers: int = 4, width: int = 8):
+        # Tensor.to("cuda") asks torch.cuda to initialise first, which a CPU build refuses.
+        monkeypatch.setattr(torch.cuda, "_lazy_init", lambda: None)
+        self.mode = FakeTensorMode()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        self.model.head = nn.Linear(width, 2)
+        for module in self.model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                with self.mode:
+                    setattr(module, name, nn.Parameter(torch.empty(p.shape, device="cuda")))
+
+    def step(self, alloc, opt):
+        with self.mode:  # a backward pass, as far as the optimizer can tell
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    p.grad = torch.empty_like(p)
+        opt.step()
+        opt.zero_grad()
+        alloc.step()
+
+
+def moment_devices(opt, params):
+    return {inner_state(opt, p)["exp_avg"].device.type for p in params} | {
+        inner_state(opt, p)["exp_avg_sq"].device.type for p in params
+    }
+
+
+@pytest.mark.parametrize("optimizer", ["global", "local"])
+def test_offload_moves_moments_to_host_while_inactive_on_a_fake_cuda_device(monkeypatch, optimizer):
+    fake = FakeCuda(monkeypatch)
+    modules = find_linear_modules(fake.model, r"layers\.\d+")
+    config = DynamicConfig(k=2, period=10**6, measure="random", state_policy="offload", optimizer=optimizer)
+    alloc = DynamicAllocator(fake.model, config, modules=modules)  # accepted: the parameters are on CUDA
+    opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
+    first = sorted(alloc.active)
+    rest = [n for n in alloc.module_names if n not in first]
+    params = {name: [p for m in alloc.modules if m.name == name for p in m.params] for name in alloc.module_names}
+    first_params = [p for n in first for p in params[n]]
+    fake.step(alloc, opt)
+    assert moment_devices(opt, first_params) == {"cuda"}
+    alloc.set_active(rest)
+    assert moment_devices(opt, first_params) == {"cpu"}
+    steps = [float(inner_state(opt, p)["step"]) for p in first_params]
+    fake.step(alloc, opt)  # inactive host moments sit beside the CUDA step untouched
+    assert [float(inner_state(opt, p)["step"]) for p in first_params] == steps == [1.0] * len(first_params)
+    assert moment_devices(opt, [p for n in rest for p in params[n]]) == {"cuda"}
+    alloc.set_active(first)
+    assert moment_devices(opt, first_params) == {"cuda"}
+    assert moment_devices(opt, [p for n in rest for p in params[n]]) == {"cpu"}
+    fake.step(alloc, opt)  # would raise a device mismatch had any moment stayed on the host
+    assert [float(inner_state(opt, p)["step"]) for p in first_params] == [2.0] * len(first_params)
+
+
+def test_offload_reapplied_after_loading_a_checkpoint_on_a_fake_cuda_device(monkeypatch):
+    fake = FakeCuda(monkeypatch)
+    modules = find_linear_modules(fake.model, r"layers\.\d+")
+    config = DynamicConfig(k=2, period=10**6, measure="random", state_policy="offload")
+    alloc = DynamicAllocator(fake.model, config, modules=modules)
+    opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
+    first = sorted(alloc.active)
+    fake.step(alloc, opt)
+    alloc.set_active([n for n in alloc.module_names if n not in first])
+    fake.step(alloc, opt)
+    opt.load_state_dict(opt.state_dict())  # torch casts every moment to its parameter's device
+    inactive = [p for m in alloc.modules if m.name in first for p in m.params]
+    assert moment_devices(opt, inactive) == {"cuda"}
+    alloc.apply_state_policy()
+    assert moment_devices(opt, inactive) == {"cpu"}
+    assert moment_devices(opt, [p for m in alloc.modules if m.name not in first for p in m.params]) == {"cuda"}
 
 
 def test_dynamic_full_finetuning_trains_selected_linears_only():

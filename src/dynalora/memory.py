@@ -109,7 +109,7 @@ def _optimizer_tensors(optimizer: Any) -> Iterator[torch.Tensor]:
         )
 
 
-def optimizer_state_bytes(optimizer: Any) -> int:
+def optimizer_state_bytes(optimizer: Any, device: torch.device | str | None = None) -> int:
     """Bytes of every tensor in the optimizer state, by distinct storage.
 
     Includes the per-parameter ``step`` tensors (a 0-dim float32 tensor per parameter in
@@ -120,11 +120,21 @@ def optimizer_state_bytes(optimizer: Any) -> int:
         optimizer: anything with a ``state`` dict and ``param_groups`` (a torch optimizer or a
             wrapper that exposes them), or anything with an ``optimizers`` attribute (a list or
             dict of such optimizers, e.g. a per-module "local" optimizer); containers nest.
+        device: count only the tensors on this device (``"cuda"`` matches every CUDA device,
+            ``"cuda:1"`` only that one); ``None`` counts all. State offloaded to the host is then
+            told apart from state in accelerator memory.
 
     Raises:
         TypeError: ``optimizer`` is neither.
     """
-    return _distinct_storage_bytes(_optimizer_tensors(optimizer))
+    tensors = _optimizer_tensors(optimizer)
+    if device is not None:
+        tensors = (t for t in tensors if _on(t, torch.device(device)))
+    return _distinct_storage_bytes(tensors)
+
+
+def _on(t: torch.Tensor, device: torch.device) -> bool:
+    return t.device.type == device.type and (device.index is None or t.device.index in (device.index, None))
 
 
 class SavedActivations:
@@ -345,9 +355,11 @@ def step_memory_breakdown(
         loss_fn: ``loss_fn(output, batch) -> scalar loss`` when the output has no ``.loss``.
 
     Returns:
-        ``parameters``, ``gradients``, ``optimizer_state``, ``saved_activations`` (bytes, distinct
-        storages), ``peak`` and ``peak_baseline`` (bytes, see :class:`PeakMemory`) and
-        ``peak_kind`` (its ``kind``).
+        ``parameters``, ``gradients``, ``optimizer_state`` (on the model's device),
+        ``optimizer_state_host`` (optimizer state elsewhere: moments offloaded to host memory, and
+        torch's CPU ``step`` counters, when the model is on an accelerator; 0 on CPU),
+        ``saved_activations`` (bytes, distinct storages), ``peak`` and ``peak_baseline`` (bytes,
+        see :class:`PeakMemory`) and ``peak_kind`` (its ``kind``).
     """
     device = _model_device(model)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -361,7 +373,8 @@ def step_memory_breakdown(
     breakdown: dict[str, int | str] = {
         "parameters": parameter_bytes(model),
         "gradients": gradient_bytes(model),
-        "optimizer_state": optimizer_state_bytes(optimizer),
+        "optimizer_state": optimizer_state_bytes(optimizer, device),
+        "optimizer_state_host": optimizer_state_bytes(optimizer) - optimizer_state_bytes(optimizer, device),
         "saved_activations": saved.bytes,
         "peak": peak.peak_bytes,
         "peak_baseline": peak.baseline_bytes,
