@@ -1,7 +1,8 @@
 """What dynamic allocation costs and saves: step time and memory by category, side by side.
 
 Every configuration is built in one process on one fixed batch. They are timed in interleaved
-rounds (A B C ... A B C ...) after warm-up, so all of them see the same machine. Memory is measured,
+rounds after warm-up (every configuration once a round, in a new seeded order each round), so all of
+them see the same machine and none is favoured by its place in the round. Memory is measured,
 not derived from formulas:
 - parameter, gradient and optimizer-state bytes are counted from the live tensors;
 - saved activations are the distinct tensors autograd saves for backward;
@@ -22,6 +23,7 @@ import argparse
 import copy
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -153,12 +155,15 @@ def settle(s: Setup, batch: dict[str, torch.Tensor]) -> None:
 
 # ------------------------------------------------------------------------------------------ measurements
 def time_interleaved(setups: list[Setup], batch, rounds: int, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Step times (ms) per configuration: every configuration once per round, in a new order each round
+    (seeded), so that drift and a configuration's place in the round do not favour any of them."""
     for s in setups:
         for _ in range(warmup):
             train_step(s, batch)
     times: dict[str, list[float]] = {s.spec.name: [] for s in setups}
+    order = random.Random(0)
     for r in range(rounds):
-        for s in setups:
+        for s in order.sample(setups, len(setups)):
             for _ in range(steps):
                 t0 = time.perf_counter()
                 train_step(s, batch)
@@ -337,7 +342,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="model id or folder (default: embedded MiniLM-L6)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--steps", type=int, default=2, help="steps per configuration per round")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
