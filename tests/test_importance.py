@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dynalora import DynamicAllocator, DynamicConfig
 from tests import tiny
@@ -185,3 +186,43 @@ def test_activation_checkpointing_recomputation_does_not_count_twice(measure):
         scores.append(alloc.scores())
     plain, checkpointed = scores
     assert checkpointed == pytest.approx(plain, rel=1e-5)
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the ops that make a CUDA stream wait for the host: reading a value (``.item()``,
+    ``bool(tensor)``), or producing a data-dependent shape (``nonzero``, ``masked_select``)."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "is_nonzero", "equal", "unique"}
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name.split("::")[-1] in self.SYNCING:
+            self.ops.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def _host_reads_of_a_step(model, optimizer, allocator, batch):
+    with _HostReads() as reads:
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if allocator is not None:
+            allocator.step()
+    return sorted(reads.ops)
+
+
+@pytest.mark.parametrize("measure", ["forward", "adapter", "gradient", "random"])
+def test_measuring_adds_no_host_reads_to_a_training_step(measure):
+    """The hot path stays on the device: a measured step reads from the device exactly as often as
+    a plain PEFT step (AdamW's own step counters are read on both)."""
+    batch = tiny.batches(1)[0]
+    plain = tiny.peft_bert()
+    plain_opt = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-3)
+    expected = _host_reads_of_a_step(plain, plain_opt, None, batch)
+    model = tiny.peft_bert()
+    alloc = DynamicAllocator(model, DynamicConfig(measure=measure, k=1.0, period=10**6))
+    opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-3)
+    assert _host_reads_of_a_step(model, opt, alloc, batch) == expected
