@@ -38,7 +38,7 @@ RESULTS = Path(__file__).parent / "results"
 VARIANTS: dict[str, dict[str, Any]] = {
     "dynalora": {"dynamic": True},
     "lora": {"dynamic": False},
-    "dynamic-full": {"method": "full", "dynamic": True, "k": "1/3", "state_policy": "reset", "lr": None},  # lr 2e-4
+    "dynamic-full": {"method": "full", "dynamic": True, "k": "1/3", "state_policy": "reset", "lr": None},  # lr 3e-4
     "full": {"method": "full", "dynamic": False, "lr": None},
 }
 KEPT = ("variant", "seed", "invocation", "test", "validation", "median_step_ms", "train_runtime_s",
