@@ -1,5 +1,6 @@
 """Under torch.distributed every rank picks the same modules, though each sees other data."""
 
+import faulthandler
 import json
 import os
 import socket
@@ -33,6 +34,7 @@ def _spawn(fn, *args, timeout: float = 180.0) -> None:
 
 
 def _worker(rank: int, world: int, port: int, out: str, synced: bool) -> None:
+    faulthandler.dump_traceback_later(90, exit=True)  # a hung rank shows where it hangs, then exits
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
@@ -71,6 +73,7 @@ def test_without_sync_ranks_would_disagree(tmp_path):
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str, defer: bool) -> None:
+    faulthandler.dump_traceback_later(90, exit=True)  # a hung rank shows where it hangs, then exits
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
