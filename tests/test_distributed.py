@@ -33,11 +33,16 @@ def _spawn(fn, *args, timeout: float = 180.0) -> None:
             raise TimeoutError(f"distributed workers did not finish within {timeout:.0f} s")
 
 
-def _worker(rank: int, world: int, port: int, out: str, synced: bool) -> None:
+def _join_group(rank: int, world: int, port: int) -> None:
+    """A worker's start: one thread (two ranks share 2 cores), a gloo group, a stack dump if it hangs."""
     faulthandler.dump_traceback_later(90, exit=True)  # a hung rank shows where it hangs, then exits
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+
+
+def _worker(rank: int, world: int, port: int, out: str, synced: bool) -> None:
+    _join_group(rank, world, port)
     try:
         model = tiny.peft_bert()
         alloc = DynamicAllocator(model, DynamicConfig(k=2, period=2, measure="forward", allocator="topk"))
@@ -73,10 +78,7 @@ def test_without_sync_ranks_would_disagree(tmp_path):
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str, defer: bool) -> None:
-    faulthandler.dump_traceback_later(90, exit=True)  # a hung rank shows where it hangs, then exits
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    _join_group(rank, world, port)
     try:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
