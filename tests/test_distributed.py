@@ -1,18 +1,21 @@
 """Under torch.distributed every rank picks the same modules, though each sees other data."""
 
 import faulthandler
+import gc
 import json
 import os
 import socket
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
-from dynalora import DynamicAllocator, DynamicConfig
+from dynalora import DynamicAllocator, DynamicConfig, distributed
 from tests import tiny
 
 
@@ -23,8 +26,9 @@ def _free_port() -> int:
 
 
 def _spawn(fn, *args, timeout: float = 180.0) -> None:
-    """mp.spawn with a deadline: a rank that dies must fail the test, never hang the suite."""
-    ctx = mp.start_processes(fn, args=(2, _free_port(), *args), nprocs=2, join=False, start_method="spawn")
+    """``fn(rank, *args)`` on two ranks (see :func:`_in_group`), with a deadline: a rank that dies
+    must fail the test, never hang the suite."""
+    ctx = mp.start_processes(_in_group, args=(2, _free_port(), fn, *args), nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=max(0.0, deadline - time.monotonic())):
         if time.monotonic() >= deadline:
@@ -33,29 +37,44 @@ def _spawn(fn, *args, timeout: float = 180.0) -> None:
             raise TimeoutError(f"distributed workers did not finish within {timeout:.0f} s")
 
 
-def _join_group(rank: int, world: int, port: int) -> None:
-    """A worker's start: one thread (two ranks share 2 cores), a gloo group, a stack dump if it hangs."""
+def _in_group(rank: int, world: int, port: int, body, *args) -> None:
+    """Run ``body(rank, *args)`` inside a gloo group of ``world`` ranks, then leave the group safely.
+
+    One thread per rank (two ranks share 2 cores), and a stack dump and exit if the rank hangs.
+
+    Teardown order matters. A DDP wrapper's C++ ``Reducer`` holds the process group, and pybind
+    frees the Reducer with the GIL held. If it drops the last reference, ``~ProcessGroupGloo``
+    joins gloo's worker threads under the GIL, while a worker that is still freeing a finished
+    broadcast waits for the GIL to release the tensors' Python objects: a deadlock (stack in the
+    closing note of issue 10). So the body runs in its own frame, its locals (the wrapper among
+    them) are gone when it returns, and the group is destroyed last, by
+    ``destroy_process_group``, whose holder releases the GIL.
+    """
     faulthandler.dump_traceback_later(90, exit=True)  # a hung rank shows where it hangs, then exits
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-
-
-def _worker(rank: int, world: int, port: int, out: str, synced: bool) -> None:
-    _join_group(rank, world, port)
     try:
-        model = tiny.peft_bert()
-        alloc = DynamicAllocator(model, DynamicConfig(k=2, period=2, measure="forward", allocator="topk"))
-        if not synced:  # what the authors' code did: every rank decides alone
-            from dynalora import distributed
-
-            distributed._active = lambda: False
-        opt = alloc.create_optimizer(torch.optim.SGD, lr=0.0)
-        tiny.train(model, alloc, opt, None, tiny.batches(6, seed=100 + rank))  # each rank its own shard
-        with open(f"{out}.{rank}", "w") as f:
-            json.dump({"active": [h["active"] for h in alloc.history], "scores": alloc.history[-1]["scores"]}, f)
+        body(rank, *args)
+    except BaseException as exc:
+        traceback.clear_frames(exc.__traceback__)  # the traceback would keep the body's wrapper alive
+        raise
     finally:
+        gc.collect()
+        leaked = sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
         dist.destroy_process_group()
+        assert not leaked, "a DistributedDataParallel wrapper outlived its worker: it can deadlock teardown"
+
+
+def _worker(rank: int, out: str, synced: bool) -> None:
+    model = tiny.peft_bert()
+    alloc = DynamicAllocator(model, DynamicConfig(k=2, period=2, measure="forward", allocator="topk"))
+    if not synced:  # what the authors' code did: every rank decides alone
+        distributed._active = lambda: False
+    opt = alloc.create_optimizer(torch.optim.SGD, lr=0.0)
+    tiny.train(model, alloc, opt, None, tiny.batches(6, seed=100 + rank))  # each rank its own shard
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"active": [h["active"] for h in alloc.history], "scores": alloc.history[-1]["scores"]}, f)
 
 
 def _run(tmp_path, synced: bool):
@@ -77,32 +96,24 @@ def test_without_sync_ranks_would_disagree(tmp_path):
     assert r0["active"] != r1["active"]
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str, defer: bool) -> None:
-    _join_group(rank, world, port)
-    try:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        from dynalora import distributed
-
-        model = tiny.peft_bert()
-        if not defer:  # freeze before wrapping, as an allocator built without the process group would
-            real = distributed.is_distributed
-            distributed.is_distributed = lambda: False
-        alloc = DynamicAllocator(model, DynamicConfig(k=1, period=2, measure="forward", allocator="random", seed=3))
-        if not defer:
-            distributed.is_distributed = real
-        ddp = DDP(model, find_unused_parameters=True)
-        opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
-        for batch in tiny.batches(8, seed=200 + rank):  # each rank its own shard
-            ddp(**batch).loss.backward()
-            opt.step()
-            opt.zero_grad()
-            alloc.step()
-        torch.save({n: p.detach() for n, p in model.named_parameters()}, f"{out}.{rank}")
-        with open(f"{out}.{rank}.json", "w") as f:
-            json.dump(alloc.active_steps, f)
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank: int, out: str, defer: bool) -> None:
+    model = tiny.peft_bert()
+    if not defer:  # freeze before wrapping, as an allocator built without the process group would
+        real = distributed.is_distributed
+        distributed.is_distributed = lambda: False
+    alloc = DynamicAllocator(model, DynamicConfig(k=1, period=2, measure="forward", allocator="random", seed=3))
+    if not defer:
+        distributed.is_distributed = real
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)
+    opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
+    for batch in tiny.batches(8, seed=200 + rank):  # each rank its own shard
+        ddp(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        alloc.step()
+    torch.save({n: p.detach() for n, p in model.named_parameters()}, f"{out}.{rank}")
+    with open(f"{out}.{rank}.json", "w") as f:
+        json.dump(alloc.active_steps, f)
 
 
 def _ddp_run(tmp_path, defer: bool):
