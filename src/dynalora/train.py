@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 from dynalora.backbones import ADAPTER_METHODS, METHODS, MethodOptions
 from dynalora.config import ALLOCATORS, MEASURES, OPTIMIZERS, SCHEDULES, STATE_POLICIES, DynamicConfig
 from dynalora.controller import DynamicAllocator
-from dynalora.data import TASKS, TaskData, load_task, make_collator, tokenize
+from dynalora.data import DEFAULT_TASK, TASKS, TaskData, load_task, make_collator, resolve_task, tokenize
+from dynalora.data.tasks import TaskSpec, compute_metrics
 from dynalora.errors import UsageError
 from dynalora.memory import PeakMemory
-from dynalora.tasks import TaskSpec, compute_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ RUN_FILES = (
     "metrics.json",
     "log.jsonl",
     "allocations.jsonl",
+    "predictions.json",
     "loss.png",
     "module_activity.png",
     "model",
@@ -57,7 +58,9 @@ class TrainArgs:
     """Everything ``dynalora train`` takes; each field is one ``--flag`` (underscores become dashes)."""
 
     model: str = _opt("Hugging Face model id or local directory", default=DEFAULT_MODEL)
-    task: str = _opt("task to fine-tune on", default="rotten_tomatoes", choices=TASKS)
+    task: str | None = _opt(
+        f"task to fine-tune on (default: custom when --train-file is given, else {DEFAULT_TASK})", choices=TASKS
+    )
     method: str = _opt("fine-tuning method", default="lora", choices=tuple(METHODS))
     targets: str | None = _opt("comma-separated layer names to adapt (default: query,value; full: all block linears)")
     rank: int = _opt("adapter rank r", default=8)
@@ -123,6 +126,7 @@ class TrainArgs:
             raise UsageError(f"--adapter-dropout must be in [0, 1), got {self.adapter_dropout}")
         if not 0 <= self.warmup_ratio < 1:
             raise UsageError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        self.task = resolve_task(self.task, self.train_file)
         if self.bf16 and self.fp16:
             raise UsageError("--bf16 and --fp16 exclude each other; choose one")
         if self.dynamic is None:
@@ -250,7 +254,12 @@ def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 # ------------------------------------------------------------------------------------------ eval
 @torch.no_grad()
 def evaluate(model, loader: DataLoader, spec: TaskSpec, device: torch.device, autocast) -> dict[str, Any]:
-    """Mean loss and the task's metrics over a split. No importance is measured (eval mode, no grad)."""
+    """Mean loss, the task's metrics and the predictions over a split (eval mode, no grad: no importance).
+
+    Returns:
+        ``{"loss": float, "metrics": {name: float}, "predictions": (N,) array, "labels": (N,) array}``;
+        predictions are class ids, or floats for regression.
+    """
     was_training = model.training
     model.eval()
     losses, weights, preds, labels = [], [], [], []
@@ -264,8 +273,14 @@ def evaluate(model, loader: DataLoader, spec: TaskSpec, device: torch.device, au
         preds.append((logits.squeeze(-1) if spec.is_regression else logits.argmax(-1)).cpu().numpy())
         labels.append(batch["labels"].cpu().numpy())
     model.train(was_training)
-    metrics = compute_metrics(spec, np.concatenate(preds), np.concatenate(labels))
-    return {"loss": float(np.average(losses, weights=weights)), "metrics": metrics}
+    predictions, gold = np.concatenate(preds), np.concatenate(labels)
+    metrics = compute_metrics(spec, predictions, gold)
+    return {"loss": float(np.average(losses, weights=weights)), "metrics": metrics, "predictions": predictions,
+            "labels": gold}  # fmt: skip
+
+
+def _eval_record(step: int, split: str, result: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "eval", "step": step, "split": split, "loss": result["loss"], "metrics": result["metrics"]}
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -413,12 +428,13 @@ def train_loop(job: Job) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             due = step == job.num_steps or (args.eval_every and step % args.eval_every == 0)
             if due and "validation" in job.eval_loaders:
                 last_eval = evaluate(model, job.eval_loaders["validation"], job.spec, job.device, job.autocast)
-                records.append({"type": "eval", "step": step, "split": "validation", **last_eval})
+                records.append(_eval_record(step, "validation", last_eval))
             bar.update(1)
             bar.set_postfix(_postfix(loss_value, last_eval, job.spec, allocator), refresh=False)
     bar.close()
     costs = {
         "validation": last_eval.get("metrics", {}),
+        "validation_predictions": last_eval,
         "mean_active_trainable_params": float(np.mean(active_params)),
         "train_runtime_s": sum(step_ms) / 1e3,
         "median_step_ms": statistics.median(step_ms),
@@ -443,11 +459,17 @@ def run(args: TrainArgs) -> dict[str, Any]:
     )  # fmt: skip
 
     records, costs = train_loop(job)
+    final = {"validation": costs.pop("validation_predictions")}
     test = {}
     if "test" in job.eval_loaders:
-        result = evaluate(job.model, job.eval_loaders["test"], job.spec, job.device, job.autocast)
-        records.append({"type": "eval", "step": job.num_steps, "split": "test", **result})
-        test = result["metrics"]
+        final["test"] = evaluate(job.model, job.eval_loaders["test"], job.spec, job.device, job.autocast)
+        records.append(_eval_record(job.num_steps, "test", final["test"]))
+        test = final["test"]["metrics"]
+    predictions = {
+        split: {"predictions": r["predictions"].tolist(), "labels": r["labels"].tolist()}
+        for split, r in final.items()
+        if r
+    }
 
     alloc = job.allocator
     metrics = {
@@ -466,7 +488,8 @@ def run(args: TrainArgs) -> dict[str, Any]:
         "seed": args.seed,
         "device": str(job.device),
     }
-    _write_outputs(out, job.model, job.tokenizer, alloc, records, metrics)
+    (out / "predictions.json").write_text(json.dumps(predictions) + "\n")
+    _write_outputs(out, job.model, job.tokenizer, alloc, records, metrics)  # metrics.json last: the run is done
     return metrics
 
 
