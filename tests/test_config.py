@@ -61,3 +61,26 @@ def test_threshold_ignores_k():
 def test_offload_on_cpu_is_refused_with_the_field_name():
     with pytest.raises(ValueError, match=r"state_policy='offload' needs CUDA"):
         DynamicAllocator(tiny.peft_bert(), DynamicConfig(k=1, state_policy="offload"))
+
+
+def test_paper_preset_is_the_papers_table_1_setting():
+    paper = DynamicConfig.from_preset("paper")
+    assert (paper.measure, paper.allocator, paper.period, paper.optimizer) == (
+        "forward",
+        "discounted_stochastic",
+        50,
+        "global",
+    )
+    assert paper.resolve_k(24) == 16  # 16 of RoBERTa-base's 24 query/value modules
+    assert DynamicConfig.from_preset("paper", period=7).period == 7
+    assert DynamicConfig.from_preset("default") == DynamicConfig()
+    with pytest.raises(ValueError, match="preset='nope' is not supported; allowed: default, paper"):
+        DynamicConfig.from_preset("nope")
+
+
+def test_cli_flags_override_the_preset_and_defaults_live_in_dynamic_config():
+    from dynalora.train import TrainArgs
+
+    assert TrainArgs().dynamic_config() == DynamicConfig()
+    args = TrainArgs(preset="paper", period=10, k="1/2", seed=3)
+    assert args.dynamic_config() == DynamicConfig.from_preset("paper", period=10, k=0.5, seed=3)

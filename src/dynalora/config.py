@@ -101,5 +101,28 @@ class DynamicConfig:
             )
         return self.resolve_k_unchecked(num_modules)
 
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> DynamicConfig:
+        """A preset of :data:`PRESETS` with some fields replaced, e.g. ``from_preset("paper", k=16)``."""
+        _check_choice("preset", name, tuple(PRESETS))
+        return cls(**(PRESETS[name] | overrides))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # The paper's GLUE settings (Table 1): forward importance, discounted stochastic allocation of 16
+    # of 24 modules, reallocated every 50 steps, one global optimizer whose moments survive freezing.
+    "paper": {
+        "measure": "forward",
+        "allocator": "discounted_stochastic",
+        "k": 2 / 3,
+        "schedule": "periodic",
+        "period": 50,
+        "optimizer": "global",
+        "state_policy": "keep",
+    },  # fmt: skip
+}
+"""Named starting points for :class:`DynamicConfig`; ``default`` is the dataclass's own defaults."""

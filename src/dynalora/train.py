@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dynalora.backbones import ADAPTER_METHODS, METHODS, MethodOptions
-from dynalora.config import ALLOCATORS, MEASURES, OPTIMIZERS, SCHEDULES, STATE_POLICIES, DynamicConfig
+from dynalora.config import ALLOCATORS, MEASURES, OPTIMIZERS, PRESETS, SCHEDULES, STATE_POLICIES, DynamicConfig
 from dynalora.controller import DynamicAllocator
 from dynalora.data import DEFAULT_TASK, TASKS, TaskData, load_task, make_collator, resolve_task, tokenize
 from dynalora.data.tasks import TaskSpec, compute_metrics
@@ -49,6 +49,10 @@ RUN_FILES = (
 )
 
 
+_DEFAULTS = DynamicConfig()
+_DEFAULT_K = "2/3" if _DEFAULTS.k == 2 / 3 else str(_DEFAULTS.k)
+
+
 def _opt(help: str, **kw: Any) -> Any:
     return field(default=kw.pop("default", None), metadata={"help": help, **kw})
 
@@ -67,18 +71,27 @@ class TrainArgs:
     alpha: float = _opt("LoRA alpha (scaling = alpha / r)", default=16.0)
     adapter_dropout: float = _opt("dropout on the adapter input", default=0.1)
     dynamic: bool | None = _opt("dynamic allocation (default: on for lora/dora/vera, off for full/bitfit)")
-    measure: str = _opt("importance measure", default="forward", choices=MEASURES)
-    allocator: str = _opt("module allocator", default="discounted_stochastic", choices=ALLOCATORS)
-    k: str = _opt("active modules: an int, a fraction in (0, 1], or a ratio like 2/3", default="2/3")
-    threshold: float = _opt("p of the threshold allocator", default=0.9)
-    schedule: str = _opt("reallocation schedule", default="periodic", choices=SCHEDULES)
-    period: int = _opt("optimizer steps between reallocations (once: the step of the reallocation)", default=50)
-    optimizer: str = _opt(
-        "global or per-module (local) optimizer and LR schedule", default="global", choices=OPTIMIZERS
+    preset: str = _opt(
+        "starting point of the dynamic settings below; each flag given overrides it", default="default",
+        choices=tuple(PRESETS),
+    )  # fmt: skip
+    # The dynamic settings default to None: "the preset's value" (see dynalora.config.PRESETS), so
+    # DynamicConfig alone holds the defaults.
+    measure: str | None = _opt(f"importance measure (default: {_DEFAULTS.measure})", choices=MEASURES)
+    allocator: str | None = _opt(f"module allocator (default: {_DEFAULTS.allocator})", choices=ALLOCATORS)
+    k: str | None = _opt(f"active modules: an int, a fraction in (0, 1], or a ratio like 2/3 (default: {_DEFAULT_K})")
+    threshold: float | None = _opt(f"p of the threshold allocator (default: {_DEFAULTS.threshold})")
+    schedule: str | None = _opt(f"reallocation schedule (default: {_DEFAULTS.schedule})", choices=SCHEDULES)
+    period: int | None = _opt(
+        f"optimizer steps between reallocations (once: the step of the reallocation; default: {_DEFAULTS.period})"
     )
-    state_policy: str = _opt(
-        "optimizer state of deactivated modules: keep, reset, or offload to host memory (CUDA)",
-        default="keep",
+    optimizer: str | None = _opt(
+        f"global or per-module (local) optimizer and LR schedule (default: {_DEFAULTS.optimizer})",
+        choices=OPTIMIZERS,
+    )
+    state_policy: str | None = _opt(
+        "optimizer state of deactivated modules: keep, reset, or offload to host memory (CUDA) "
+        f"(default: {_DEFAULTS.state_policy})",
         choices=STATE_POLICIES,
     )
     lr: float | None = _opt("peak learning rate of AdamW (default: by method, see DEFAULT_LR)")
@@ -109,7 +122,7 @@ class TrainArgs:
 
     def __post_init__(self) -> None:
         for name in ("rank", "batch_size", "max_length", "period"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
@@ -118,7 +131,7 @@ class TrainArgs:
         if self.eval_every < 0:
             raise UsageError(f"--eval-every must be >= 0, got {self.eval_every}")
         for name in ("epochs", "alpha", "weight_decay", "threshold", "warmup_ratio", "adapter_dropout"):
-            if not math.isfinite(getattr(self, name)):
+            if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
                 raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
         if self.epochs <= 0:
             raise UsageError(f"--epochs must be > 0, got {self.epochs}")
@@ -140,10 +153,13 @@ class TrainArgs:
             self.dynamic_config()  # validate now, before anything is loaded or written
 
     def dynamic_config(self) -> DynamicConfig:
-        # every DynamicConfig field has a flag of the same name; only k needs parsing
-        values = {f.name: getattr(self, f.name) for f in fields(DynamicConfig)} | {"k": parse_k(self.k)}
+        """The preset, with every dynamic flag that was given on top (each field has a flag of its name)."""
+        values = {f.name: getattr(self, f.name) for f in fields(DynamicConfig)}
+        values = {name: value for name, value in values.items() if value is not None}
+        if "k" in values:
+            values["k"] = parse_k(values["k"])
         try:
-            return DynamicConfig(**values)
+            return DynamicConfig.from_preset(self.preset, **values)
         except ValueError as err:
             raise UsageError(as_flag_message(err)) from None
 
