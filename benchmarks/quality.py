@@ -39,6 +39,7 @@ from dynalora.cli import _quiet_libraries  # noqa: E402
 from dynalora.train import TrainArgs, run  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+FINDINGS = Path(__file__).parent / "quality_findings.md"  # hand-written, placed under the generated tables
 
 TASKS: dict[str, dict[str, Any]] = {
     # name: TrainArgs overrides. Steps at batch 32 in the comments. Lengths are the shortest at which
@@ -267,6 +268,8 @@ def render(rows: list[dict[str, Any]], summary: dict[str, dict[str, Any]]) -> st
                 f"| {variant} | {task} | {steps[task]} | {e['active_fraction']:.2f} | {e['lr_share_mean']:.2f}"
                 f" | {e['lr_share_min']:.2f} | {ratio} |"
             )
+    if FINDINGS.exists():
+        lines += ["", FINDINGS.read_text().rstrip()]
     return "\n".join(lines) + "\n"
 
 

@@ -79,15 +79,16 @@ def test_trainer_built_optimizer_that_misses_frozen_modules_is_refused(tmp_path)
         t.train()
 
 
-def test_trainer_resume_restores_allocator_state(tmp_path):
-    full, alloc_full = trainer(tmp_path / "full", 8)
+@pytest.mark.parametrize("optimizer", ["global", "local"])
+def test_trainer_resume_restores_allocator_state(tmp_path, optimizer):
+    full, alloc_full = trainer(tmp_path / "full", 8, optimizer)
     full.train()
 
-    first, _ = trainer(tmp_path / "part", 8, save_strategy="steps", save_steps=4)
+    first, _ = trainer(tmp_path / "part", 8, optimizer, save_strategy="steps", save_steps=4)
     first.train()
     assert os.path.exists(tmp_path / "part" / "checkpoint-4" / STATE_FILE)
 
-    resumed, alloc = trainer(tmp_path / "part", 8, save_strategy="steps", save_steps=4)
+    resumed, alloc = trainer(tmp_path / "part", 8, optimizer, save_strategy="steps", save_steps=4)
     resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-4"))
     assert alloc.step_count == 8
     assert [h["active"] for h in alloc.history] == [h["active"] for h in alloc_full.history]
