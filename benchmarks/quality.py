@@ -46,7 +46,7 @@ TASKS: dict[str, dict[str, Any]] = {
     # plain LoRA clearly beats the majority class on every task (at 60 steps, drugreview and debates
     # did not: both methods predicted the majority class or near it).
     "rotten_tomatoes": {"task": "rotten_tomatoes", "max_train_samples": 2400, "epochs": 1.0},  # 75 steps
-    "political": {"task": "political", "epochs": 2.5},  # 1,766 paragraphs, 139 steps
+    "political": {"task": "political", "epochs": 2.5},  # 1,766 paragraphs, 140 steps
     "debates": {"task": "debates", "epochs": 8.0},  # 469 paragraphs, 120 steps
     "drugreview": {"task": "drugreview", "epochs": 10.0},  # 480 reviews, 150 steps
 }

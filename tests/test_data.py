@@ -377,7 +377,7 @@ def test_glue_from_hub_standardises_columns(monkeypatch: pytest.MonkeyPatch) -> 
 def test_task_names() -> None:
     embedded = ("rotten_tomatoes", "political", "debates", "drugreview")
     glue = ("sst2", "mrpc", "cola", "qnli", "rte", "stsb", "mnli", "qqp")
-    assert TASKS == (*embedded, *glue, "custom")
+    assert (*embedded, *glue, "custom") == TASKS
 
 
 # --------------------------------------------------------------------------- tokenize
