@@ -60,6 +60,14 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "old-default": (OLD_DEFAULT, "v0.1 default: forward, discounted stochastic, k 2/3, period 50"),
     "default": ({}, "plain `dynalora train`: today's defaults"),
     "lora": ({"dynamic": False}, "plain PEFT LoRA, the baseline"),
+    # the default over other backbones, against their plain counterparts
+    "vera": ({"method": "vera", "dynamic": False}, "plain PEFT VeRA"),
+    "dynavera": ({"method": "vera"}, "DynaVeRA, today's defaults"),
+    "full": ({"method": "full", "dynamic": False}, "plain full fine-tuning"),
+    "dynamic-full": (
+        {"method": "full", "dynamic": True, "k": "1/3", "state_policy": "reset"},
+        "dynamic full fine-tuning of the 36 block linears, k 1/3, reset, today's defaults",
+    ),  # fmt: skip
     # ablations, each one change against the old default
     "period-10": (OLD_DEFAULT | {"period": 10}, "old default, period 10"),
     "period-20": (OLD_DEFAULT | {"period": 20}, "old default, period 20"),
