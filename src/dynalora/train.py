@@ -449,8 +449,7 @@ def train_loop(job: Job) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             bar.set_postfix(_postfix(loss_value, last_eval, job.spec, allocator), refresh=False)
     bar.close()
     costs = {
-        "validation": last_eval.get("metrics", {}),
-        "validation_predictions": last_eval,
+        "last_validation": last_eval,  # run() keeps its metrics and predictions
         "mean_active_trainable_params": float(np.mean(active_params)),
         "train_runtime_s": sum(step_ms) / 1e3,
         "median_step_ms": statistics.median(step_ms),
@@ -475,7 +474,7 @@ def run(args: TrainArgs) -> dict[str, Any]:
     )  # fmt: skip
 
     records, costs = train_loop(job)
-    final = {"validation": costs.pop("validation_predictions")}
+    final = {"validation": costs.pop("last_validation")}
     test = {}
     if "test" in job.eval_loaders:
         final["test"] = evaluate(job.model, job.eval_loaders["test"], job.spec, job.device, job.autocast)
@@ -493,7 +492,7 @@ def run(args: TrainArgs) -> dict[str, Any]:
         "model": args.model,
         "method": args.method,
         "dynamic": alloc.config.to_dict() | {"k_modules": alloc.k} if alloc else None,
-        "validation": costs.pop("validation"),
+        "validation": final["validation"].get("metrics", {}),
         "test": test,
         "main_metric": job.spec.main_metric,
         "trainable_params": job.num_trainable,

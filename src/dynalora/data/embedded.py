@@ -76,6 +76,15 @@ def _paragraphs(frame: pd.DataFrame, column: str, min_words: int) -> pd.DataFram
     return rows[rows["text"].str.split().str.len() >= min_words].reset_index(drop=True)
 
 
+def _paragraph_task(name: str, documents: pd.DataFrame, column: str, labels: Sequence[str], min_words: int) -> TaskData:
+    """Documents labelled by ``party`` -> one example per paragraph, split 60/15/25 by document."""
+    documents = documents.assign(label=documents["party"].map({n: i for i, n in enumerate(labels)}))
+    rows = _paragraphs(documents, column, min_words).drop_duplicates("text")
+    train, validation, test = _group_split(rows, (0.6, 0.15, 0.25), _SPLIT_SEED)
+    splits = _splits({"train": train, "validation": validation, "test": test})
+    return TaskData(_spec(name, len(labels)), splits, list(labels), True)
+
+
 def _group_split(rows: pd.DataFrame, fractions: Sequence[float], seed: int) -> list[pd.DataFrame]:
     """Split rows into parts by ``group`` (no group in two parts), near ``fractions`` of the rows.
 
@@ -137,11 +146,7 @@ _MIN_WORDS = 8
 
 def _load_political(task: str, opts: _Options) -> TaskData:
     speeches = pd.read_csv(_POLITICAL_FILE.locate(task))
-    speeches = speeches.assign(label=speeches["party"].map({n: i for i, n in enumerate(_POLITICAL_LABELS)}))
-    rows = _paragraphs(speeches, "text", _MIN_WORDS).drop_duplicates("text")
-    train, validation, test = _group_split(rows, (0.6, 0.15, 0.25), _SPLIT_SEED)
-    splits = _splits({"train": train, "validation": validation, "test": test})
-    return TaskData(_spec("political", 2), splits, list(_POLITICAL_LABELS), True)
+    return _paragraph_task(task, speeches, "text", _POLITICAL_LABELS, _MIN_WORDS)
 
 
 # --------------------------------------------------------------------------- 2016 debates
@@ -157,11 +162,7 @@ def _load_debates(task: str, opts: _Options) -> TaskData:
     statements = pd.read_csv(_DEBATES_FILE.locate(task))
     # The moderators have no party; their questions say nothing about who answers them.
     statements = statements[statements["party"].isin(_DEBATES_LABELS)]
-    statements = statements.assign(label=statements["party"].map({n: i for i, n in enumerate(_DEBATES_LABELS)}))
-    rows = _paragraphs(statements, "statement", _DEBATES_MIN_WORDS).drop_duplicates("text")
-    train, validation, test = _group_split(rows, (0.6, 0.15, 0.25), _SPLIT_SEED)
-    splits = _splits({"train": train, "validation": validation, "test": test})
-    return TaskData(_spec("debates", 2), splits, list(_DEBATES_LABELS), True)
+    return _paragraph_task(task, statements, "statement", _DEBATES_LABELS, _DEBATES_MIN_WORDS)
 
 
 # --------------------------------------------------------------------------- drug reviews
