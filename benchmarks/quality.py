@@ -39,7 +39,7 @@ from dynalora.cli import _quiet_libraries  # noqa: E402
 from dynalora.train import TrainArgs, run  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-FINDINGS = Path(__file__).parent / "quality_findings.md"  # hand-written, placed under the generated tables
+# benchmarks/<name>_findings.md, hand-written, is placed under the generated tables of <name>.md
 
 TASKS: dict[str, dict[str, Any]] = {
     # name: TrainArgs overrides. Steps at batch 32 in the comments. Lengths are the shortest at which
@@ -50,6 +50,12 @@ TASKS: dict[str, dict[str, Any]] = {
     "debates": {"task": "debates", "epochs": 8.0},  # 469 paragraphs, 120 steps
     "drugreview": {"task": "drugreview", "epochs": 10.0},  # 480 reviews, 150 steps
 }
+# Not in the suite: one epoch of the whole default task (319 steps), long enough for backbones that
+# need more steps than LoRA (VeRA and full fine-tuning predict the majority class at 75 steps).
+EXTRA_TASKS: dict[str, dict[str, Any]] = {
+    "rotten_tomatoes_epoch": {"task": "rotten_tomatoes", "epochs": 1.0},
+}
+ALL_TASKS = TASKS | EXTRA_TASKS
 
 # The DynamicConfig defaults up to v0.1, spelled out so the row keeps its meaning when defaults change.
 OLD_DEFAULT = {"measure": "forward", "allocator": "discounted_stochastic", "k": "2/3", "period": 50,
@@ -84,6 +90,25 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     ),  # fmt: skip
     "period-10-lr3e-3": (OLD_DEFAULT | {"period": 10, "lr": 3e-3}, "period 10, lr 3e-3 = M/k x LoRA's 2e-3"),
 }
+BASELINES = {"dynavera": "vera", "dynamic-full": "full"}
+"""The plain counterpart each dynamic variant is paired with; every other variant is paired with ``lora``."""
+
+
+def split_variant(name: str) -> tuple[str, float | None]:
+    """``"vera@0.03"`` -> ``("vera", 0.03)``: a variant at another learning rate (for choosing it on validation)."""
+    base, _, lr = name.partition("@")
+    return base, float(lr) if lr else None
+
+
+def variant_name(text: str) -> str:
+    base, lr = split_variant(text)
+    if base not in VARIANTS or (lr is not None and not lr > 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed: {', '.join(VARIANTS)}, optionally @LR (e.g. vera@0.03)")
+    return text
+
+
+def baseline_of(variant: str) -> str:
+    return BASELINES.get(split_variant(variant)[0], "lora")
 
 
 # ------------------------------------------------------------------------------------------ one run
@@ -111,7 +136,8 @@ def _lr_shares(run_dir: Path, module_names: list[str]) -> np.ndarray:
 
 
 def run_one(variant: str, task: str, seed: int, ns: argparse.Namespace) -> dict[str, Any]:
-    overrides = VARIANTS[variant][0] | TASKS[task]
+    base, lr = split_variant(variant)
+    overrides = VARIANTS[base][0] | ALL_TASKS[task] | ({"lr": lr} if lr else {})
     if ns.max_steps:
         overrides = overrides | {"max_steps": ns.max_steps}
     out = Path(ns.runs_dir) / f"{variant}-{task}-seed{seed}"
@@ -167,13 +193,14 @@ def paired_gap(
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per variant and task: accuracy mean/std, paired gaps to LoRA (seeds LoRA also has), cost figures."""
+    """Per variant and task: accuracy mean/std, paired gaps to the variant's baseline (:data:`BASELINES`;
+    on the seeds the baseline also has), cost figures."""
     summary: dict[str, dict[str, Any]] = {}
     for variant in dict.fromkeys(r["variant"] for r in rows):
         per_task = {}
-        for task in TASKS:
+        for task in _tasks(rows):
             runs = [r for r in rows if r["variant"] == variant and r["task"] == task]
-            lora = {r["seed"]: r for r in rows if r["variant"] == "lora" and r["task"] == task}
+            lora = {r["seed"]: r for r in rows if r["variant"] == baseline_of(variant) and r["task"] == task}
             paired = [r for r in runs if r["seed"] in lora]
             if not runs:
                 continue
@@ -185,7 +212,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 "validation_mean": statistics.mean(r["validation"] for r in runs),
                 "median_step_ms": statistics.median(r["median_step_ms"] for r in runs),
             }
-            if variant != "lora" and paired:
+            if variant != baseline_of(variant) and paired:
                 base = [lora[r["seed"]] for r in paired]
                 entry["test_gap"] = paired_gap(paired, base, "test")
                 entry["validation_gap"] = paired_gap(paired, base, "validation")
@@ -207,53 +234,69 @@ def _gap(entry: dict[str, Any], key: str) -> str:
     return f"{g:+.1f} [{lo:+.1f}, {hi:+.1f}]"
 
 
-def _mean_gap(per_task: dict[str, Any], key: str) -> float | None:
-    gaps = [e[key][0] for e in per_task.values() if key in e]
-    return statistics.mean(gaps) if len(gaps) == len(TASKS) else None
+def _tasks(rows: list[dict[str, Any]]) -> list[str]:
+    present = {r["task"] for r in rows}
+    return [t for t in ALL_TASKS if t in present]
 
 
-def render(rows: list[dict[str, Any]], summary: dict[str, dict[str, Any]]) -> str:
-    tasks = list(TASKS)
+def _mean_gap(per_task: dict[str, Any], key: str, tasks: list[str]) -> float | None:
+    gaps = [per_task[t][key][0] for t in tasks if key in per_task.get(t, {})]
+    return statistics.mean(gaps) if len(gaps) == len(tasks) else None
+
+
+def _describe(variant: str) -> str:
+    base, lr = split_variant(variant)
+    what = VARIANTS.get(base, ({}, ""))[1]
+    return f"{what}; lr {lr:g}" if lr else what
+
+
+def render(rows: list[dict[str, Any]], summary: dict[str, dict[str, Any]], findings: Path | None = None) -> str:
+    tasks = _tasks(rows)
     lines = [
-        "# Quality suite: dynamic allocation vs plain LoRA (MiniLM-L6, 4 embedded tasks)",
+        f"# Quality suite: dynamic allocation vs its plain counterpart (MiniLM-L6, {', '.join(tasks)})",
         "",
-        "Accuracy gap to plain LoRA in points, paired by seed and example, with its 95% bootstrap interval"
+        "Accuracy gap to the plain counterpart in points (DynaVeRA: VeRA, dynamic full: full fine-tuning,"
+        " every other row: LoRA), paired by seed and example, with its 95% bootstrap interval"
         " (seeds and examples resampled). Generated by `benchmarks/quality.py`; choices use the validation"
         " gaps, the test gaps are the report.",
         "",
-        "## Test gap to LoRA",
+        "## Test gap to the baseline",
         "",
-        "| variant | what it changes | seeds | " + " | ".join(tasks) + " | mean gap | worst task | active modules |",
-        "|---|---|---|" + "---:|" * len(tasks) + "---:|---:|---:|",
+        "| variant | what it changes | baseline | seeds | "
+        + " | ".join(tasks)
+        + " | mean gap | worst task | active modules |",
+        "|---|---|---|---|" + "---:|" * len(tasks) + "---:|---:|---:|",
     ]
     for variant, per_task in summary.items():
-        if variant == "lora":
+        if variant == baseline_of(variant):
             continue
         seeds = sorted({s for e in per_task.values() for s in e["seeds"]})
-        mean = _mean_gap(per_task, "test_gap")
+        mean = _mean_gap(per_task, "test_gap", tasks)
         worst = min((e["test_gap"][0] for e in per_task.values() if "test_gap" in e), default=None)
         active = [e["active_fraction"] for e in per_task.values() if "active_fraction" in e]
         cells = [_gap(per_task.get(t, {}), "test_gap") for t in tasks]
         lines.append(
-            f"| {variant} | {VARIANTS.get(variant, ({}, ''))[1]} | {','.join(map(str, seeds))} | "
+            f"| {variant} | {_describe(variant)} | {baseline_of(variant)} | {','.join(map(str, seeds))} | "
             + " | ".join(cells)
             + f" | {'' if mean is None else f'{mean:+.2f}'} | {'' if worst is None else f'{worst:+.1f}'}"
             f" | {f'{statistics.mean(active):.2f}' if active else ''} |"
         )
-    lines += ["", "## Validation gap to LoRA (what choices are made on)", ""]
+    lines += ["", "## Validation gap to the baseline (what choices are made on)", ""]
     lines += ["| variant | " + " | ".join(tasks) + " | mean gap |", "|---|" + "---:|" * (len(tasks) + 1)]
     for variant, per_task in summary.items():
-        if variant == "lora":
+        if variant == baseline_of(variant):
             continue
-        mean = _mean_gap(per_task, "validation_gap")
+        mean = _mean_gap(per_task, "validation_gap", tasks)
         cells = [_gap(per_task.get(t, {}), "validation_gap") for t in tasks]
         lines.append(f"| {variant} | " + " | ".join(cells) + f" | {'' if mean is None else f'{mean:+.2f}'} |")
     lines += ["", "## Accuracy (mean ± std over seeds)", ""]
-    lines += ["| variant | " + " | ".join(f"{t} test" for t in tasks) + " |", "|---|" + "---:|" * len(tasks)]
+    lines += ["| variant | " + " | ".join(f"{t} test (validation)" for t in tasks) + " |",
+              "|---|" + "---:|" * len(tasks)]  # fmt: skip
     for variant, per_task in summary.items():
         cells = [
-            f"{per_task[t]['test_mean']:.4f} ± {per_task[t]['test_std']:.4f}" if t in per_task else "" for t in tasks
-        ]
+            f"{per_task[t]['test_mean']:.4f} ± {per_task[t]['test_std']:.4f} ({per_task[t]['validation_mean']:.4f})"
+            if t in per_task else "" for t in tasks
+        ]  # fmt: skip
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -276,16 +319,22 @@ def render(rows: list[dict[str, Any]], summary: dict[str, dict[str, Any]]) -> st
                 f"| {variant} | {task} | {steps[task]} | {e['active_fraction']:.2f} | {e['lr_share_mean']:.2f}"
                 f" | {e['lr_share_min']:.2f} | {ratio} |"
             )
-    if FINDINGS.exists():
-        lines += ["", FINDINGS.read_text().rstrip()]
+    if findings is not None and findings.exists():
+        lines += ["", findings.read_text().rstrip()]
     return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------ main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", nargs="+", choices=tuple(VARIANTS), default=["old-default", "default", "lora"])
-    parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), default=list(TASKS))
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        type=variant_name,
+        default=["old-default", "default", "lora"],
+        help=f"any of {', '.join(VARIANTS)}; NAME@LR runs it at another learning rate",
+    )
+    parser.add_argument("--tasks", nargs="+", choices=tuple(ALL_TASKS), default=list(TASKS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true", help="seed 0 only")
     parser.add_argument("--max-steps", type=int, default=None, help="shorten every run (smoke test)")
@@ -308,7 +357,7 @@ def main() -> None:
         elapsed = time.monotonic() - started
         print(f"[{i}/{len(todo)}] {variant} {task} seed {seed}: test {row['test']:.4f} "
               f"val {row['validation']:.4f} ({elapsed / 60:.1f} min)", flush=True)  # fmt: skip
-    text = render(rows, summarise(rows))
+    text = render(rows, summarise(rows), Path(__file__).parent / f"{ns.name}_findings.md")
     (RESULTS / f"{ns.name}.md").write_text(text)
     print(text)
 

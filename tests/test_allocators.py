@@ -4,12 +4,15 @@ import pytest
 import torch
 
 from dynalora.allocators import ALLOCATORS, AllocationRequest, normalize, threshold_count
+from dynalora.cost import CostModel
 
 
 def request(importance, k=1, p=0.9, steps=None, seed=0):
     imp = normalize(torch.tensor(importance, dtype=torch.float64))
     steps = torch.zeros(len(importance), dtype=torch.int64) if steps is None else torch.tensor(steps)
-    return AllocationRequest(imp, k, p, steps, torch.Generator().manual_seed(seed))
+    n = len(importance)
+    cost = CostModel(range(n), [1 / n] * n, [1] * n)  # one module per block, for the cost-aware allocator
+    return AllocationRequest(imp, k, p, steps, torch.Generator().manual_seed(seed), cost=cost, round=3)
 
 
 def chosen(mask):

@@ -75,18 +75,53 @@ def find_adapter_modules(model: nn.Module) -> list[AdapterModule]:
     return modules
 
 
-def find_linear_modules(
-    model: nn.Module, targets: Sequence[str] | str = r".*\.layers?\.\d+\..*"
-) -> list[AdapterModule]:
-    """Plain ``nn.Linear`` layers as units of allocation, for dynamic full fine-tuning.
+def find_block_list(model: nn.Module, within: Iterable[nn.Module] | None = None) -> tuple[str, nn.ModuleList] | None:
+    """The model's stack of transformer blocks, found by structure: the ``nn.ModuleList`` holding most
+    of ``within`` (default: most linear layers). BERT: ``encoder.layer``; llama: ``model.layers``;
+    GPT-2: ``transformer.h``. Ties go to the outermost list. ``None`` if no list holds any.
+
+    Returns:
+        ``(dotted name, list)``, with PEFT's ``base_model.model.`` prefix kept (a name in ``model``).
+    """
+    wanted = {id(m) for m in within} if within is not None else None
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, ml in model.named_modules():
+        if not isinstance(ml, nn.ModuleList):
+            continue
+        inside = [m for m in ml.modules() if (id(m) in wanted if wanted is not None else isinstance(m, _LINEAR))]
+        if inside and (best is None or len(inside) > best[0]):
+            best = (len(inside), name, ml)
+    return None if best is None else (best[1], best[2])
+
+
+def _linear_types() -> tuple[type[nn.Module], ...]:
+    try:  # GPT-2's block layers are transformers' Conv1D (a transposed linear), not nn.Linear
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return (nn.Linear,)
+    return (nn.Linear, Conv1D)
+
+
+_LINEAR = _linear_types()
+
+
+def find_linear_modules(model: nn.Module, targets: Sequence[str] | str | None = None) -> list[AdapterModule]:
+    """Plain linear layers (``nn.Linear``, GPT-2's ``Conv1D``) as units of allocation, for dynamic
+    full fine-tuning.
 
     Args:
         model: the model whose linear layers are to be trained.
-        targets: a regular expression that the full module name must match, or a list of name
-            suffixes (``["query", "value"]``) as PEFT's ``target_modules`` takes them. The default
-            matches every linear layer inside numbered transformer blocks.
+        targets: ``None`` (default) for every linear layer inside the transformer blocks
+            (:func:`find_block_list`); a regular expression that the full module name must match;
+            or a list of name suffixes (``["query", "value"]``) as PEFT's ``target_modules`` takes them.
     """
-    if isinstance(targets, str):
+    if targets is None:
+        found = find_block_list(model)
+        prefix = None if found is None else found[0] + "."
+
+        def matches(name: str) -> bool:
+            return prefix is not None and name.startswith(prefix)
+    elif isinstance(targets, str):
         pattern = re.compile(targets)
 
         def matches(name: str) -> bool:
@@ -100,7 +135,7 @@ def find_linear_modules(
     return [
         AdapterModule(name, layer, tuple(p for p in layer.parameters(recurse=False)))
         for name, layer in model.named_modules()
-        if isinstance(layer, nn.Linear) and matches(name)
+        if isinstance(layer, _LINEAR) and matches(name)
     ]
 
 

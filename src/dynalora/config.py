@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MEASURES = ("forward", "adapter", "gradient", "random")
-ALLOCATORS = ("topk", "threshold", "stochastic", "discounted_stochastic", "random")
+ALLOCATORS = ("topk", "threshold", "stochastic", "discounted_stochastic", "random", "cutoff")
 SCHEDULES = ("periodic", "once")
 OPTIMIZERS = ("global", "local")
 STATE_POLICIES = ("keep", "reset", "offload")
@@ -37,7 +37,9 @@ class DynamicConfig:
 
     allocator: str = "discounted_stochastic"
     """Module selection (§3.2): ``topk``, ``threshold``, ``stochastic``, ``discounted_stochastic`` (eq. 3)
-    or ``random`` (k uniformly)."""
+    or ``random`` (k uniformly); or the cost-aware ``cutoff``: every module at or above a cutoff
+    block trains, the cutoff drawn from importance so that the expected backward share is ``budget``
+    (:func:`dynalora.allocators.cutoff`; it ignores ``k``)."""
 
     k: int | float = 2 / 3
     """Number of active modules: an int >= 1, or a float in (0, 1] meaning that fraction of the modules
@@ -46,6 +48,20 @@ class DynamicConfig:
     threshold: float = 0.9
     """p of the ``threshold`` allocator, in (0, 1]: the fewest most important modules whose normalised
     importance (eq. 2) sums to at least p."""
+
+    budget: float = 0.5
+    """``cutoff``: expected share of the transformer blocks' work that backward runs through per step,
+    in (0, 1]; 1 trains every module every step, as LoRA. The step time is about
+    ``f + (1 - f) * budget`` of LoRA's, with f the selection-independent share
+    (:data:`dynalora.cost.FIXED_SHARE`, 0.6 on CPU)."""
+
+    memory_cap: float | None = None
+    """``cutoff``: hard cap on any step's saved activations, as a share of training every module,
+    in (0, 1]; blocks whose training would exceed it never train. ``None``: no cap."""
+
+    coverage: float = 0.2
+    """``cutoff``: the lowest probability with which any block within the cap trains at a
+    reallocation, in [0, 1], so that every block learns even when importance ranks it low."""
 
     schedule: str = "periodic"
     """When to reallocate (§3.3): ``periodic`` every ``period`` optimizer steps, or ``once`` at step ``period``."""
@@ -82,6 +98,20 @@ class DynamicConfig:
             raise ValueError(f"k={k!r} is out of range; allowed: an int >= 1 or a float in (0, 1]")
         if not isinstance(self.threshold, (int, float)) or not (0.0 < self.threshold <= 1.0):
             raise ValueError(f"threshold={self.threshold!r} is out of range; allowed: a number in (0, 1]")
+        for name, low_open in (("budget", True), ("memory_cap", True), ("coverage", False)):
+            value = getattr(self, name)
+            if value is None and name == "memory_cap":
+                continue
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not ((0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0))
+            ):
+                allowed = "a number in (0, 1]" if low_open else "a number in [0, 1]"
+                raise ValueError(
+                    f"{name}={value!r} is out of range; allowed: {allowed}"
+                    + (" or None" if name == "memory_cap" else "")
+                )
         if isinstance(self.period, bool) or not isinstance(self.period, int) or self.period < 1:
             raise ValueError(f"period={self.period!r} is out of range; allowed: an int >= 1")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

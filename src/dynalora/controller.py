@@ -13,8 +13,9 @@ from torch.utils.hooks import RemovableHandle
 
 from dynalora import distributed
 from dynalora.adapters import AdapterModule, find_adapter_modules, other_trainable_params, set_trainable
-from dynalora.allocators import ALLOCATORS, AllocationRequest, initial_count, normalize
+from dynalora.allocators import ALLOCATORS, COST_AWARE, AllocationRequest, initial_count, normalize
 from dynalora.config import DynamicConfig
+from dynalora.cost import CostModel
 from dynalora.importance import MEASURES
 from dynalora.optim import STATE_POLICIES, LocalOptimizer, LocalScheduler
 from dynalora.schedules import SCHEDULES
@@ -28,7 +29,11 @@ class DynamicAllocator:
     Construction discovers the modules, makes the initial selection and freezes the rest. Before
     any importance exists, the initial selection is drawn uniformly at random from the seeded
     generator: k modules (``threshold``: ceil(p * M), what uniform importance would need). The
+    cost-aware ``cutoff`` allocator makes its own first selection, from uniform importance. The
     first reallocation then uses measured importance.
+
+    :attr:`cost` predicts what each selection costs a step (:class:`~dynalora.cost.CostModel`);
+    every entry of :attr:`history` carries its depth, backward share and predicted step ratio.
 
     Call :meth:`step` once per optimizer step, before or after ``zero_grad``.
 
@@ -52,8 +57,10 @@ class DynamicAllocator:
         # Read before freezing anything: what is trainable now and outside the modules stays trainable.
         self._extra = other_trainable_params(model, self.modules)
         num = len(self.modules)
-        # threshold ignores k; any k is then as good as the number of modules
-        self.k = config.resolve_k(num) if config.allocator != "threshold" else min(config.resolve_k_unchecked(num), num)
+        # threshold and cutoff ignore k; any k is then as good as the number of modules
+        ignores_k = config.allocator == "threshold" or config.allocator in COST_AWARE
+        self.k = min(config.resolve_k_unchecked(num), num) if ignores_k else config.resolve_k(num)
+        self.cost = CostModel.from_model(model, self.modules)
         self._state_policy = STATE_POLICIES[config.state_policy]
         if config.state_policy == "offload" and any(p.device.type != "cuda" for m in self.modules for p in m.params):
             raise ValueError("state_policy='offload' needs CUDA parameters; allowed on CPU: keep, reset")
@@ -66,9 +73,12 @@ class DynamicAllocator:
         self._active_steps = torch.zeros(num, dtype=torch.int64)
         self._step = 0
         self.history: list[dict[str, Any]] = []
-        n = initial_count(config.allocator, self.k, config.threshold, num)
-        first = torch.zeros(num, dtype=torch.bool)
-        first[torch.randperm(num, generator=self._generator)[:n]] = True
+        if config.allocator in COST_AWARE:
+            first = self._allocate(self._request(torch.zeros(num)))  # also checks memory_cap against the model
+        else:
+            n = initial_count(config.allocator, self.k, config.threshold, num)
+            first = torch.zeros(num, dtype=torch.bool)
+            first[torch.randperm(num, generator=self._generator)[:n]] = True
         self._deferred: RemovableHandle | None = None
         if distributed.is_distributed():
             # DDP registers only what requires grad when it wraps the model: keep every module
@@ -166,18 +176,25 @@ class DynamicAllocator:
         broadcast, so every rank trains the same modules.
         """
         raw = distributed.mean_over_ranks(self._measure.scores())
-        request = AllocationRequest(
+        mask = distributed.broadcast_mask(self._allocate(self._request(raw)))
+        self._measure.after_reallocation()
+        self._apply(mask, raw)
+        if self._schedule.finished(self._step):
+            self._measure.close()  # nothing will read importance again: stop paying for it
+
+    def _request(self, raw: torch.Tensor) -> AllocationRequest:
+        return AllocationRequest(
             importance=normalize(raw),
             k=self.k,
             threshold=self.config.threshold,
             active_steps=self._active_steps,
             generator=self._generator,
+            cost=self.cost,
+            budget=self.config.budget,
+            memory_cap=self.config.memory_cap,
+            coverage=self.config.coverage,
+            round=len(self.history),
         )
-        mask = distributed.broadcast_mask(self._allocate(request))
-        self._measure.after_reallocation()
-        self._apply(mask, raw)
-        if self._schedule.finished(self._step):
-            self._measure.close()  # nothing will read importance again: stop paying for it
 
     def set_active(self, names: Iterable[str]) -> None:
         """Train exactly these modules from now on: a manual selection (experiments, warm starts).
@@ -219,11 +236,15 @@ class DynamicAllocator:
     def _record(self, mask: torch.Tensor, raw: torch.Tensor | None = None) -> None:
         """Make ``mask`` the selection and log it in the history, without touching the tensors."""
         self._select(mask)
+        cost = self.cost.estimate(mask)
         self.history.append(
             {
                 "step": self._step,
                 "scores": dict(zip(self.module_names, raw.tolist(), strict=True)) if raw is not None else {},
                 "active": [m.name for m in self.modules if m.name in self._active_names],
+                "depth": cost.depth,
+                "backward_share": cost.backward_share,
+                "step_ratio": cost.step_ratio,
             }
         )
         logger.debug("step %d: %d of %d modules active", self._step, len(self._active_names), len(self.modules))

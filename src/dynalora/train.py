@@ -81,6 +81,16 @@ class TrainArgs:
     allocator: str | None = _opt(f"module allocator (default: {_DEFAULTS.allocator})", choices=ALLOCATORS)
     k: str | None = _opt(f"active modules: an int, a fraction in (0, 1], or a ratio like 2/3 (default: {_DEFAULT_K})")
     threshold: float | None = _opt(f"p of the threshold allocator (default: {_DEFAULTS.threshold})")
+    budget: float | None = _opt(
+        "cutoff allocator: expected share of the blocks that backward runs through per step, in (0, 1] "
+        f"(default: {_DEFAULTS.budget})"
+    )
+    memory_cap: float | None = _opt(
+        "cutoff allocator: saved activations of any step at most this share of LoRA's, in (0, 1] (default: no cap)"
+    )
+    coverage: float | None = _opt(
+        f"cutoff allocator: lowest probability that any block trains at a reallocation (default: {_DEFAULTS.coverage})"
+    )
     schedule: str | None = _opt(f"reallocation schedule (default: {_DEFAULTS.schedule})", choices=SCHEDULES)
     period: int | None = _opt(
         f"optimizer steps between reallocations (once: the step of the reallocation; default: {_DEFAULTS.period})"

@@ -1,0 +1,149 @@
+"""What a selection of modules costs a training step, predicted from the model's structure.
+
+Autograd stops backward below the lowest tensor that requires grad: blocks under the lowest active
+module run forward only and save nothing for backward. So a selection's cost is set mostly by its
+*depth*, the lowest transformer block holding an active module, and hardly by how many modules
+above it train (adapters are tiny next to the frozen path backward runs through anyway).
+
+:class:`CostModel` turns that into numbers, per selection (a bool mask over the modules):
+
+- ``backward_share``: the share of the blocks' work that backward passes through, each block
+  weighted by its parameter count (compute and saved activations both grow with it);
+- ``step_ratio``: predicted step time over a step that trains every module,
+  ``fixed_share + (1 - fixed_share) * backward_share``: forward, head, optimizer and data do not
+  depend on the selection;
+- ``activation_share``: predicted saved activations over training every module (the backward share);
+- gradient and optimizer-state bytes of the active modules' tensors, counted exactly.
+
+``benchmarks/cost.py`` checks the predictions against measured step times and counted bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dynalora.adapters import AdapterModule, find_block_list
+
+FIXED_SHARE = 0.6
+"""Share of a LoRA step's time that does not depend on the selection. Fitted to the depth table of
+``benchmarks/results/cost.md`` (MiniLM-L6 on 2 CPU cores, batch 32 x 64): training only blocks
+>= d takes 0.93, 0.86, 0.80, 0.73, 0.67 of the d = 0 step for d = 1..5, and 0.6 + 0.4 (6 - d) / 6
+gives 0.93, 0.87, 0.80, 0.73, 0.67. Other hardware has its own share: pass ``fixed_share``."""
+
+
+def module_blocks(model: nn.Module, modules: Sequence[AdapterModule]) -> tuple[list[int], list[float]]:
+    """The transformer block of each module, and each block's share of the blocks' parameters.
+
+    Blocks are the children of the ``nn.ModuleList`` holding most of the modules
+    (:func:`~dynalora.adapters.find_block_list`), so the index comes from the module tree, for any
+    family. A module outside that list counts as block 0 if it comes before the list in the model
+    (training it needs backward through every block) and as the last block otherwise (the head side).
+    Without any list, all modules are in one block.
+
+    Returns:
+        ``(block index per module, share per block)``; shares sum to 1.
+    """
+    found = find_block_list(model, [m.layer for m in modules])
+    if found is None:
+        return [0] * len(modules), [1.0]
+    list_name, blocks = found
+    # Identify blocks by object, not name: named_modules() visits a shared module once.
+    order = {id(m): i for i, (_, m) in enumerate(model.named_modules(remove_duplicate=False))}
+    owner = {id(sub): b for b, block in enumerate(blocks) for sub in block.modules()}
+    list_position = order[id(blocks)]
+    index = [
+        owner[id(m.layer)] if id(m.layer) in owner else (0 if order[id(m.layer)] < list_position else len(blocks) - 1)
+        for m in modules
+    ]
+    sizes = torch.tensor([sum(p.numel() for p in block.parameters()) for block in blocks], dtype=torch.float64)
+    if sizes.sum() <= 0:
+        sizes = torch.ones(len(blocks), dtype=torch.float64)
+    return index, (sizes / sizes.sum()).tolist()
+
+
+@dataclass(frozen=True)
+class SelectionCost:
+    """Predicted cost of one selection; shares and ratios are relative to training every module."""
+
+    depth: int
+    """Lowest block holding an active module (the number of blocks if none is active)."""
+    backward_share: float
+    step_ratio: float
+    activation_share: float
+    gradient_bytes: int
+    optimizer_bytes: int
+    """Optimizer state of the active modules' tensors (AdamW: two moments per element)."""
+
+
+class CostModel:
+    """Predicts what training a selection of modules costs a step (see the module docstring).
+
+    Args:
+        blocks: block index of each module, shape ``(M,)``.
+        block_share: each block's share of the blocks' work, shape ``(L,)``, summing to 1.
+        module_bytes: bytes of each module's trainable tensors, shape ``(M,)``.
+        fixed_share: share of a step's time that does not depend on the selection.
+        states_per_element: optimizer-state tensors per trained element (AdamW: 2).
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[int],
+        block_share: Sequence[float],
+        module_bytes: Sequence[int],
+        fixed_share: float = FIXED_SHARE,
+        states_per_element: int = 2,
+    ) -> None:
+        self.blocks = torch.as_tensor(list(blocks), dtype=torch.int64)
+        self.block_share = torch.as_tensor(list(block_share), dtype=torch.float64)
+        self.module_bytes = torch.as_tensor(list(module_bytes), dtype=torch.int64)
+        if not 0.0 <= fixed_share < 1.0:
+            raise ValueError(f"fixed_share={fixed_share!r} is out of range; allowed: a number in [0, 1)")
+        if self.blocks.numel() != self.module_bytes.numel():
+            raise ValueError("blocks and module_bytes must have one entry per module")
+        if self.blocks.numel() and (self.blocks.min() < 0 or self.blocks.max() >= self.block_share.numel()):
+            raise ValueError(f"block indices must lie in 0..{self.block_share.numel() - 1}")
+        self.fixed_share = fixed_share
+        self.states_per_element = states_per_element
+        # above[l] = share of blocks l..L-1; above[L] = 0: what backward passes through from depth l
+        tail = torch.flip(torch.cumsum(torch.flip(self.block_share, [0]), 0), [0])
+        self.above = torch.cat([tail, torch.zeros(1, dtype=torch.float64)])
+
+    @classmethod
+    def from_model(
+        cls, model: nn.Module, modules: Sequence[AdapterModule], fixed_share: float = FIXED_SHARE
+    ) -> CostModel:
+        blocks, share = module_blocks(model, modules)
+        sizes = [sum(p.numel() * p.element_size() for p in m.params) for m in modules]
+        return cls(blocks, share, sizes, fixed_share)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_share.numel()
+
+    def depth(self, mask: torch.Tensor) -> int:
+        active = self.blocks[mask]
+        return int(active.min()) if active.numel() else self.num_blocks
+
+    def backward_share(self, mask: torch.Tensor) -> float:
+        return float(self.above[self.depth(mask)])
+
+    def step_ratio(self, mask: torch.Tensor) -> float:
+        return self.fixed_share + (1.0 - self.fixed_share) * self.backward_share(mask)
+
+    def estimate(self, mask: torch.Tensor) -> SelectionCost:
+        """Everything predicted for ``mask`` (bool, shape ``(M,)``)."""
+        share = self.backward_share(mask)
+        grads = int(self.module_bytes[mask].sum())
+        return SelectionCost(
+            depth=self.depth(mask),
+            backward_share=share,
+            step_ratio=self.fixed_share + (1.0 - self.fixed_share) * share,
+            activation_share=share,
+            gradient_bytes=grads,
+            optimizer_bytes=self.states_per_element * grads,
+        )
