@@ -10,8 +10,9 @@ not derived from formulas:
   (CUDA: max_memory_allocated; CPU: peak RSS), so one configuration's freed blocks cannot hide
   another's peak.
 
-    .venv/bin/python benchmarks/cost.py              # ~15 min on 2 CPU cores; run it alone
-    .venv/bin/python benchmarks/cost.py --quick      # a smoke run: few configurations, one round
+    .venv/bin/python benchmarks/cost.py                  # ~30 min on 2 CPU cores; run it alone
+    .venv/bin/python benchmarks/cost.py --section runs   # only the whole runs (~15 min); the rest kept
+    .venv/bin/python benchmarks/cost.py --quick          # a smoke run: few configurations, one round
 
 Writes benchmarks/results/cost.{json,md,png} and depth.png (--quick: runs/bench-cost-quick/, so a
 smoke run never replaces the committed results).
@@ -28,7 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from torch import nn  # noqa: E402
 
 from dynalora import DynamicAllocator, DynamicConfig  # noqa: E402
 from dynalora.backbones import METHODS, MethodOptions  # noqa: E402
+from dynalora.cost import FIXED_SHARE  # noqa: E402
 from dynalora.memory import PeakMemory, step_memory_breakdown  # noqa: E402
 from dynalora.plots import parse_module_name  # noqa: E402
 
@@ -54,6 +56,8 @@ class Spec:
     method: str  # lora | full | bitfit | frozen
     dynamic: DynamicConfig | None = None
     lowest_layer: int | None = None  # depth curve: train only modules in layers >= this
+    targets: tuple[str, ...] | None = None  # None: the method's default (LoRA: query, value)
+    baseline: str = "lora"  # the row of the same interleaving it is divided by
 
 
 @dataclass
@@ -85,7 +89,37 @@ def specs(quick: bool, device: torch.device) -> list[Spec]:
 
 def depth_specs(num_layers: int) -> list[Spec]:
     cfg = DynamicConfig(k=1.0, measure="random", allocator="topk", period=10**9)
-    return [Spec(f"depth {d}", "lora", cfg, lowest_layer=d) for d in range(num_layers)]
+    # plain LoRA in the same interleaving: every depth row is divided by it, not by another call's LoRA
+    return [Spec("lora", "lora")] + [Spec(f"depth {d}", "lora", cfg, lowest_layer=d) for d in range(num_layers)]
+
+
+ALL_LINEAR = ("all-linear",)
+
+
+def run_specs() -> list[Spec]:
+    """Whole runs with real reallocations (each configuration's own period), each with its baseline."""
+    cutoff = {"allocator": "cutoff"}
+    return [
+        Spec("lora", "lora"),
+        Spec("default", "lora", DynamicConfig()),
+        Spec("cutoff budget 0.5", "lora", DynamicConfig(**cutoff, budget=0.5)),
+        Spec("cutoff budget 0.35", "lora", DynamicConfig(**cutoff, budget=0.35)),
+        Spec("discounted k=2/3 gradient", "lora", DynamicConfig(allocator="discounted_stochastic", k=2 / 3)),
+        Spec("memory cap 0.5", "lora", DynamicConfig(**cutoff, memory_cap=0.5)),
+        Spec("all-linear lora", "lora", targets=ALL_LINEAR, baseline="all-linear lora"),
+        Spec("all-linear k=1/3 discounted", "lora", DynamicConfig(allocator="discounted_stochastic", k=1 / 3),
+             targets=ALL_LINEAR, baseline="all-linear lora"),
+        Spec("all-linear cutoff budget 1/3", "lora", DynamicConfig(**cutoff, budget=1 / 3), targets=ALL_LINEAR,
+             baseline="all-linear lora"),
+        Spec("all-linear memory cap 0.5", "lora", DynamicConfig(**cutoff, memory_cap=0.5), targets=ALL_LINEAR,
+             baseline="all-linear lora"),
+        Spec("full", "full", baseline="full"),
+        Spec("dynamic-full k=1/3 reset", "full", DynamicConfig(k=1 / 3, state_policy="reset"), baseline="full"),
+        Spec("dynamic-full cutoff budget 0.35 reset", "full",
+             DynamicConfig(**cutoff, budget=0.35, state_policy="reset"), baseline="full"),
+        Spec("dynamic-full memory cap 0.4 reset", "full",
+             DynamicConfig(**cutoff, memory_cap=0.4, state_policy="reset"), baseline="full"),
+    ]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ set-up
@@ -119,7 +153,7 @@ def build(spec: Spec, base: nn.Module, copy_base: bool = True) -> Setup:
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("classifier"))
     else:
-        options = MethodOptions(None, rank=8, alpha=16.0, dropout=0.1, dynamic=spec.dynamic is not None)
+        options = MethodOptions(spec.targets, rank=8, alpha=16.0, dropout=0.1, dynamic=spec.dynamic is not None)
         model, modules = METHODS[spec.method](model, options)
         if spec.dynamic is not None:
             allocator = DynamicAllocator(model, spec.dynamic, modules=modules)
@@ -172,6 +206,128 @@ def time_interleaved(setups: list[Setup], batch, rounds: int, steps: int, warmup
     return times
 
 
+def with_period(spec: Spec, period: int) -> Spec:
+    return spec if spec.dynamic is None else replace(spec, dynamic=replace(spec.dynamic, period=period))
+
+
+def time_runs(setups: list[Setup], batch, steps: int) -> dict[str, dict[str, list[float]]]:
+    """Whole runs, interleaved by step: step i of every configuration runs before step i + 1 of any,
+    in a new seeded order each step. Each reallocates on its own schedule, so the total covers
+    several selections. Returns per configuration the step times (ms) and the cost model's predicted
+    step ratio of the selection each step trained."""
+    out = {s.spec.name: {"step_ms": [], "predicted_step_ratio": [], "depth": []} for s in setups}
+    order = random.Random(0)
+    for i in range(steps):
+        for s in order.sample(setups, len(setups)):
+            if s.allocator is not None:
+                mask = s.allocator.active_mask
+                out[s.spec.name]["predicted_step_ratio"].append(s.allocator.cost.step_ratio(mask))
+                out[s.spec.name]["depth"].append(s.allocator.cost.depth(mask))
+            t0 = time.perf_counter()
+            train_step(s, batch)
+            out[s.spec.name]["step_ms"].append((time.perf_counter() - t0) * 1e3)
+        if (i + 1) % 10 == 0:
+            print(f"  run step {i + 1}/{steps} done", file=sys.stderr, flush=True)
+    return out
+
+
+def count_run(s: Setup, batch, steps: int) -> list[dict[str, int]]:
+    """Counted bytes of every step of a run: saved activations, gradients, optimizer state."""
+    per_step = []
+    for _ in range(steps):
+        m = step_memory_breakdown(s.model, s.optimizer, batch)
+        if s.allocator is not None:
+            s.allocator.step()
+        per_step.append({k: int(m[k]) for k in ("saved_activations", "gradients", "optimizer_state")})
+    return per_step
+
+
+def measure_runs(base: nn.Module, batch, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Time and count whole runs of :func:`run_specs`; memory in a second, untimed pass on fresh copies."""
+    specs_ = [with_period(sp, args.run_period) for sp in run_specs()]
+    warm = build(Spec("warm-up", "lora"), base)
+    for _ in range(3):  # first steps of the process (allocator caches, thread pools): paid by nobody
+        train_step(warm, batch)
+    del warm
+    setups = [build(sp, base) for sp in specs_]
+    print(f"timing whole runs of {len(setups)} configurations, {args.run_steps} steps", file=sys.stderr)
+    timed = time_runs(setups, batch, args.run_steps)
+    del setups
+    rows = []
+    for sp in specs_:
+        counted = count_run(build(sp, base), batch, args.memory_steps)
+        totals = [sum(step.values()) for step in counted]
+        rows.append(
+            {
+                "name": sp.name,
+                "baseline": sp.baseline,
+                "dynamic": sp.dynamic.to_dict() if sp.dynamic else None,
+                "targets": sp.targets,
+                "total_ms": sum(timed[sp.name]["step_ms"]),
+                **timed[sp.name],
+                "counted": counted,
+                "peak_counted_bytes": max(totals),
+                "mean_counted_bytes": statistics.mean(totals),
+                "peak_saved_activations": max(step["saved_activations"] for step in counted),
+            }
+        )
+        print(f"  counted {sp.name}: peak {max(totals) / MiB:.1f} MiB", file=sys.stderr, flush=True)
+    return rows
+
+
+def render_runs(runs: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    by = {r["name"]: r for r in runs}
+    lines = [
+        "## Whole runs with reallocation, each against its own baseline",
+        "",
+        f"{meta['run_steps']} steps per configuration, interleaved step by step in one process; every dynamic"
+        f" configuration reallocates every {meta['run_period']} steps (its other settings as named), so the"
+        " total covers several selections. Step ratio: total time over the baseline's total. Predicted: the cost"
+        " model's mean over the steps (`dynalora.cost`). Memory: counted bytes (saved activations + gradients +"
+        f" optimizer state) of each of {meta['memory_steps']} steps of a fresh run; peak = the highest step.",
+        "",
+        "| configuration | baseline | step ratio | predicted | mean depth | peak counted (MiB) | x baseline |"
+        " mean counted x baseline | peak saved activations x baseline |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in runs:
+        b = by[r["baseline"]]
+        predicted = f"{statistics.mean(r['predicted_step_ratio']):.3f}" if r["predicted_step_ratio"] else ""
+        depth = f"{statistics.mean(r['depth']):.2f}" if r["depth"] else ""
+        lines.append(
+            f"| {r['name']} | {r['baseline']} | {r['total_ms'] / b['total_ms']:.3f} | {predicted} | {depth}"
+            f" | {r['peak_counted_bytes'] / MiB:,.1f} | {r['peak_counted_bytes'] / b['peak_counted_bytes']:.3f}"
+            f" | {r['mean_counted_bytes'] / b['mean_counted_bytes']:.3f}"
+            f" | {r['peak_saved_activations'] / b['peak_saved_activations']:.3f} |"
+        )
+    return lines
+
+
+def run_targets(runs: list[dict[str, Any]]) -> list[str]:
+    by = {r["name"]: r for r in runs}
+    out = []
+
+    def ratio(name: str, key: str) -> float | None:
+        r = by.get(name)
+        return None if r is None else r[key] / by[r["baseline"]][key]
+
+    def check(label: str, value: float | None, limit: float) -> None:
+        if value is not None:
+            out.append(f"- {label}: {'met' if value <= limit else 'NOT met'} ({value:.3f}, target <= {limit})")
+
+    check("default: whole-run step time <= 0.85 x LoRA (stretch 0.75)", ratio("default", "total_ms"), 0.85)
+    check("default: peak saved activations < LoRA's", ratio("default", "peak_saved_activations"), 0.9999)
+    for name in ("all-linear k=1/3 discounted", "all-linear cutoff budget 1/3"):
+        check(f"{name}: peak counted bytes <= 0.7 x all-linear LoRA", ratio(name, "peak_counted_bytes"), 0.7)
+    check("all-linear memory cap 0.5: peak counted bytes <= 0.5 x all-linear LoRA",
+          ratio("all-linear memory cap 0.5", "peak_counted_bytes"), 0.5)  # fmt: skip
+    for name in ("dynamic-full k=1/3 reset", "dynamic-full cutoff budget 0.35 reset",
+                 "dynamic-full memory cap 0.4 reset"):  # fmt: skip
+        check(f"{name}: mean counted bytes <= 0.4 x full", ratio(name, "mean_counted_bytes"), 0.4)
+        check(f"{name}: peak counted bytes <= 0.4 x full", ratio(name, "peak_counted_bytes"), 0.4)
+    return out
+
+
 def embeddings_need_grad(s: Setup, batch) -> bool:
     """Whether backward reaches the embeddings (it must not unless something trains there)."""
     seen = []
@@ -207,12 +363,22 @@ def peak_of(name: str, args: argparse.Namespace) -> None:
 
 
 # ------------------------------------------------------------------------------------------ report
-def write_results(rows: list[dict[str, Any]], depth: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> str:
+def write_results(
+    rows: list[dict[str, Any]],
+    depth: list[dict[str, Any]],
+    runs: list[dict[str, Any]],
+    meta: dict[str, Any],
+    out: Path,
+) -> str:
     out.mkdir(parents=True, exist_ok=True)
     by = {r["name"]: r for r in rows}
     lora = by["lora"]
-    for r in rows + depth:
+    for r in rows:
         r["ratio_to_lora"] = r["median_step_ms"] / lora["median_step_ms"]
+    depth_lora = next(r for r in depth if r["lowest_layer"] is None)  # timed in the depth rows' own interleaving
+    for r in depth:
+        r["ratio_to_lora"] = r["median_step_ms"] / depth_lora["median_step_ms"]
+    depth = [r for r in depth if r["lowest_layer"] is not None]
 
     def mib(x: float | None) -> str:
         return "n/a" if x is None else f"{x / MiB:,.1f}"
@@ -243,17 +409,28 @@ def write_results(rows: list[dict[str, Any]], depth: list[dict[str, Any]], meta:
         )
     lines += ["", "## Step time against the lowest trained layer (LoRA q,v; modules in layers >= d trained)", ""]
     lines += [
-        "| lowest trained layer | median step (ms) | x LoRA | backward reaches embeddings |",
-        "|---:|---:|---:|---|",
+        f"Plain LoRA is timed in the same interleaving ({depth_lora['median_step_ms']:.1f} ms), and every row is"
+        " divided by it. Predicted: the cost model (`dynalora.cost`, fixed share"
+        f" {meta.get('fixed_share', FIXED_SHARE)}).",
+        "",
+        "| lowest trained layer | median step (ms) | x LoRA | predicted | backward reaches embeddings |",
+        "|---:|---:|---:|---:|---|",
     ]
     for r in depth:
+        predicted = f"{r['predicted_step_ratio']:.3f}" if "predicted_step_ratio" in r else ""
         lines.append(
-            f"| {r['lowest_layer']} | {r['median_step_ms']:.1f} | {r['ratio_to_lora']:.3f} | {r['embeddings_grad']} |"
+            f"| {r['lowest_layer']} | {r['median_step_ms']:.1f} | {r['ratio_to_lora']:.3f} | {predicted}"
+            f" | {r['embeddings_grad']} |"
         )
-    lines += ["", "## Targets", ""] + targets(by)
+    if runs:
+        lines += [""] + render_runs(runs, meta)
+    lines += ["", "## Targets", ""] + targets(by) + run_targets(runs)
     text = "\n".join(lines) + "\n"
     (out / "cost.md").write_text(text)
-    (out / "cost.json").write_text(json.dumps({"meta": meta, "configurations": rows, "depth": depth}, indent=2))
+    depth_all = [depth_lora] + depth
+    (out / "cost.json").write_text(
+        json.dumps({"meta": meta, "configurations": rows, "depth": depth_all, "runs": runs}, indent=2)
+    )
     plot(rows, depth, out)
     return text
 
@@ -350,6 +527,22 @@ def main() -> None:
     parser.add_argument(
         "--results-dir", default=None, help="default: benchmarks/results (--quick: runs/bench-cost-quick)"
     )
+    parser.add_argument(
+        "--section",
+        nargs="+",
+        choices=("steps", "depth", "runs"),
+        default=["steps", "depth", "runs"],
+        help="what to measure; the others are kept from the existing cost.json",
+    )
+    parser.add_argument("--run-steps", type=int, default=60, help="steps of each whole run")
+    parser.add_argument(
+        "--run-period",
+        type=int,
+        default=5,
+        help="reallocation period of the whole runs (a selection's cost does not depend on it;"
+        " a short one covers more selections in fewer steps)",
+    )
+    parser.add_argument("--memory-steps", type=int, default=12, help="counted steps of each run's memory pass")
     parser.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     from dynalora.cli import _quiet_libraries
@@ -362,9 +555,32 @@ def main() -> None:
     device = torch.device(args.device)
     tokenizer, base = load_base(args.model, device)
     batch = fixed_batch(tokenizer, args.batch_size, args.max_length, device)
-    num_layers = base.config.num_hidden_layers
+    out = Path(args.results_dir or ("runs/bench-cost-quick" if args.quick else RESULTS))
+    previous = json.loads((out / "cost.json").read_text()) if (out / "cost.json").exists() else {}
+    meta = previous.get("meta", {}) | {
+        "model": args.model or "embedded MiniLM-L6",
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    rows, depth, runs = previous.get("configurations"), previous.get("depth"), previous.get("runs", [])
+    if "steps" in args.section or rows is None:
+        rows = measure_steps(base, batch, args)
+        meta |= {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup}
+    if "depth" in args.section or depth is None:
+        depth = measure_depth(base, batch, args)
+        meta |= {"fixed_share": FIXED_SHARE}
+    if "runs" in args.section:
+        runs = measure_runs(base, batch, args)
+        meta |= {"run_steps": args.run_steps, "run_period": args.run_period, "memory_steps": args.memory_steps}
+    print(write_results(rows, depth, runs, meta, out))
 
-    all_specs = specs(args.quick, device)
+
+def measure_steps(base: nn.Module, batch, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The per-selection table: median step of a fixed selection, memory by category, peak per process."""
+    all_specs = specs(args.quick, torch.device(args.device))
     setups = [build(s, base) for s in all_specs]
     print(f"memory of {len(setups)} configurations", file=sys.stderr)
     memory = {}
@@ -377,20 +593,6 @@ def main() -> None:
     print(f"timing {len(setups)} configurations", file=sys.stderr)
     times = time_interleaved(setups, batch, args.rounds, args.steps, args.warmup)
     del setups
-
-    depth_setups = [build(s, base) for s in depth_specs(num_layers)]
-    depth_times = time_interleaved(depth_setups, batch, args.rounds, args.steps, args.warmup)
-    depth = [
-        {
-            "lowest_layer": s.spec.lowest_layer,
-            "median_step_ms": statistics.median(depth_times[s.spec.name]),
-            "embeddings_grad": embeddings_need_grad(s, batch),
-            "active_modules": len(s.allocator.active),
-        }
-        for s in depth_setups
-    ]
-    del depth_setups
-
     rows = []
     for spec in all_specs:
         peak = {} if args.quick else peak_in_subprocess(spec.name, args)
@@ -405,19 +607,29 @@ def main() -> None:
             }
         )
         print(f"  peak of {spec.name}: {peak}", file=sys.stderr, flush=True)
-    meta = {
-        "model": args.model or "embedded MiniLM-L6",
-        "batch_size": args.batch_size,
-        "max_length": args.max_length,
-        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
-        "rounds": args.rounds,
-        "steps": args.steps,
-        "warmup": args.warmup,
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-    out = Path(args.results_dir or ("runs/bench-cost-quick" if args.quick else RESULTS))
-    print(write_results(rows, depth, meta, out))
+    return rows
+
+
+def measure_depth(base: nn.Module, batch, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Median step when only modules in layers >= d train, beside plain LoRA in the same interleaving."""
+    setups = [build(s, base) for s in depth_specs(base.config.num_hidden_layers)]
+    times = time_interleaved(setups, batch, args.rounds, args.steps, args.warmup)
+    return [
+        {
+            "lowest_layer": s.spec.lowest_layer,
+            "median_step_ms": statistics.median(times[s.spec.name]),
+            "embeddings_grad": embeddings_need_grad(s, batch),
+        }
+        | (
+            {
+                "active_modules": len(s.allocator.active),
+                "predicted_step_ratio": s.allocator.cost.step_ratio(s.allocator.active_mask),
+            }
+            if s.allocator is not None
+            else {}
+        )  # fmt: skip
+        for s in setups
+    ]
 
 
 if __name__ == "__main__":

@@ -74,6 +74,17 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         {"method": "full", "dynamic": True, "k": "1/3", "state_policy": "reset"},
         "dynamic full fine-tuning of the 36 block linears, k 1/3, reset, today's defaults",
     ),  # fmt: skip
+    # cost-aware allocation: every module at or above a cutoff block trains (allocators.cutoff)
+    "cutoff-0.5": ({"allocator": "cutoff", "budget": 0.5}, "cutoff allocator, backward budget 0.5, coverage 0.2"),
+    "cutoff-0.35": ({"allocator": "cutoff", "budget": 0.35}, "cutoff allocator, backward budget 0.35"),
+    "cutoff-0.5-uniform": (
+        {"allocator": "cutoff", "budget": 0.5, "measure": "random"},
+        "cutoff allocator, budget 0.5, random scores (no importance)",
+    ),  # fmt: skip
+    "memory-cap-0.5": (
+        {"allocator": "cutoff", "budget": 0.5, "memory_cap": 0.5},
+        "cutoff allocator under a memory cap of 0.5: the top half of the blocks only",
+    ),  # fmt: skip
     # ablations, each one change against the old default
     "period-10": (OLD_DEFAULT | {"period": 10}, "old default, period 10"),
     "period-20": (OLD_DEFAULT | {"period": 20}, "old default, period 20"),

@@ -190,6 +190,22 @@ def test_dynamic_full_finetuning_allocates_block_linears(tiny_model, csv_task, t
     assert m["mean_active_trainable_params"] < m["trainable_params"]
 
 
+def test_cutoff_allocation_over_all_linear_layers(tiny_model, csv_task, tmp_path):
+    out = tmp_path / "cutoff"
+    flags = ("--targets", "all-linear", "--allocator", "cutoff", "--budget", "0.75", "--period", "2")
+    assert main(cli_args(tiny_model, csv_task, out, *flags)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["num_modules"] == 2 * 6  # every linear layer of the 2 blocks; not the pooler, not the head
+    history = [json.loads(line) for line in (out / "allocations.jsonl").read_text().splitlines()]
+    # two blocks of equal size: budget 0.75 = the top block (0.5) + block 0 half the time.
+    # Rounds 0, 1, 2, ...: u = 0, 0.618, 0.236, 0.854, 0.472, 0.090: depth 0 exactly when u < 0.5
+    golden = (5**0.5 - 1) / 2
+    assert [h["depth"] for h in history] == [0 if (t * golden) % 1 < 0.5 else 1 for t in range(len(history))]
+    for h in history:
+        assert len(h["active"]) == (12 if h["depth"] == 0 else 6)
+        assert h["backward_share"] == (1.0 if h["depth"] == 0 else 0.5)
+
+
 def test_regression_on_custom_floats(tiny_model, tmp_path):
     files = {
         s: _write_csv(tmp_path / f"{s}.csv", 32, i, regression=True) for i, s in enumerate(["train", "validation"])
@@ -237,6 +253,11 @@ BAD = {
     "lr not finite": (["--lr", "nan"], "--lr must be a finite number"),
     "epochs not finite": (["--epochs", "inf"], "--epochs must be a finite number"),
     "offload on cpu": (["--state-policy", "offload"], "--state-policy='offload' needs CUDA"),
+    "budget out of range": (["--allocator", "cutoff", "--budget", "0"], "--budget=0.0 is out of range"),
+    "memory cap below the top block": (
+        ["--allocator", "cutoff", "--memory-cap", "0.2"],
+        "--memory-cap=0.2 is below the share of the top block alone (0.500)",
+    ),
 }
 
 

@@ -50,9 +50,20 @@ def _is_head(name: str) -> bool:
     return any(part in HEAD_NAMES for part in name.split("."))
 
 
-def _lora(model: nn.Module, opts: MethodOptions, *, dora: bool = False) -> Built:
-    targets = opts.targets or ("query", "value")
+ALL_LINEAR = "all-linear"
+"""``--targets all-linear``: every linear layer inside the transformer blocks (found by structure)."""
+
+
+def _adapter_targets(model: nn.Module, targets: tuple[str, ...] | None) -> list[str]:
+    if targets == (ALL_LINEAR,):
+        return [m.name for m in find_linear_modules(model)]  # full names: PEFT matches them exactly
+    targets = targets or ("query", "value")
     _check_targets(model, targets)
+    return list(targets)
+
+
+def _lora(model: nn.Module, opts: MethodOptions, *, dora: bool = False) -> Built:
+    targets = _adapter_targets(model, opts.targets)
     config = LoraConfig(
         r=opts.rank,
         lora_alpha=opts.alpha,
@@ -65,8 +76,7 @@ def _lora(model: nn.Module, opts: MethodOptions, *, dora: bool = False) -> Built
 
 
 def _vera(model: nn.Module, opts: MethodOptions) -> Built:
-    targets = opts.targets or ("query", "value")
-    _check_targets(model, targets)
+    targets = _adapter_targets(model, opts.targets)
     config = VeraConfig(r=opts.rank, vera_dropout=opts.dropout, target_modules=list(targets), task_type="SEQ_CLS")
     return get_peft_model(model, config), None
 
@@ -77,10 +87,11 @@ def _full(model: nn.Module, opts: MethodOptions) -> Built:
     if not opts.dynamic:
         model.requires_grad_(True)
         return model, None
-    if opts.targets:
+    if opts.targets and opts.targets != (ALL_LINEAR,):
         _check_targets(model, opts.targets)
-    # default: every linear layer of the numbered blocks (find_linear_modules' own default)
-    modules = find_linear_modules(model, opts.targets) if opts.targets else find_linear_modules(model)
+    # default: every linear layer of the transformer blocks (find_linear_modules' own default)
+    custom = opts.targets and opts.targets != (ALL_LINEAR,)
+    modules = find_linear_modules(model, opts.targets) if custom else find_linear_modules(model)
     modules = [m for m in modules if not _is_head(m.name)]
     for name, param in model.named_parameters():
         param.requires_grad_(_is_head(name))

@@ -66,7 +66,10 @@ class TrainArgs:
         f"task to fine-tune on (default: custom when --train-file is given, else {DEFAULT_TASK})", choices=TASKS
     )
     method: str = _opt("fine-tuning method", default="lora", choices=tuple(METHODS))
-    targets: str | None = _opt("comma-separated layer names to adapt (default: query,value; full: all block linears)")
+    targets: str | None = _opt(
+        "comma-separated layer names to adapt, or all-linear for every linear layer of the blocks "
+        "(default: query,value; full: all-linear)"
+    )
     rank: int = _opt("adapter rank r", default=8)
     alpha: float = _opt("LoRA alpha (scaling = alpha / r)", default=16.0)
     adapter_dropout: float = _opt("dropout on the adapter input", default=0.1)
