@@ -81,9 +81,22 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         {"allocator": "cutoff", "budget": 0.5, "measure": "random"},
         "cutoff allocator, budget 0.5, random scores (no importance)",
     ),  # fmt: skip
+    "cutoff-0.6": ({"allocator": "cutoff", "budget": 0.6}, "cutoff allocator, backward budget 0.6"),
+    "cutoff-0.5-local": (
+        {"allocator": "cutoff", "budget": 0.5, "optimizer": "local"},
+        "cutoff allocator, budget 0.5, local optimisation (a module's LR schedule runs on its own steps)",
+    ),  # fmt: skip
     "memory-cap-0.5": (
         {"allocator": "cutoff", "budget": 0.5, "memory_cap": 0.5},
         "cutoff allocator under a memory cap of 0.5: the top half of the blocks only",
+    ),  # fmt: skip
+    "dynamic-full-cutoff-0.35": (
+        {"method": "full", "dynamic": True, "allocator": "cutoff", "budget": 0.35, "state_policy": "reset"},
+        "dynamic full fine-tuning, cutoff allocator, budget 0.35, reset",
+    ),  # fmt: skip
+    "dynamic-full-cap-0.4": (
+        {"method": "full", "dynamic": True, "allocator": "cutoff", "memory_cap": 0.4, "state_policy": "reset"},
+        "dynamic full fine-tuning under a memory cap of 0.4 (the top blocks only), reset",
     ),  # fmt: skip
     # ablations, each one change against the old default
     "period-10": (OLD_DEFAULT | {"period": 10}, "old default, period 10"),
@@ -101,7 +114,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     ),  # fmt: skip
     "period-10-lr3e-3": (OLD_DEFAULT | {"period": 10, "lr": 3e-3}, "period 10, lr 3e-3 = M/k x LoRA's 2e-3"),
 }
-BASELINES = {"dynavera": "vera", "dynamic-full": "full"}
+BASELINES = {"dynavera": "vera", "dynamic-full": "full", "dynamic-full-cutoff-0.35": "full",
+             "dynamic-full-cap-0.4": "full"}  # fmt: skip
 """The plain counterpart each dynamic variant is paired with; every other variant is paired with ``lora``."""
 
 
