@@ -86,6 +86,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         {"allocator": "cutoff", "budget": 0.5, "optimizer": "local"},
         "cutoff allocator, budget 0.5, local optimisation (a module's LR schedule runs on its own steps)",
     ),  # fmt: skip
+    "cutoff-0.5-linear": (
+        {"allocator": "cutoff", "budget": 0.5, "budget_schedule": "linear"},
+        "cutoff allocator, budget 0.5 spent where the learning rate is high",
+    ),  # fmt: skip
     "memory-cap-0.5": (
         {"allocator": "cutoff", "budget": 0.5, "memory_cap": 0.5},
         "cutoff allocator under a memory cap of 0.5: the top half of the blocks only",

@@ -1,6 +1,7 @@
 """Cost model of a selection and the cost-aware ``cutoff`` allocator, on tiny models."""
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -293,3 +294,32 @@ def test_cutoff_sequence_continues_exactly_after_load_state_dict():
         b.step()
         assert a.active == b.active and a.history[-1]["depth"] == b.history[-1]["depth"]
     assert len({h["depth"] for h in a.history}) > 1  # the sequence moved: the check was not vacuous
+
+
+def test_paced_budget_decays_with_the_run_and_keeps_its_mean():
+    from dynalora.allocators import paced_budget
+
+    values = [paced_budget(0.5, 1 / 6, (i + 0.5) / 1000) for i in range(1000)]
+    assert statistics.mean(values) == pytest.approx(0.5, abs=1e-3)
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False)) and values[-1] == pytest.approx(1 / 6)
+    # unclamped at the top (c < 1), the mean of max(c (1 - t), f) is c/2 + f^2/(2c) = 1/2: c^2 - c + f^2 = 0
+    f = 1 / 6
+    c = (1 + math.sqrt(1 - 4 * f * f)) / 2
+    assert paced_budget(0.5, f, 0.0) == pytest.approx(c, abs=1e-3)
+    assert paced_budget(0.5, f, 0.5) == pytest.approx(c / 2, abs=1e-3)
+    assert paced_budget(1.0, 1 / 6, 0.7) == 1.0  # everything, every step: nothing to pace
+
+
+def test_linear_budget_schedule_trains_deep_early_and_shallow_late():
+    config = DynamicConfig(allocator="cutoff", budget=0.5, period=1, measure="random", budget_schedule="linear")
+    model = peft_bert("lora", layers=3)
+    allocator = DynamicAllocator(model, config)
+    allocator.set_total_steps(200)
+    for _ in range(199):
+        allocator.step()
+    depths = [h["depth"] for h in allocator.history]
+    early, late = depths[1:60], depths[140:]
+    assert statistics.mean(early) < statistics.mean(late)
+    assert late.count(2) / len(late) > 0.9  # little budget is left: mostly the top block only
+    shares = [h["backward_share"] for h in allocator.history[1:]]
+    assert statistics.mean(shares) == pytest.approx(0.5, abs=0.05)

@@ -197,6 +197,34 @@ def training_profile(
     return p
 
 
+def paced_budget(budget: float, floor: float, progress: float) -> float:
+    """The budget of a reallocation at ``progress`` (fraction of the run done) under ``budget_schedule="linear"``.
+
+    Spends the backward budget where the learning rate is high: ``clamp(c * (1 - progress), floor, 1)``
+    with ``c`` chosen so that the mean over the run is ``budget``. With a linearly decaying learning
+    rate, a block trained early gets more of the run's learning-rate sum for the same cost.
+
+    Args:
+        budget: mean backward share over the run, in (0, 1].
+        floor: the least any selection costs (the top block's share).
+        progress: optimizer steps done over the run's total, in [0, 1].
+    """
+    if budget >= 1.0 or budget <= floor:
+        return budget
+    grid = (torch.arange(1000, dtype=torch.float64) + 0.5) / 1000
+
+    def mean(c: float) -> float:
+        return float((c * (1 - grid)).clamp(floor, 1.0).mean())
+
+    lo, hi = 0.0, 2.0
+    while mean(hi) < budget:
+        hi *= 2.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if mean(mid) < budget else (lo, mid)
+    return min(1.0, max(floor, hi * (1.0 - min(max(progress, 0.0), 1.0))))
+
+
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
 
 

@@ -10,6 +10,7 @@ from typing import Any
 MEASURES = ("forward", "adapter", "gradient", "random")
 ALLOCATORS = ("topk", "threshold", "stochastic", "discounted_stochastic", "random", "cutoff")
 SCHEDULES = ("periodic", "once")
+BUDGET_SCHEDULES = ("constant", "linear")
 OPTIMIZERS = ("global", "local")
 STATE_POLICIES = ("keep", "reset", "offload")
 
@@ -55,6 +56,12 @@ class DynamicConfig:
     ``f + (1 - f) * budget`` of LoRA's, with f the selection-independent share
     (:data:`dynalora.cost.FIXED_SHARE`, 0.6 on CPU)."""
 
+    budget_schedule: str = "constant"
+    """``cutoff``: ``constant`` spends ``budget`` evenly over the run; ``linear`` spends it where the
+    learning rate is high, from up to every block early to the top block late, with the same mean
+    (:func:`dynalora.allocators.paced_budget`; needs the run's length: ``create_scheduler`` or
+    :meth:`~dynalora.DynamicAllocator.set_total_steps`)."""
+
     memory_cap: float | None = None
     """``cutoff``: hard cap on any step's saved activations, as a share of training every module,
     in (0, 1]; blocks whose training would exceed it never train. ``None``: no cap."""
@@ -89,6 +96,7 @@ class DynamicConfig:
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("state_policy", self.state_policy, STATE_POLICIES)
+        _check_choice("budget_schedule", self.budget_schedule, BUDGET_SCHEDULES)
         k = self.k
         if isinstance(k, bool) or not isinstance(k, (int, float)):
             raise ValueError(f"k={k!r} is not supported; allowed: an int >= 1 or a float in (0, 1]")

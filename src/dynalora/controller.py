@@ -13,7 +13,7 @@ from torch.utils.hooks import RemovableHandle
 
 from dynalora import distributed
 from dynalora.adapters import AdapterModule, find_adapter_modules, other_trainable_params, set_trainable
-from dynalora.allocators import ALLOCATORS, COST_AWARE, AllocationRequest, initial_count, normalize
+from dynalora.allocators import ALLOCATORS, COST_AWARE, AllocationRequest, initial_count, normalize, paced_budget
 from dynalora.config import DynamicConfig
 from dynalora.cost import CostModel
 from dynalora.importance import MEASURES
@@ -72,6 +72,7 @@ class DynamicAllocator:
         self._mask = torch.zeros(num, dtype=torch.bool)
         self._active_steps = torch.zeros(num, dtype=torch.int64)
         self._step = 0
+        self._total_steps: int | None = None  # the run's length, for budget_schedule="linear"
         self.history: list[dict[str, Any]] = []
         if config.allocator in COST_AWARE:
             first = self._allocate(self._request(torch.zeros(num)))  # also checks memory_cap against the model
@@ -156,9 +157,28 @@ class DynamicAllocator:
         """
         from transformers import get_scheduler
 
+        if kwargs.get("num_training_steps"):
+            self.set_total_steps(int(kwargs["num_training_steps"]))
         if isinstance(optimizer, LocalOptimizer):
             return LocalScheduler(optimizer, lambda opt: get_scheduler(name, opt, **kwargs))
         return get_scheduler(name, optimizer, **kwargs)
+
+    def set_total_steps(self, total: int) -> None:
+        """The run's length in optimizer steps, for ``budget_schedule="linear"`` (``create_scheduler``
+        and the Trainer callback set it)."""
+        if total < 1:
+            raise ValueError(f"total={total!r} is out of range; allowed: an int >= 1")
+        self._total_steps = total
+
+    def _budget(self) -> float:
+        if self.config.budget_schedule == "constant":
+            return self.config.budget
+        if self._total_steps is None:
+            if self._step > 0:  # the first selection trains as deep as allowed whatever the budget
+                logger.warning("budget_schedule='linear' without the run's length: spending the budget evenly")
+            return self.config.budget
+        floor = float(self.cost.above[int(self.cost.blocks.max())]) if self.cost.blocks.numel() else 0.0
+        return paced_budget(self.config.budget, floor, self._step / self._total_steps)
 
     # ----------------------------------------------------------------------------- the step
     def step(self) -> None:
@@ -190,7 +210,7 @@ class DynamicAllocator:
             active_steps=self._active_steps,
             generator=self._generator,
             cost=self.cost,
-            budget=self.config.budget,
+            budget=self._budget(),
             memory_cap=self.config.memory_cap,
             coverage=self.config.coverage,
             round=len(self.history),
@@ -267,6 +287,7 @@ class DynamicAllocator:
             "generator": self._generator.get_state(),
             "measure": self._measure.state_dict(),
             "history": [dict(h) for h in self.history],
+            "total_steps": self._total_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -282,6 +303,7 @@ class DynamicAllocator:
         self._generator.set_state(state["generator"])
         self._measure.load_state_dict(state["measure"])
         self.history = [dict(h) for h in state["history"]]
+        self._total_steps = state.get("total_steps", self._total_steps)
         self._select(state["mask"].clone())
         if self._deferred is None:
             set_trainable(self.modules, self._mask)

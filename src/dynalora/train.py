@@ -19,7 +19,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dynalora.backbones import ADAPTER_METHODS, METHODS, MethodOptions
-from dynalora.config import ALLOCATORS, MEASURES, OPTIMIZERS, PRESETS, SCHEDULES, STATE_POLICIES, DynamicConfig
+from dynalora.config import (
+    ALLOCATORS,
+    BUDGET_SCHEDULES,
+    MEASURES,
+    OPTIMIZERS,
+    PRESETS,
+    SCHEDULES,
+    STATE_POLICIES,
+    DynamicConfig,
+)
 from dynalora.controller import DynamicAllocator
 from dynalora.data import DEFAULT_TASK, TASKS, TaskData, load_task, make_collator, resolve_task, tokenize
 from dynalora.data.tasks import TaskSpec, compute_metrics
@@ -90,6 +99,11 @@ class TrainArgs:
     )
     memory_cap: float | None = _opt(
         "cutoff allocator: saved activations of any step at most this share of LoRA's, in (0, 1] (default: no cap)"
+    )
+    budget_schedule: str | None = _opt(
+        "cutoff allocator: spend the budget evenly (constant) or where the learning rate is high (linear) "
+        f"(default: {_DEFAULTS.budget_schedule})",
+        choices=BUDGET_SCHEDULES,
     )
     coverage: float | None = _opt(
         f"cutoff allocator: lowest probability that any block trains at a reallocation (default: {_DEFAULTS.coverage})"

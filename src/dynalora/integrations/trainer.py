@@ -58,6 +58,8 @@ class DynamicAllocationCallback(TrainerCallback):
                     f"the optimizer leaves out {len(missing)} adapter modules (e.g. {missing[0]}); build it with "
                     "allocator.create_optimizer(...) and pass Trainer(optimizers=(optimizer, scheduler))"
                 )
+        if state.max_steps:
+            self.allocator.set_total_steps(state.max_steps)
         if state.global_step > 0 and self.allocator.step_count != state.global_step:
             self._restore(args, state)
         # Trainer has loaded the optimizer by now, which puts every state tensor back on its
