@@ -27,7 +27,6 @@ import logging
 import os
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -170,8 +169,9 @@ def run_one(variant: str, task: str, seed: int, ns: argparse.Namespace) -> dict[
     if ns.max_steps:
         overrides = overrides | {"max_steps": ns.max_steps}
     out = Path(ns.runs_dir) / f"{variant}-{task}-seed{seed}"
-    # replace() re-runs __post_init__, which resolves method-dependent defaults such as lr
-    args = replace(TrainArgs(eval_every=0, overwrite=True, quiet=True), seed=seed, output_dir=str(out), **overrides)
+    # One construction: __post_init__ resolves method-dependent defaults such as lr from these fields.
+    # (dataclasses.replace() on a default TrainArgs would carry LoRA's resolved lr into every method.)
+    args = TrainArgs(eval_every=0, overwrite=True, quiet=True, seed=seed, output_dir=str(out), **overrides)
     metrics = run(args)
     predictions = json.loads((out / "predictions.json").read_text())
     row: dict[str, Any] = {

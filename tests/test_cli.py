@@ -345,7 +345,7 @@ def test_real_embedded_default_runs_a_few_steps(tmp_path):
 
 @pytest.mark.parametrize(
     ("method", "dynamic", "lr"),
-    [("lora", None, 2e-3), ("vera", None, 1e-2), ("full", None, 5e-5), ("full", True, 3e-4), ("bitfit", None, 1e-3)],
+    [("lora", None, 2e-3), ("vera", None, 3e-2), ("full", None, 5e-5), ("full", True, 3e-4), ("bitfit", None, 1e-3)],
 )
 def test_learning_rate_defaults_by_method(method, dynamic, lr):
     from dynalora.train import TrainArgs
