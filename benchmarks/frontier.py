@@ -21,10 +21,10 @@ RESULTS = Path(__file__).parent / "results"
 COST_RUN = {
     "lora": "lora",
     "default": "default",
-    "cutoff-0.5": "cutoff budget 0.5",
-    "cutoff-0.35": "cutoff budget 0.35",
+    "cutoff-0.5": "cutoff budget 0.5 global",
+    "cutoff-0.35": "cutoff budget 0.35 global",
     "memory-cap-0.5": "memory cap 0.5",
-    "gradient-10": "discounted k=2/3 gradient",
+    "v0.2-default": "v0.2 default: discounted k=2/3 gradient",
 }
 
 

@@ -63,42 +63,81 @@ OLD_DEFAULT = {"measure": "forward", "allocator": "discounted_stochastic", "k": 
 VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     # name: (TrainArgs overrides, what it changes)
     "old-default": (OLD_DEFAULT, "v0.1 default: forward, discounted stochastic, k 2/3, period 50"),
-    "default": ({}, "plain `dynalora train`: today's defaults"),
+    "default": ({}, "plain `dynalora train`: cutoff allocator, budget 0.5, local optimisation, gradient, period 10"),
+    "v0.2-default": (
+        {"measure": "gradient", "allocator": "discounted_stochastic", "k": "2/3", "period": 10, "optimizer": "global"},
+        "v0.2 default: gradient, discounted stochastic, k 2/3, period 10, global",
+    ),  # fmt: skip
     "lora": ({"dynamic": False}, "plain PEFT LoRA, the baseline"),
     # the default over other backbones, against their plain counterparts
     "vera": ({"method": "vera", "dynamic": False}, "plain PEFT VeRA"),
     "dynavera": ({"method": "vera"}, "DynaVeRA, today's defaults"),
     "full": ({"method": "full", "dynamic": False}, "plain full fine-tuning"),
     "dynamic-full": (
-        {"method": "full", "dynamic": True, "k": "1/3", "state_policy": "reset"},
-        "dynamic full fine-tuning of the 36 block linears, k 1/3, reset, today's defaults",
+        {"method": "full", "dynamic": True, "state_policy": "reset"},
+        "dynamic full fine-tuning of the 36 block linears, today's defaults, reset",
+    ),  # fmt: skip
+    "dynamic-full-k1/3": (
+        {
+            "method": "full",
+            "dynamic": True,
+            "allocator": "discounted_stochastic",
+            "k": "1/3",
+            "optimizer": "global",
+            "state_policy": "reset",
+        },
+        "dynamic full fine-tuning, v0.1 setting: discounted stochastic k 1/3, global, reset",
     ),  # fmt: skip
     # cost-aware allocation: every module at or above a cutoff block trains (allocators.cutoff)
-    "cutoff-0.5": ({"allocator": "cutoff", "budget": 0.5}, "cutoff allocator, backward budget 0.5, coverage 0.2"),
-    "cutoff-0.35": ({"allocator": "cutoff", "budget": 0.35}, "cutoff allocator, backward budget 0.35"),
-    "cutoff-0.5-uniform": (
-        {"allocator": "cutoff", "budget": 0.5, "measure": "random"},
-        "cutoff allocator, budget 0.5, random scores (no importance)",
+    # (rows run while `global` was the default optimizer spell it out, so that they keep their meaning)
+    "cutoff-0.5": (
+        {"allocator": "cutoff", "budget": 0.5, "optimizer": "global"},
+        "cutoff allocator, backward budget 0.5, coverage 0.2, global",
     ),  # fmt: skip
-    "cutoff-0.6": ({"allocator": "cutoff", "budget": 0.6}, "cutoff allocator, backward budget 0.6"),
+    "cutoff-0.35": (
+        {"allocator": "cutoff", "budget": 0.35, "optimizer": "global"},
+        "cutoff allocator, backward budget 0.35, global",
+    ),  # fmt: skip
+    "cutoff-0.5-uniform": (
+        {"allocator": "cutoff", "budget": 0.5, "measure": "random", "optimizer": "global"},
+        "cutoff allocator, budget 0.5, random scores (no importance), global",
+    ),  # fmt: skip
+    "cutoff-0.6": (
+        {"allocator": "cutoff", "budget": 0.6, "optimizer": "global"},
+        "cutoff allocator, backward budget 0.6, global",
+    ),  # fmt: skip
     "cutoff-0.5-local": (
         {"allocator": "cutoff", "budget": 0.5, "optimizer": "local"},
         "cutoff allocator, budget 0.5, local optimisation (a module's LR schedule runs on its own steps)",
     ),  # fmt: skip
     "cutoff-0.5-linear": (
-        {"allocator": "cutoff", "budget": 0.5, "budget_schedule": "linear"},
-        "cutoff allocator, budget 0.5 spent where the learning rate is high",
+        {"allocator": "cutoff", "budget": 0.5, "budget_schedule": "linear", "optimizer": "global"},
+        "cutoff allocator, budget 0.5 spent where the learning rate is high, global",
     ),  # fmt: skip
     "memory-cap-0.5": (
         {"allocator": "cutoff", "budget": 0.5, "memory_cap": 0.5},
         "cutoff allocator under a memory cap of 0.5: the top half of the blocks only",
     ),  # fmt: skip
     "dynamic-full-cutoff-0.35": (
-        {"method": "full", "dynamic": True, "allocator": "cutoff", "budget": 0.35, "state_policy": "reset"},
+        {
+            "method": "full",
+            "dynamic": True,
+            "allocator": "cutoff",
+            "budget": 0.35,
+            "state_policy": "reset",
+            "optimizer": "global",
+        },
         "dynamic full fine-tuning, cutoff allocator, budget 0.35, reset",
     ),  # fmt: skip
     "dynamic-full-cap-0.4": (
-        {"method": "full", "dynamic": True, "allocator": "cutoff", "memory_cap": 0.4, "state_policy": "reset"},
+        {
+            "method": "full",
+            "dynamic": True,
+            "allocator": "cutoff",
+            "memory_cap": 0.4,
+            "state_policy": "reset",
+            "optimizer": "global",
+        },
         "dynamic full fine-tuning under a memory cap of 0.4 (the top blocks only), reset",
     ),  # fmt: skip
     # ablations, each one change against the old default
@@ -118,7 +157,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "period-10-lr3e-3": (OLD_DEFAULT | {"period": 10, "lr": 3e-3}, "period 10, lr 3e-3 = M/k x LoRA's 2e-3"),
 }
 BASELINES = {"dynavera": "vera", "dynamic-full": "full", "dynamic-full-cutoff-0.35": "full",
-             "dynamic-full-cap-0.4": "full"}  # fmt: skip
+             "dynamic-full-cap-0.4": "full", "dynamic-full-k1/3": "full"}  # fmt: skip
 """The plain counterpart each dynamic variant is paired with; every other variant is paired with ``lora``."""
 
 

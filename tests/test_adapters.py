@@ -28,7 +28,7 @@ def test_one_module_per_adapted_layer_holding_its_own_tensors(method):
 
 def test_vera_shared_projections_are_never_modules_or_trained():
     model = tiny.peft_bert("vera")
-    alloc = DynamicAllocator(model, DynamicConfig(k=1))
+    alloc = DynamicAllocator(model, DynamicConfig(k=1, allocator="discounted_stochastic", optimizer="global"))
     owned = {id(p) for m in alloc.modules for p in m.params}
     shared = [t for n, t in model.named_buffers() if "vera_A" in n or "vera_B" in n]
     assert shared, "VeRA should hold its shared projections as buffers"
@@ -43,7 +43,7 @@ def test_head_is_always_trained_and_never_a_module(method):
     model = tiny.peft_bert(method)
     head = {n for n, p in model.named_parameters() if p.requires_grad and "classifier" in n}
     assert head
-    alloc = DynamicAllocator(model, DynamicConfig(k=1))
+    alloc = DynamicAllocator(model, DynamicConfig(k=1, allocator="discounted_stochastic", optimizer="global"))
     assert all("classifier" not in name for name in alloc.module_names)
     params = dict(model.named_parameters())
     assert all(params[n].requires_grad for n in head)
@@ -53,7 +53,7 @@ def test_head_is_always_trained_and_never_a_module(method):
 @pytest.mark.parametrize("method", ["lora", "dora", "vera"])
 def test_exactly_active_modules_require_grad(method):
     model = tiny.peft_bert(method)
-    alloc = DynamicAllocator(model, DynamicConfig(k=2, allocator="random", seed=3))
+    alloc = DynamicAllocator(model, DynamicConfig(k=2, allocator="random", seed=3, optimizer="global"))
     for module in alloc.modules:
         on = module.name in alloc.active
         assert all(p.requires_grad == on for p in module.params), module.name
@@ -73,7 +73,7 @@ def test_exactly_active_modules_require_grad(method):
 def test_inactive_modules_get_no_grad_and_stay_bitwise_unchanged(method, make_opt):
     model = tiny.peft_bert(method)
     # period longer than the run: the selection stays fixed
-    alloc = DynamicAllocator(model, DynamicConfig(k=2, allocator="random", period=1000))
+    alloc = DynamicAllocator(model, DynamicConfig(k=2, allocator="random", period=1000, optimizer="global"))
     opt = alloc.create_optimizer(lambda ps, **_: make_opt(ps))
     before = {m.name: [p.detach().clone() for p in m.params] for m in alloc.modules}
     for batch in tiny.batches(4):
@@ -97,7 +97,9 @@ def test_inactive_modules_get_no_grad_and_stay_bitwise_unchanged(method, make_op
 def test_deactivation_drops_leftover_grads():
     """A module frozen after backward but before the step must not be moved by its stale grad."""
     model = tiny.peft_bert()
-    alloc = DynamicAllocator(model, DynamicConfig(k=4, allocator="topk", measure="random", period=1))
+    alloc = DynamicAllocator(
+        model, DynamicConfig(k=4, allocator="topk", measure="random", period=1, optimizer="global")
+    )
     alloc.k = 1  # next reallocation keeps a single module
     model(**tiny.batches(1)[0]).loss.backward()
     alloc.step()  # reallocates before zero_grad

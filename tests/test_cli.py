@@ -179,7 +179,7 @@ def test_other_adapters_run_dynamic(tiny_model, csv_task, tmp_path, method):
 
 def test_dynamic_full_finetuning_allocates_block_linears(tiny_model, csv_task, tmp_path):
     out = tmp_path / "dynfull"
-    flags = ("--method", "full", "--dynamic", "--k", "4", "--state-policy", "reset")
+    flags = ("--method", "full", "--dynamic", "--allocator", "topk", "--k", "4", "--state-policy", "reset")
     assert main(cli_args(tiny_model, csv_task, out, *flags)) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["dynamic"]["state_policy"] == "reset"
@@ -243,7 +243,7 @@ BAD = {
     "unknown method": (["--method", "lokr"], "invalid choice"),
     "missing model": (["--model", "/nonexistent/model"], "no such directory"),
     "missing column": (["--text-column", "review"], "review"),
-    "k above modules": (["--k", "9"], "k=9 is larger than the 4 adapted modules"),
+    "k above modules": (["--allocator", "topk", "--k", "9"], "k=9 is larger than the 4 adapted modules"),
     "k not a number": (["--k", "lots"], "--k 'lots' is not a number"),
     "bad threshold": (["--allocator", "threshold", "--threshold", "1.5"], "--threshold=1.5 is out of range"),
     "targets match nothing": (["--targets", "q_proj"], "--targets q_proj matched no linear layer"),

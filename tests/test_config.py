@@ -34,33 +34,38 @@ def test_bad_field_names_field_value_and_allowed(field, value, allowed):
     ("k", "modules", "expected"), [(0.5, 24, 12), (2 / 3, 24, 16), (0.01, 24, 1), (1.0, 7, 7), (5, 8, 5)]
 )
 def test_resolve_k(k, modules, expected):
-    assert DynamicConfig(k=k).resolve_k(modules) == expected
+    assert DynamicConfig(k=k, allocator="discounted_stochastic", optimizer="global").resolve_k(modules) == expected
 
 
 def test_k_larger_than_modules_is_rejected_by_allocator():
     model = tiny.peft_bert()  # 2 layers x (query, value) = 4 modules
     with pytest.raises(ValueError, match=r"k=5 is larger than the 4 adapted modules; allowed: 1..4"):
-        DynamicAllocator(model, DynamicConfig(k=5))
+        DynamicAllocator(model, DynamicConfig(k=5, allocator="discounted_stochastic", optimizer="global"))
 
 
 def test_model_without_adapters_is_rejected():
     with pytest.raises(ValueError, match="no trainable adapter modules"):
-        DynamicAllocator(tiny.bert(), DynamicConfig(k=1))
+        DynamicAllocator(tiny.bert(), DynamicConfig(k=1, allocator="discounted_stochastic", optimizer="global"))
 
 
 def test_config_round_trips_through_dict():
-    cfg = DynamicConfig(measure="gradient", allocator="topk", k=3, period=7, seed=4)
+    cfg = DynamicConfig(measure="gradient", allocator="topk", k=3, period=7, seed=4, optimizer="global")
     assert DynamicConfig(**cfg.to_dict()) == cfg
 
 
 def test_threshold_ignores_k():
-    alloc = DynamicAllocator(tiny.peft_bert(), DynamicConfig(allocator="threshold", k=20, threshold=0.5))
+    alloc = DynamicAllocator(
+        tiny.peft_bert(), DynamicConfig(allocator="threshold", k=20, threshold=0.5, optimizer="global")
+    )
     assert len(alloc.active) == 2  # ceil(0.5 * 4) at the start
 
 
 def test_offload_on_cpu_is_refused_with_the_field_name():
     with pytest.raises(ValueError, match=r"state_policy='offload' needs CUDA"):
-        DynamicAllocator(tiny.peft_bert(), DynamicConfig(k=1, state_policy="offload"))
+        DynamicAllocator(
+            tiny.peft_bert(),
+            DynamicConfig(k=1, state_policy="offload", allocator="discounted_stochastic", optimizer="global"),
+        )
 
 
 def test_paper_preset_is_the_papers_table_1_setting():

@@ -17,7 +17,7 @@ def make(config, method="lora", seed=0):
 
 
 def test_periodic_reallocates_every_period_steps():
-    model, alloc, opt, sched = make(DynamicConfig(k=2, period=3, allocator="random"))
+    model, alloc, opt, sched = make(DynamicConfig(k=2, period=3, allocator="random", optimizer="global"))
     tiny.train(model, alloc, opt, sched, tiny.batches(10))
     assert [h["step"] for h in alloc.history] == [0, 3, 6, 9]
     assert alloc.history[0]["scores"] == {}
@@ -28,7 +28,9 @@ def test_periodic_reallocates_every_period_steps():
 
 
 def test_once_makes_initial_selection_and_one_reallocation_at_alpha():
-    model, alloc, opt, sched = make(DynamicConfig(k=2, period=4, schedule="once", allocator="random"))
+    model, alloc, opt, sched = make(
+        DynamicConfig(k=2, period=4, schedule="once", allocator="random", optimizer="global")
+    )
     tiny.train(model, alloc, opt, sched, tiny.batches(12))
     assert [h["step"] for h in alloc.history] == [0, 4]
 
@@ -36,10 +38,10 @@ def test_once_makes_initial_selection_and_one_reallocation_at_alpha():
 def test_initial_selection_is_seeded_random_and_respects_budget():
     firsts = set()
     for seed in range(8):
-        alloc = DynamicAllocator(tiny.peft_bert(), DynamicConfig(k=2, allocator="topk", seed=seed))
+        alloc = DynamicAllocator(tiny.peft_bert(), DynamicConfig(k=2, allocator="topk", seed=seed, optimizer="global"))
         assert len(alloc.active) == 2
         firsts.add(alloc.active)
-        again = DynamicAllocator(tiny.peft_bert(), DynamicConfig(k=2, allocator="topk", seed=seed))
+        again = DynamicAllocator(tiny.peft_bert(), DynamicConfig(k=2, allocator="topk", seed=seed, optimizer="global"))
         assert again.active == alloc.active
     assert len(firsts) > 1
     thr = DynamicAllocator(tiny.peft_bert(), DynamicConfig(allocator="threshold", threshold=0.6))
@@ -47,14 +49,16 @@ def test_initial_selection_is_seeded_random_and_respects_budget():
 
 
 def test_topk_on_forward_scores_selects_the_largest():
-    model, alloc, opt, sched = make(DynamicConfig(k=2, period=2, allocator="topk", measure="forward"))
+    model, alloc, opt, sched = make(
+        DynamicConfig(k=2, period=2, allocator="topk", measure="forward", optimizer="global")
+    )
     tiny.train(model, alloc, opt, sched, tiny.batches(2))
     scores = alloc.history[-1]["scores"]
     assert set(alloc.history[-1]["active"]) == set(sorted(scores, key=scores.get)[-2:])
 
 
 def test_global_optimizer_trains_modules_frozen_when_it_was_built():
-    model, alloc, opt, sched = make(DynamicConfig(k=1, period=2, allocator="random", seed=1))
+    model, alloc, opt, sched = make(DynamicConfig(k=1, period=2, allocator="random", seed=1, optimizer="global"))
     initially_frozen = {m.name for m in alloc.modules} - alloc.active
     before = {m.name: [p.detach().clone() for p in m.params] for m in alloc.modules}
     tiny.train(model, alloc, opt, sched, tiny.batches(16))
@@ -96,7 +100,9 @@ def test_local_optimizer_state_dict_round_trip():
 def test_same_seed_gives_same_selections_and_bitwise_weights(optimizer, measure):
     runs = []
     for _ in range(2):
-        cfg = DynamicConfig(k=2, period=2, measure=measure, optimizer=optimizer, seed=11)
+        cfg = DynamicConfig(
+            k=2, period=2, measure=measure, optimizer=optimizer, seed=11, allocator="discounted_stochastic"
+        )
         model, alloc, opt, sched = make(cfg)
         tiny.train(model, alloc, opt, sched, tiny.batches(8))
         runs.append((alloc.history, tiny.weights(model)))
@@ -116,7 +122,9 @@ def test_all_modules_global_is_bitwise_plain_peft(method):
         opt.zero_grad()
 
     dyn = tiny.peft_bert(method)
-    alloc = DynamicAllocator(dyn, DynamicConfig(k=1.0, period=2, measure="forward"))
+    alloc = DynamicAllocator(
+        dyn, DynamicConfig(k=1.0, period=2, measure="forward", allocator="discounted_stochastic", optimizer="global")
+    )
     opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2, weight_decay=0.01)
     tiny.train(dyn, alloc, opt, None, data)
 
@@ -168,7 +176,11 @@ def test_resume_from_state_dicts_continues_exactly(optimizer, measure, allocator
 
 
 def test_load_state_dict_rejects_other_modules():
-    alloc = DynamicAllocator(tiny.peft_bert(), DynamicConfig(k=1))
-    other = DynamicAllocator(tiny.peft_bert(layers=3), DynamicConfig(k=1))
+    alloc = DynamicAllocator(
+        tiny.peft_bert(), DynamicConfig(k=1, allocator="discounted_stochastic", optimizer="global")
+    )
+    other = DynamicAllocator(
+        tiny.peft_bert(layers=3), DynamicConfig(k=1, allocator="discounted_stochastic", optimizer="global")
+    )
     with pytest.raises(ValueError, match="saved for other modules"):
         alloc.load_state_dict(other.state_dict())

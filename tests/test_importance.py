@@ -28,7 +28,9 @@ def _lora_parts(layer):
 @pytest.mark.parametrize("measure", ["forward", "adapter"])
 def test_forward_and_adapter_norms_match_hand_computation(measure):
     model = tiny.peft_bert("lora")
-    alloc = DynamicAllocator(model, DynamicConfig(measure=measure, k=2, period=1000))
+    alloc = DynamicAllocator(
+        model, DynamicConfig(measure=measure, k=2, period=1000, allocator="discounted_stochastic", optimizer="global")
+    )
     seen, handles = _capture_inputs(alloc)
     model.train()
     for batch in tiny.batches(2):
@@ -51,7 +53,9 @@ def test_forward_and_adapter_norms_match_hand_computation(measure):
 @pytest.mark.parametrize("method", ["dora", "vera"])
 def test_adapter_norm_is_tuner_output_minus_base_output(method):
     model = tiny.peft_bert(method)
-    alloc = DynamicAllocator(model, DynamicConfig(measure="adapter", k=1, period=1000))
+    alloc = DynamicAllocator(
+        model, DynamicConfig(measure="adapter", k=1, period=1000, allocator="discounted_stochastic", optimizer="global")
+    )
     seen, handles = _capture_inputs(alloc)
     model.train()
     model(**tiny.batches(1)[0])
@@ -68,7 +72,9 @@ def test_adapter_norm_is_tuner_output_minus_base_output(method):
 
 def test_gradient_norm_matches_grad_and_is_read_whether_zero_grad_comes_first():
     model = tiny.peft_bert("lora")
-    alloc = DynamicAllocator(model, DynamicConfig(measure="gradient", k=2, allocator="random", period=1000))
+    alloc = DynamicAllocator(
+        model, DynamicConfig(measure="gradient", k=2, allocator="random", period=1000, optimizer="global")
+    )
     opt = alloc.create_optimizer(torch.optim.SGD, lr=0.0)
     expected = {name: [] for name in alloc.module_names}
     for i, batch in enumerate(tiny.batches(3)):
@@ -95,7 +101,9 @@ def test_gradient_norm_matches_grad_and_is_read_whether_zero_grad_comes_first():
 @pytest.mark.parametrize("measure", ["forward", "adapter", "gradient"])
 def test_evaluation_passes_do_not_count(measure):
     model = tiny.peft_bert("lora")
-    alloc = DynamicAllocator(model, DynamicConfig(measure=measure, k=4, period=1000))
+    alloc = DynamicAllocator(
+        model, DynamicConfig(measure=measure, k=4, period=1000, allocator="discounted_stochastic", optimizer="global")
+    )
     batch = tiny.batches(1)[0]
     model.train()
     model(**batch).loss.backward()
@@ -113,20 +121,27 @@ def test_evaluation_passes_do_not_count(measure):
 
 def test_random_measure_installs_no_hooks_and_is_seeded():
     model = tiny.peft_bert("lora")
-    a = DynamicAllocator(model, DynamicConfig(measure="random", k=1, seed=5))
+    a = DynamicAllocator(
+        model, DynamicConfig(measure="random", k=1, seed=5, allocator="discounted_stochastic", optimizer="global")
+    )
     assert all(not m.layer._forward_hooks for m in a.modules)
     first = a.scores()
     model(**tiny.batches(1)[0])
     assert a.scores() == first
     a.close()
-    b = DynamicAllocator(tiny.peft_bert("lora"), DynamicConfig(measure="random", k=1, seed=5))
+    b = DynamicAllocator(
+        tiny.peft_bert("lora"),
+        DynamicConfig(measure="random", k=1, seed=5, allocator="discounted_stochastic", optimizer="global"),
+    )
     assert b.scores() == first
 
 
 @pytest.mark.parametrize("measure", ["forward", "adapter", "gradient"])
 def test_close_removes_every_hook(measure):
     model = tiny.peft_bert("lora")
-    alloc = DynamicAllocator(model, DynamicConfig(measure=measure, k=4))
+    alloc = DynamicAllocator(
+        model, DynamicConfig(measure=measure, k=4, allocator="discounted_stochastic", optimizer="global")
+    )
     alloc.close()
     for module in alloc.modules:
         assert not module.layer._forward_hooks
@@ -140,7 +155,9 @@ def test_close_removes_every_hook(measure):
 def test_overflowed_measurements_are_dropped_not_summed():
     """An inf (fp16 overflow) would otherwise poison the running sum and make every selection uniform."""
     model = tiny.peft_bert("lora")
-    fwd = DynamicAllocator(model, DynamicConfig(measure="forward", k=4, period=1000))
+    fwd = DynamicAllocator(
+        model, DynamicConfig(measure="forward", k=4, period=1000, allocator="discounted_stochastic", optimizer="global")
+    )
     layer = fwd.modules[0].layer
     layer.train()
     hook = next(iter(layer._forward_hooks.values()))
@@ -150,7 +167,10 @@ def test_overflowed_measurements_are_dropped_not_summed():
     assert fwd.scores()[fwd.modules[0].name] == 5.0
     fwd.close()
 
-    grad = DynamicAllocator(model, DynamicConfig(measure="gradient", k=4, period=1000))
+    grad = DynamicAllocator(
+        model,
+        DynamicConfig(measure="gradient", k=4, period=1000, allocator="discounted_stochastic", optimizer="global"),
+    )
     batch = tiny.batches(1)[0]
     (model(**batch).loss * float("inf")).backward()
     grad.step()
@@ -163,7 +183,12 @@ def test_overflowed_measurements_are_dropped_not_summed():
 
 def test_once_schedule_stops_measuring_after_its_reallocation():
     model = tiny.peft_bert("lora")
-    alloc = DynamicAllocator(model, DynamicConfig(measure="forward", k=2, schedule="once", period=2))
+    alloc = DynamicAllocator(
+        model,
+        DynamicConfig(
+            measure="forward", k=2, schedule="once", period=2, allocator="discounted_stochastic", optimizer="global"
+        ),
+    )
     opt = alloc.create_optimizer(torch.optim.SGD, lr=0.0)
     tiny.train(model, alloc, opt, None, tiny.batches(2))
     assert [h["step"] for h in alloc.history] == [0, 2]
@@ -180,7 +205,10 @@ def test_activation_checkpointing_recomputation_does_not_count_twice(measure):
         model = tiny.peft_bert("lora")
         if checkpointing:
             model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        alloc = DynamicAllocator(model, DynamicConfig(measure=measure, k=4, period=1000))
+        alloc = DynamicAllocator(
+            model,
+            DynamicConfig(measure=measure, k=4, period=1000, allocator="discounted_stochastic", optimizer="global"),
+        )
         model.train()
         model(**tiny.batches(1)[0]).loss.backward()
         scores.append(alloc.scores())
@@ -223,6 +251,9 @@ def test_measuring_adds_no_host_reads_to_a_training_step(measure):
     plain_opt = torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], lr=1e-3)
     expected = _host_reads_of_a_step(plain, plain_opt, None, batch)
     model = tiny.peft_bert()
-    alloc = DynamicAllocator(model, DynamicConfig(measure=measure, k=1.0, period=10**6))
+    alloc = DynamicAllocator(
+        model,
+        DynamicConfig(measure=measure, k=1.0, period=10**6, allocator="discounted_stochastic", optimizer="global"),
+    )
     opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-3)
     assert _host_reads_of_a_step(model, opt, alloc, batch) == expected

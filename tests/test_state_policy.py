@@ -12,7 +12,10 @@ from tests import tiny
 
 def setup(policy, optimizer="global"):
     model = tiny.peft_bert()
-    alloc = DynamicAllocator(model, DynamicConfig(k=2, period=10**6, state_policy=policy, optimizer=optimizer))
+    alloc = DynamicAllocator(
+        model,
+        DynamicConfig(k=2, period=10**6, state_policy=policy, optimizer=optimizer, allocator="discounted_stochastic"),
+    )
     opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
     return model, alloc, opt
 
@@ -82,13 +85,19 @@ def test_reset_gives_memory_back_by_the_hand_computed_amount():
 
 def test_offload_needs_cuda_parameters():
     with pytest.raises(ValueError, match="state_policy='offload' needs CUDA"):
-        DynamicAllocator(tiny.peft_bert(), DynamicConfig(k=2, state_policy="offload"))
+        DynamicAllocator(
+            tiny.peft_bert(),
+            DynamicConfig(k=2, state_policy="offload", allocator="discounted_stochastic", optimizer="global"),
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_offload_moves_moments_to_host_and_back():
     model = tiny.peft_bert().cuda()
-    alloc = DynamicAllocator(model, DynamicConfig(k=2, period=10**6, state_policy="offload"))
+    alloc = DynamicAllocator(
+        model,
+        DynamicConfig(k=2, period=10**6, state_policy="offload", allocator="discounted_stochastic", optimizer="global"),
+    )
     opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
     batch = {k: v.cuda() for k, v in tiny.batches(1)[0].items()}
     first = sorted(alloc.active)
@@ -142,7 +151,14 @@ def moment_devices(opt, params):
 def test_offload_moves_moments_to_host_while_inactive_on_a_fake_cuda_device(monkeypatch, optimizer):
     fake = FakeCuda(monkeypatch)
     modules = find_linear_modules(fake.model, r"layers\.\d+")
-    config = DynamicConfig(k=2, period=10**6, measure="random", state_policy="offload", optimizer=optimizer)
+    config = DynamicConfig(
+        k=2,
+        period=10**6,
+        measure="random",
+        state_policy="offload",
+        optimizer=optimizer,
+        allocator="discounted_stochastic",
+    )
     alloc = DynamicAllocator(fake.model, config, modules=modules)  # accepted: the parameters are on CUDA
     opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
     first = sorted(alloc.active)
@@ -167,7 +183,14 @@ def test_offload_moves_moments_to_host_while_inactive_on_a_fake_cuda_device(monk
 def test_offload_reapplied_after_loading_a_checkpoint_on_a_fake_cuda_device(monkeypatch):
     fake = FakeCuda(monkeypatch)
     modules = find_linear_modules(fake.model, r"layers\.\d+")
-    config = DynamicConfig(k=2, period=10**6, measure="random", state_policy="offload")
+    config = DynamicConfig(
+        k=2,
+        period=10**6,
+        measure="random",
+        state_policy="offload",
+        allocator="discounted_stochastic",
+        optimizer="global",
+    )
     alloc = DynamicAllocator(fake.model, config, modules=modules)
     opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
     first = sorted(alloc.active)
@@ -191,7 +214,11 @@ def test_dynamic_full_finetuning_trains_selected_linears_only():
         for p in m.params:
             p.requires_grad_(True)
     assert len(modules) == 2 * 6
-    alloc = DynamicAllocator(model, DynamicConfig(k=3, period=10**6, state_policy="reset"), modules=modules)
+    alloc = DynamicAllocator(
+        model,
+        DynamicConfig(k=3, period=10**6, state_policy="reset", allocator="discounted_stochastic", optimizer="global"),
+        modules=modules,
+    )
     opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
     before = tiny.weights(model)
     for batch in tiny.batches(3):
@@ -213,7 +240,9 @@ def test_dynamic_full_finetuning_trains_selected_linears_only():
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
 def test_backward_stops_below_the_lowest_trainable_module():
     model = tiny.peft_bert(layers=3)
-    alloc = DynamicAllocator(model, DynamicConfig(k=1, measure="random", period=10**6))
+    alloc = DynamicAllocator(
+        model, DynamicConfig(k=1, measure="random", period=10**6, allocator="discounted_stochastic", optimizer="global")
+    )
     alloc.set_active([n for n in alloc.module_names if ".layer.2." in n])
     reached = []
     layer0 = model.base_model.model.bert.encoder.layer[0]
@@ -229,7 +258,9 @@ def test_backward_stops_below_the_lowest_trainable_module():
 
 
 def test_set_active_rejects_unknown_or_empty():
-    alloc = DynamicAllocator(tiny.peft_bert(), DynamicConfig(k=1))
+    alloc = DynamicAllocator(
+        tiny.peft_bert(), DynamicConfig(k=1, allocator="discounted_stochastic", optimizer="global")
+    )
     with pytest.raises(ValueError, match="unknown modules"):
         alloc.set_active(["nope"])
     with pytest.raises(ValueError, match="at least one"):
