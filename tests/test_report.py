@@ -63,6 +63,14 @@ def _dyna(**overrides: Any) -> dict[str, Any]:
             {"method": "dora", "dynamic": {"measure": "gradient", "allocator": "topk", "k": 4}},
             "DynaDoRA (gradient/topk, k=4)",
         ),
+        (
+            {"dynamic": {"measure": "gradient", "allocator": "cutoff", "budget": 0.5, "memory_cap": None, "k": 2 / 3}},
+            "DynaLoRA (gradient/cutoff, budget=0.5)",
+        ),
+        (
+            {"dynamic": {"measure": "gradient", "allocator": "cutoff", "budget": 0.5, "memory_cap": 0.4}},
+            "DynaLoRA (gradient/cutoff, budget=0.5, cap=0.4)",
+        ),
         ({"method": "full"}, "Full FT"),
         ({"method": "full", "dynamic": {"k": 2}}, "Dynamic full FT (k=2)"),
         ({"method": "bitfit"}, "BitFit"),

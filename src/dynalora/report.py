@@ -91,7 +91,11 @@ def run_label(metrics: Mapping[str, Any]) -> str:
     strategy = "/".join(str(dynamic[key]) for key in ("measure", "allocator") if dynamic.get(key) is not None)
     if strategy:
         parts.append(strategy)
-    if dynamic.get("allocator") == "threshold" and dynamic.get("threshold") is not None:
+    if dynamic.get("allocator") == "cutoff" and dynamic.get("budget") is not None:
+        parts.append(f"budget={dynamic['budget']:g}")
+        if dynamic.get("memory_cap") is not None:
+            parts.append(f"cap={dynamic['memory_cap']:g}")
+    elif dynamic.get("allocator") == "threshold" and dynamic.get("threshold") is not None:
         parts.append(f"p={dynamic['threshold']}")
     elif dynamic.get("k_modules") is not None and metrics.get("num_modules"):
         parts.append(f"k={dynamic['k_modules']}/{metrics['num_modules']}")
