@@ -85,11 +85,12 @@ def plot(points: list[dict], path: Path) -> None:
     ax = fig.subplots()
     for p in points:
         ax.scatter(p["step_ratio"], p["mean_test_gap"], color="tab:blue" if p["variant"] != "lora" else "black")
-        ax.annotate(p["variant"], (p["step_ratio"], p["mean_test_gap"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)  # fmt: skip
+        label = f"{p['variant']} ({len(p['seeds'])} seed{'s' if len(p['seeds']) > 1 else ''})"
+        ax.annotate(label, (p["step_ratio"], p["mean_test_gap"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.axhline(0.0, color="gray", lw=0.8)
     ax.axhline(-0.5, color="tab:red", lw=0.8, ls="--", label="quality target (-0.5 points)")
     ax.axvline(0.85, color="tab:green", lw=0.8, ls="--", label="step target (0.85 x LoRA)")
+    ax.set_xlim(right=max(1.06, max(p["step_ratio"] for p in points) + 0.06))
     ax.set_xlabel("whole-run step time / plain LoRA")
     ax.set_ylabel("mean test gap to LoRA (points)")
     ax.legend(fontsize=8, loc="lower right")
