@@ -76,10 +76,14 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "dynavera": ({"method": "vera"}, "DynaVeRA, today's defaults"),
     "full": ({"method": "full", "dynamic": False}, "plain full fine-tuning"),
     "dynamic-full": (
-        {"method": "full", "dynamic": True, "state_policy": "reset"},
-        "dynamic full fine-tuning of the 36 block linears, today's defaults, reset",
+        {"method": "full", "dynamic": True},
+        "dynamic full fine-tuning of the 36 block linears, its own default (preset full)",
     ),  # fmt: skip
-    "dynamic-full-k1/3": (
+    "dynamic-full-cutoff-local": (
+        {"method": "full", "dynamic": True, "preset": "default", "state_policy": "reset"},
+        "dynamic full fine-tuning with the adapters' default (cutoff, budget 0.5, local), reset",
+    ),  # fmt: skip
+    "dynamic-full-k-third": (
         {
             "method": "full",
             "dynamic": True,
@@ -155,7 +159,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "period-10-lr3e-3": (OLD_DEFAULT | {"period": 10, "lr": 3e-3}, "period 10, lr 3e-3 = M/k x LoRA's 2e-3"),
 }
 BASELINES = {"dynavera": "vera", "dynamic-full": "full", "dynamic-full-cutoff-0.35": "full",
-             "dynamic-full-cap-0.4": "full", "dynamic-full-k1/3": "full"}  # fmt: skip
+             "dynamic-full-cap-0.4": "full", "dynamic-full-k-third": "full",
+             "dynamic-full-cutoff-local": "full"}  # fmt: skip
 """The plain counterpart each dynamic variant is paired with; every other variant is paired with ``lora``."""
 
 

@@ -79,7 +79,7 @@ def test_paper_preset_is_the_papers_table_1_setting():
     assert paper.resolve_k(24) == 16  # 16 of RoBERTa-base's 24 query/value modules
     assert DynamicConfig.from_preset("paper", period=7).period == 7
     assert DynamicConfig.from_preset("default") == DynamicConfig()
-    with pytest.raises(ValueError, match="preset='nope' is not supported; allowed: default, paper"):
+    with pytest.raises(ValueError, match="preset='nope' is not supported; allowed: default, paper, v0.2, full"):
         DynamicConfig.from_preset("nope")
 
 
@@ -89,3 +89,13 @@ def test_cli_flags_override_the_preset_and_defaults_live_in_dynamic_config():
     assert TrainArgs().dynamic_config() == DynamicConfig()
     args = TrainArgs(preset="paper", period=10, k="1/2", seed=3)
     assert args.dynamic_config() == DynamicConfig.from_preset("paper", period=10, k=0.5, seed=3)
+
+
+def test_dynamic_full_fine_tuning_starts_from_its_own_preset():
+    from dynalora.train import TrainArgs
+
+    full = TrainArgs(method="full", dynamic=True)
+    assert full.preset == "full" and full.dynamic_config() == DynamicConfig.from_preset("full")
+    assert full.dynamic_config().allocator == "discounted_stochastic" and full.dynamic_config().state_policy == "reset"
+    assert TrainArgs(method="lora").dynamic_config() == DynamicConfig()
+    assert TrainArgs(method="full", dynamic=True, preset="default").dynamic_config() == DynamicConfig()

@@ -170,5 +170,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "optimizer": "global",
         "state_policy": "keep",
     },  # fmt: skip
+    # The v0.2 default: a third of the modules anywhere in the model, one global optimizer. The
+    # closest to LoRA's quality on the suite (-0.09 points), but a step costs 0.97 of LoRA's.
+    "v0.2": {"allocator": "discounted_stochastic", "k": 2 / 3, "optimizer": "global"},
+    # Dynamic full fine-tuning (``dynalora train --method full --dynamic``): the cost-aware default
+    # loses 9 points to full fine-tuning on one epoch of Rotten Tomatoes (benchmarks/results/
+    # backbones.md), while a third of the linear layers anywhere, with one global optimizer and
+    # the moments of inactive layers dropped, keeps within about a point of it.
+    "full": {"allocator": "discounted_stochastic", "k": 1 / 3, "optimizer": "global", "state_policy": "reset"},
 }
 """Named starting points for :class:`DynamicConfig`; ``default`` is the dataclass's own defaults."""

@@ -85,8 +85,9 @@ class TrainArgs:
     alpha: float = _opt("LoRA alpha (scaling = alpha / r)", default=16.0)
     adapter_dropout: float = _opt("dropout on the adapter input", default=0.1)
     dynamic: bool | None = _opt("dynamic allocation (default: on for lora/dora/vera, off for full/bitfit)")
-    preset: str = _opt(
-        "starting point of the dynamic settings below; each flag given overrides it", default="default",
+    preset: str | None = _opt(
+        "starting point of the dynamic settings below; each flag given overrides it "
+        "(default: full for --method full, else default)",
         choices=tuple(PRESETS),
     )  # fmt: skip
     # The dynamic settings default to None: "the preset's value" (see dynalora.config.PRESETS), so
@@ -173,6 +174,8 @@ class TrainArgs:
             raise UsageError("--bf16 and --fp16 exclude each other; choose one")
         if self.dynamic is None:
             self.dynamic = self.method in ADAPTER_METHODS
+        if self.preset is None:  # one default does not fit all: dynamic full fine-tuning has its own
+            self.preset = "full" if self.method == "full" else "default"
         if self.lr is None:
             dynamic_full = self.method == "full" and self.dynamic
             self.lr = DEFAULT_LR_DYNAMIC_FULL if dynamic_full else DEFAULT_LR[self.method]
