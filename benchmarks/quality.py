@@ -83,17 +83,6 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         {"method": "full", "dynamic": True, "preset": "default", "state_policy": "reset"},
         "dynamic full fine-tuning with the adapters' default (cutoff, budget 0.5, local), reset",
     ),  # fmt: skip
-    "dynamic-full-k-third": (
-        {
-            "method": "full",
-            "dynamic": True,
-            "allocator": "discounted_stochastic",
-            "k": "1/3",
-            "optimizer": "global",
-            "state_policy": "reset",
-        },
-        "dynamic full fine-tuning, v0.1 setting: discounted stochastic k 1/3, global, reset",
-    ),  # fmt: skip
     # cost-aware allocation: every module at or above a cutoff block trains (allocators.cutoff)
     # (rows run while `global` was the default optimizer spell it out, so that they keep their meaning)
     "cutoff-0.5": (
@@ -159,7 +148,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "period-10-lr3e-3": (OLD_DEFAULT | {"period": 10, "lr": 3e-3}, "period 10, lr 3e-3 = M/k x LoRA's 2e-3"),
 }
 BASELINES = {"dynavera": "vera", "dynamic-full": "full", "dynamic-full-cutoff-0.35": "full",
-             "dynamic-full-cap-0.4": "full", "dynamic-full-k-third": "full",
+             "dynamic-full-cap-0.4": "full", 
              "dynamic-full-cutoff-local": "full"}  # fmt: skip
 """The plain counterpart each dynamic variant is paired with; every other variant is paired with ``lora``."""
 

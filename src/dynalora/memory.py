@@ -303,7 +303,13 @@ class PeakMemory:
         elif self.reset:
             self.peak_bytes = _status_kib("VmHWM") * 1024
         else:
-            self.peak_bytes = _ru_maxrss_bytes()
+            # ru_maxrss is the kernel's high-water mark, which is updated lazily and which an earlier
+            # clear_refs may have lowered: it can lag the resident size right now, so take both.
+            try:
+                current = _status_kib("VmRSS") * 1024
+            except (OSError, KeyError):
+                current = 0
+            self.peak_bytes = max(_ru_maxrss_bytes(), current, self.baseline_bytes)
 
     def __enter__(self) -> PeakMemory:
         self.start()
