@@ -74,6 +74,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     # the default over other backbones, against their plain counterparts
     "vera": ({"method": "vera", "dynamic": False}, "plain PEFT VeRA"),
     "dynavera": ({"method": "vera"}, "DynaVeRA, today's defaults"),
+    "dynavera-v0.2": ({"method": "vera", "preset": "v0.2"}, "DynaVeRA, the v0.2 default (discounted, k 2/3, global)"),
     "full": ({"method": "full", "dynamic": False}, "plain full fine-tuning"),
     "dynamic-full": (
         {"method": "full", "dynamic": True},
@@ -147,7 +148,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     ),  # fmt: skip
     "period-10-lr3e-3": (OLD_DEFAULT | {"period": 10, "lr": 3e-3}, "period 10, lr 3e-3 = M/k x LoRA's 2e-3"),
 }
-BASELINES = {"dynavera": "vera", "dynamic-full": "full", "dynamic-full-cutoff-0.35": "full",
+BASELINES = {"dynavera": "vera", "dynavera-v0.2": "vera", "dynamic-full": "full", "dynamic-full-cutoff-0.35": "full",
              "dynamic-full-cap-0.4": "full", 
              "dynamic-full-cutoff-local": "full"}  # fmt: skip
 """The plain counterpart each dynamic variant is paired with; every other variant is paired with ``lora``."""
