@@ -434,7 +434,7 @@ def write_results(
     (out / "cost.json").write_text(
         json.dumps({"meta": meta, "configurations": rows, "depth": depth_all, "runs": runs}, indent=2)
     )
-    plot(rows, depth, out)
+    plot(rows, depth, depth_lora, out)
     return text
 
 
@@ -478,7 +478,7 @@ def targets(by: dict[str, dict[str, Any]]) -> list[str]:
     return out
 
 
-def plot(rows: list[dict[str, Any]], depth: list[dict[str, Any]], out: Path) -> None:
+def plot(rows: list[dict[str, Any]], depth: list[dict[str, Any]], depth_lora: dict[str, Any], out: Path) -> None:
     from matplotlib.figure import Figure
 
     names = [r["name"] for r in rows]
@@ -499,17 +499,13 @@ def plot(rows: list[dict[str, Any]], depth: list[dict[str, Any]], out: Path) -> 
 
     fig = Figure(figsize=(6, 3.5), layout="constrained")
     ax = fig.subplots()
-    ax.plot(
-        [r["lowest_layer"] for r in depth], [r["median_step_ms"] for r in depth], marker="o", label="LoRA, layers >= d"
-    )
-    for name, style in (("lora", "--"), ("frozen", ":")):
-        ref = next(r for r in rows if r["name"] == name)
-        ax.axhline(
-            ref["median_step_ms"],
-            ls=style,
-            color="gray",
-            label=f"{name} (all layers)" if name == "lora" else "head only",
-        )
+    layers = [r["lowest_layer"] for r in depth]
+    ax.plot(layers, [r["median_step_ms"] for r in depth], marker="o", label="LoRA, layers >= d (measured)")
+    if all("predicted_step_ratio" in r for r in depth):
+        predicted = [r["predicted_step_ratio"] * depth_lora["median_step_ms"] for r in depth]
+        ax.plot(layers, predicted, ls="--", color="tab:orange", label="cost model")
+    # plain LoRA from the same interleaving as the depth rows, not from the steps table
+    ax.axhline(depth_lora["median_step_ms"], ls=":", color="gray", label="plain LoRA, all layers")
     ax.set_xlabel("lowest trained layer d")
     ax.set_ylabel("median step (ms)")
     ax.legend()
