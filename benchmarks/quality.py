@@ -10,8 +10,8 @@ The gap of a variant on a task is its accuracy minus plain LoRA's, averaged over
 examples. Its 95% interval comes from a paired bootstrap over seeds and examples. Choices are
 made on the validation gaps; the test gaps are the report.
 
-    .venv/bin/python benchmarks/quality.py                       # old default, new default, LoRA; 3 seeds, ~30 min
-    .venv/bin/python benchmarks/quality.py --quick               # the same on seed 0, ~10 min
+    .venv/bin/python benchmarks/quality.py                 # default, v0.2, paper preset, LoRA; 3 seeds, ~60 min
+    .venv/bin/python benchmarks/quality.py --quick               # the same on seed 0, ~20 min
     .venv/bin/python benchmarks/quality.py --variants period-10 --quick   # one ablation, added to the table
     .venv/bin/python benchmarks/quality.py --max-steps 5 --seeds 0 --name smoke   # a smoke run
 
