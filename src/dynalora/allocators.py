@@ -149,9 +149,9 @@ def training_profile(
     the bottom (a block above an important one rides on its backward pass for free), scaled by ``a``
     so that the expected backward share ``sum_l share_l p_l`` equals ``budget``. (A cutoff at block
     d costs the shares of blocks d..L-1, and block l is among them exactly when d <= l, which
-    happens with probability ``p_l``.) Blocks below
-    ``lowest`` (the memory cap) never train. If the budget cannot pay for the coverage floor, the
-    floor gives way: every allowed block below the top gets the same ``p`` that the budget affords.
+    happens with probability ``p_l``.) Blocks below ``lowest`` (the memory cap) never train. If the
+    budget cannot pay for the coverage floor, the floor gives way: every allowed block below the
+    top gets the same ``p`` that the budget affords.
 
     Args:
         block_importance: importance per block (any non-negative scale), shape ``(L,)``.
