@@ -87,11 +87,11 @@ def _full(model: nn.Module, opts: MethodOptions) -> Built:
     if not opts.dynamic:
         model.requires_grad_(True)
         return model, None
-    if opts.targets and opts.targets != (ALL_LINEAR,):
+    # default and all-linear: every linear layer of the transformer blocks (find_linear_modules' own default)
+    custom = opts.targets not in (None, (ALL_LINEAR,))
+    if custom:
         _check_targets(model, opts.targets)
-    # default: every linear layer of the transformer blocks (find_linear_modules' own default)
-    custom = opts.targets and opts.targets != (ALL_LINEAR,)
-    modules = find_linear_modules(model, opts.targets) if custom else find_linear_modules(model)
+    modules = find_linear_modules(model, opts.targets if custom else None)
     modules = [m for m in modules if not _is_head(m.name)]
     for name, param in model.named_parameters():
         param.requires_grad_(_is_head(name))

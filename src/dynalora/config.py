@@ -20,6 +20,15 @@ def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{field}={value!r} is not supported; allowed: {', '.join(allowed)}")
 
 
+def _check_share(field: str, value: Any, *, zero_ok: bool = False, extra: str = "") -> None:
+    """A number in (0, 1], or [0, 1] with ``zero_ok``; ``extra`` adds to what the message allows."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    low_ok = number and (value >= 0.0 if zero_ok else value > 0.0)
+    if not low_ok or value > 1.0:
+        allowed = "a number in [0, 1]" if zero_ok else "a number in (0, 1]"
+        raise ValueError(f"{field}={value!r} is out of range; allowed: {allowed}{extra}")
+
+
 @dataclass(frozen=True)
 class DynamicConfig:
     """How many adapter modules train at a time, which ones, and when the choice is renewed.
@@ -109,20 +118,10 @@ class DynamicConfig:
             raise ValueError(f"k={k!r} is out of range; allowed: an int >= 1 or a float in (0, 1]")
         if not isinstance(self.threshold, (int, float)) or not (0.0 < self.threshold <= 1.0):
             raise ValueError(f"threshold={self.threshold!r} is out of range; allowed: a number in (0, 1]")
-        for name, low_open in (("budget", True), ("memory_cap", True), ("coverage", False)):
-            value = getattr(self, name)
-            if value is None and name == "memory_cap":
-                continue
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not ((0.0 < value <= 1.0) if low_open else (0.0 <= value <= 1.0))
-            ):
-                allowed = "a number in (0, 1]" if low_open else "a number in [0, 1]"
-                raise ValueError(
-                    f"{name}={value!r} is out of range; allowed: {allowed}"
-                    + (" or None" if name == "memory_cap" else "")
-                )
+        _check_share("budget", self.budget)
+        if self.memory_cap is not None:
+            _check_share("memory_cap", self.memory_cap, extra=" or None")
+        _check_share("coverage", self.coverage, zero_ok=True)
         if isinstance(self.period, bool) or not isinstance(self.period, int) or self.period < 1:
             raise ValueError(f"period={self.period!r} is out of range; allowed: an int >= 1")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

@@ -133,16 +133,20 @@ class CostModel:
         return float(self.above[self.depth(mask)])
 
     def step_ratio(self, mask: torch.Tensor) -> float:
-        return self.fixed_share + (1.0 - self.fixed_share) * self.backward_share(mask)
+        return self._ratio(self.backward_share(mask))
+
+    def _ratio(self, backward_share: float) -> float:
+        return self.fixed_share + (1.0 - self.fixed_share) * backward_share
 
     def estimate(self, mask: torch.Tensor) -> SelectionCost:
         """Everything predicted for ``mask`` (bool, shape ``(M,)``)."""
-        share = self.backward_share(mask)
+        depth = self.depth(mask)
+        share = float(self.above[depth])
         grads = int(self.module_bytes[mask].sum())
         return SelectionCost(
-            depth=self.depth(mask),
+            depth=depth,
             backward_share=share,
-            step_ratio=self.fixed_share + (1.0 - self.fixed_share) * share,
+            step_ratio=self._ratio(share),
             activation_share=share,
             gradient_bytes=grads,
             optimizer_bytes=self.states_per_element * grads,
