@@ -129,7 +129,7 @@ def run_specs() -> list[Spec]:
 def load_base(model: str | None, device: torch.device):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from dynalora.train import DEFAULT_MODEL, resolve_model_path
+    from dynalora.training import DEFAULT_MODEL, resolve_model_path
 
     path = resolve_model_path(model or DEFAULT_MODEL)
     tokenizer = AutoTokenizer.from_pretrained(path)

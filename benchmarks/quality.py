@@ -35,7 +35,7 @@ import numpy as np
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from dynalora.cli import _quiet_libraries  # noqa: E402
-from dynalora.train import TrainArgs, run  # noqa: E402
+from dynalora.training import TrainArgs, run  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # benchmarks/<name>_findings.md, hand-written, is placed under the generated tables of <name>.md
@@ -132,6 +132,17 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         },
         "dynamic full fine-tuning under a memory cap of 0.4 (the top blocks only), reset",
     ),  # fmt: skip
+    "dynamic-full-cap-0.6": (
+        {
+            "method": "full",
+            "dynamic": True,
+            "allocator": "cutoff",
+            "memory_cap": 0.6,
+            "state_policy": "reset",
+            "optimizer": "global",
+        },
+        "dynamic full fine-tuning under a memory cap of 0.6, reset",
+    ),  # fmt: skip
     # ablations, each one change against the old default
     "period-10": (OLD_DEFAULT | {"period": 10}, "old default, period 10"),
     "period-20": (OLD_DEFAULT | {"period": 20}, "old default, period 20"),
@@ -149,7 +160,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "period-10-lr3e-3": (OLD_DEFAULT | {"period": 10, "lr": 3e-3}, "period 10, lr 3e-3 = M/k x LoRA's 2e-3"),
 }
 BASELINES = {"dynavera": "vera", "dynavera-v0.2": "vera", "dynamic-full": "full", "dynamic-full-cutoff-0.35": "full",
-             "dynamic-full-cap-0.4": "full", 
+             "dynamic-full-cap-0.4": "full", "dynamic-full-cap-0.6": "full",
              "dynamic-full-cutoff-local": "full"}  # fmt: skip
 """The plain counterpart each dynamic variant is paired with; every other variant is paired with ``lora``."""
 

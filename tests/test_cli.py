@@ -348,7 +348,7 @@ def test_real_embedded_default_runs_a_few_steps(tmp_path):
     [("lora", None, 2e-3), ("vera", None, 3e-2), ("full", None, 5e-5), ("full", True, 3e-4), ("bitfit", None, 1e-3)],
 )
 def test_learning_rate_defaults_by_method(method, dynamic, lr):
-    from dynalora.train import TrainArgs
+    from dynalora.training import TrainArgs
 
     args = TrainArgs(method=method, dynamic=dynamic)
     assert args.lr == lr

@@ -84,7 +84,7 @@ def test_paper_preset_is_the_papers_table_1_setting():
 
 
 def test_cli_flags_override_the_preset_and_defaults_live_in_dynamic_config():
-    from dynalora.train import TrainArgs
+    from dynalora.training import TrainArgs
 
     assert TrainArgs().dynamic_config() == DynamicConfig()
     args = TrainArgs(preset="paper", period=10, k="1/2", seed=3)
@@ -92,7 +92,7 @@ def test_cli_flags_override_the_preset_and_defaults_live_in_dynamic_config():
 
 
 def test_dynamic_full_fine_tuning_starts_from_its_own_preset():
-    from dynalora.train import TrainArgs
+    from dynalora.training import TrainArgs
 
     full = TrainArgs(method="full", dynamic=True)
     assert full.preset == "full" and full.dynamic_config() == DynamicConfig.from_preset("full")

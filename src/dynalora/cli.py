@@ -1,4 +1,4 @@
-"""Command line: argument parsing only; the work happens in train.py and report.py.
+"""Command line: argument parsing only; the work happens in training/ and report.py.
 
 dynalora train [--task T] [--method M] [--no-dynamic] [--k 2/3] ...
 dynalora compare [any train flag]      # DynaLoRA and plain LoRA side by side (the main job)
@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainArgs field: name, type, default, choices and help all come from the dataclass."""
-    from dynalora.train import TrainArgs
+    from dynalora.training import TrainArgs
 
     hints = typing.get_type_hints(TrainArgs)
     for f in dataclasses.fields(TrainArgs):
@@ -63,14 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train_args(ns: argparse.Namespace):
-    from dynalora.train import TrainArgs
+    from dynalora.training import TrainArgs
 
     return TrainArgs(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainArgs)})
 
 
 def _cmd_train(ns: argparse.Namespace) -> int:
     from dynalora.report import compare_table, load_run
-    from dynalora.train import run
+    from dynalora.training import run
 
     args = _train_args(ns)
     run(args)
@@ -81,7 +81,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
 def _cmd_compare(ns: argparse.Namespace) -> int:
     from dynalora.report import compare_table, load_run
-    from dynalora.train import RUN_FILES, run
+    from dynalora.training import RUN_FILES, run
 
     if ns.dynamic is False:
         raise UsageError("compare runs the dynamic and the plain variant itself; drop --no-dynamic")

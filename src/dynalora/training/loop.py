@@ -9,7 +9,7 @@ import os
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,205 +18,15 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dynalora.backbones import ADAPTER_METHODS, METHODS, MethodOptions
-from dynalora.config import (
-    ALLOCATORS,
-    BUDGET_SCHEDULES,
-    MEASURES,
-    OPTIMIZERS,
-    PRESETS,
-    SCHEDULES,
-    STATE_POLICIES,
-    DynamicConfig,
-)
+from dynalora.backbones import METHODS, MethodOptions
 from dynalora.controller import DynamicAllocator
-from dynalora.data import DEFAULT_TASK, TASKS, TaskData, load_task, make_collator, resolve_task, tokenize
+from dynalora.data import TaskData, load_task, make_collator, tokenize
 from dynalora.data.tasks import TaskSpec, compute_metrics
 from dynalora.errors import UsageError
 from dynalora.memory import PeakMemory
+from dynalora.training.args import DEFAULT_MODEL, RUN_FILES, TrainArgs, as_flag_message
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "embedded:minilm-l6"
-# Peak learning rates for the embedded default. lora and dynamic full were measured (benchmarks/quality.py,
-# seeds 0-2); the others follow their papers. Full fine-tuning needs far smaller steps than adapters;
-# dynamic full fine-tuning trains each layer only part of the time and takes a larger one. Its rate was
-# chosen on mean validation accuracy: 0.8118 at 2e-4, 0.8133 at 3e-4, 0.8091 at 5e-4 (1e-4 scored 0.8127
-# on test, against 0.8184 for 2e-4).
-# VeRA: chosen on the validation split of one epoch of Rotten Tomatoes (benchmarks/results/backbones.md):
-# 2e-3 0.654, 3e-2 0.779, 1e-1 0.779; the smaller of the tied two.
-DEFAULT_LR = {"lora": 2e-3, "dora": 2e-3, "vera": 3e-2, "bitfit": 1e-3, "full": 5e-5}
-DEFAULT_LR_DYNAMIC_FULL = 3e-4
-# Files that mark a folder as holding a run; --overwrite is needed to write over them.
-RUN_FILES = (
-    "config.json",
-    "metrics.json",
-    "log.jsonl",
-    "allocations.jsonl",
-    "predictions.json",
-    "loss.png",
-    "module_activity.png",
-    "model",
-)
-
-
-_DEFAULTS = DynamicConfig()
-_DEFAULT_K = "2/3" if _DEFAULTS.k == 2 / 3 else str(_DEFAULTS.k)
-
-
-def _opt(help: str, **kw: Any) -> Any:
-    return field(default=kw.pop("default", None), metadata={"help": help, **kw})
-
-
-@dataclass
-class TrainArgs:
-    """Everything ``dynalora train`` takes; each field is one ``--flag`` (underscores become dashes)."""
-
-    model: str = _opt("Hugging Face model id or local directory", default=DEFAULT_MODEL)
-    task: str | None = _opt(
-        f"task to fine-tune on (default: custom when --train-file is given, else {DEFAULT_TASK})", choices=TASKS
-    )
-    method: str = _opt("fine-tuning method", default="lora", choices=tuple(METHODS))
-    targets: str | None = _opt(
-        "comma-separated layer names to adapt, or all-linear for every linear layer of the blocks "
-        "(default: query,value; full: all-linear)"
-    )
-    rank: int = _opt("adapter rank r", default=8)
-    alpha: float = _opt("LoRA alpha (scaling = alpha / r)", default=16.0)
-    adapter_dropout: float = _opt("dropout on the adapter input", default=0.1)
-    dynamic: bool | None = _opt("dynamic allocation (default: on for lora/dora/vera, off for full/bitfit)")
-    preset: str | None = _opt(
-        "starting point of the dynamic settings below; each flag given overrides it "
-        "(default: full for --method full, else default)",
-        choices=tuple(PRESETS),
-    )  # fmt: skip
-    # The dynamic settings default to None: "the preset's value" (see dynalora.config.PRESETS), so
-    # DynamicConfig alone holds the defaults.
-    measure: str | None = _opt(f"importance measure (default: {_DEFAULTS.measure})", choices=MEASURES)
-    allocator: str | None = _opt(f"module allocator (default: {_DEFAULTS.allocator})", choices=ALLOCATORS)
-    k: str | None = _opt(f"active modules: an int, a fraction in (0, 1], or a ratio like 2/3 (default: {_DEFAULT_K})")
-    threshold: float | None = _opt(f"p of the threshold allocator (default: {_DEFAULTS.threshold})")
-    budget: float | None = _opt(
-        "cutoff allocator: expected share of the blocks that backward runs through per step, in (0, 1] "
-        f"(default: {_DEFAULTS.budget})"
-    )
-    memory_cap: float | None = _opt(
-        "cutoff allocator: saved activations of any step at most this share of LoRA's, in (0, 1] (default: no cap)"
-    )
-    budget_schedule: str | None = _opt(
-        "cutoff allocator: spend the budget evenly (constant) or where the learning rate is high (linear) "
-        f"(default: {_DEFAULTS.budget_schedule})",
-        choices=BUDGET_SCHEDULES,
-    )
-    coverage: float | None = _opt(
-        f"cutoff allocator: lowest probability that any block trains at a reallocation (default: {_DEFAULTS.coverage})"
-    )
-    schedule: str | None = _opt(f"reallocation schedule (default: {_DEFAULTS.schedule})", choices=SCHEDULES)
-    period: int | None = _opt(
-        f"optimizer steps between reallocations (once: the step of the reallocation; default: {_DEFAULTS.period})"
-    )
-    optimizer: str | None = _opt(
-        f"global or per-module (local) optimizer and LR schedule (default: {_DEFAULTS.optimizer})",
-        choices=OPTIMIZERS,
-    )
-    state_policy: str | None = _opt(
-        "optimizer state of deactivated modules: keep, reset, or offload to host memory (CUDA) "
-        f"(default: {_DEFAULTS.state_policy})",
-        choices=STATE_POLICIES,
-    )
-    lr: float | None = _opt("peak learning rate of AdamW (default: by method, see DEFAULT_LR)")
-    weight_decay: float = _opt("AdamW weight decay", default=0.01)
-    warmup_ratio: float = _opt("fraction of steps of linear warm-up", default=0.06)
-    batch_size: int = _opt("training batch size", default=32)
-    epochs: float = _opt("training epochs (ignored with --max-steps)", default=1.0)
-    max_steps: int | None = _opt("stop after this many optimizer steps")
-    max_length: int = _opt("maximum tokens per example", default=64)
-    max_train_samples: int | None = _opt("use only this many training examples")
-    max_eval_samples: int | None = _opt("evaluate on only the first N validation/test examples")
-    eval_every: int = _opt("evaluate on the validation split every N steps (0: only at the end)", default=50)
-    seed: int = _opt("random seed (data order, initialisation, allocation)", default=0)
-    output_dir: str = _opt("folder for config, metrics, logs, plots and the trained weights", default="runs/train")
-    overwrite: bool = _opt("write over a run already in --output-dir", default=False)
-    quiet: bool = _opt("no progress bar", default=False)
-    bf16: bool = _opt("bfloat16 autocast (CUDA)", default=False)
-    fp16: bool = _opt("float16 autocast with loss scaling (CUDA)", default=False)
-    device: str | None = _opt("cpu or cuda (default: cuda when available)")
-    glue_dir: str | None = _opt("folder of the official GLUE TSV files (offline GLUE)")
-    train_file: str | None = _opt("training file for --task custom (.csv/.json/.jsonl)")
-    validation_file: str | None = _opt("validation file for --task custom")
-    test_file: str | None = _opt("test file for --task custom (optional)")
-    text_column: str = _opt("text column of custom files", default="text")
-    text_pair_column: str | None = _opt("second text column of custom files")
-    label_column: str = _opt("label column of custom files", default="label")
-    regression: bool = _opt("custom labels are floats (regression)", default=False)
-
-    def __post_init__(self) -> None:
-        for name in ("rank", "batch_size", "max_length", "period"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "max_train_samples", "max_eval_samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.eval_every < 0:
-            raise UsageError(f"--eval-every must be >= 0, got {self.eval_every}")
-        for name in ("epochs", "alpha", "weight_decay", "threshold", "warmup_ratio", "adapter_dropout"):
-            if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
-                raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
-        if self.epochs <= 0:
-            raise UsageError(f"--epochs must be > 0, got {self.epochs}")
-        if not 0 <= self.adapter_dropout < 1:
-            raise UsageError(f"--adapter-dropout must be in [0, 1), got {self.adapter_dropout}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise UsageError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
-        self.task = resolve_task(self.task, self.train_file)
-        if self.bf16 and self.fp16:
-            raise UsageError("--bf16 and --fp16 exclude each other; choose one")
-        if self.dynamic is None:
-            self.dynamic = self.method in ADAPTER_METHODS
-        if self.preset is None:  # one default does not fit all: dynamic full fine-tuning has its own
-            self.preset = "full" if self.method == "full" else "default"
-        if self.lr is None:
-            dynamic_full = self.method == "full" and self.dynamic
-            self.lr = DEFAULT_LR_DYNAMIC_FULL if dynamic_full else DEFAULT_LR[self.method]
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise UsageError(f"--lr must be a finite number > 0, got {self.lr}")
-        if self.dynamic:
-            self.dynamic_config()  # validate now, before anything is loaded or written
-
-    def dynamic_config(self) -> DynamicConfig:
-        """The preset, with every dynamic flag that was given on top (each field has a flag of its name)."""
-        values = {f.name: getattr(self, f.name) for f in fields(DynamicConfig)}
-        values = {name: value for name, value in values.items() if value is not None}
-        if "k" in values:
-            values["k"] = parse_k(values["k"])
-        try:
-            return DynamicConfig.from_preset(self.preset, **values)
-        except ValueError as err:
-            raise UsageError(as_flag_message(err)) from None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def as_flag_message(err: ValueError) -> str:
-    """``"state_policy='x' is ..."`` (a config field) -> ``"--state-policy='x' is ..."`` (the CLI flag)."""
-    text = str(err)
-    field_name, sep, rest = text.partition("=")
-    if sep and field_name.isidentifier():
-        return f"--{field_name.replace('_', '-')}={rest}"
-    return text
-
-
-def parse_k(text: str) -> int | float:
-    """``"16"`` -> 16, ``"0.5"`` -> 0.5, ``"2/3"`` -> 0.666..."""
-    try:
-        if "/" in text:
-            num, den = text.split("/")
-            return float(num) / float(den)
-        return int(text) if text.strip().lstrip("-").isdigit() else float(text)
-    except (ValueError, ZeroDivisionError):
-        raise UsageError(f"--k {text!r} is not a number; allowed: an int >= 1, a fraction in (0, 1], or a/b") from None
 
 
 # ------------------------------------------------------------------------------------------ set-up
