@@ -8,71 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+from transformers import BertForSequenceClassification
 
 from dynalora.cli import main
-
-WORDS = [
-    "good",
-    "great",
-    "fine",
-    "fun",
-    "bad",
-    "awful",
-    "dull",
-    "boring",
-    "movie",
-    "plot",
-    "film",
-    "the",
-    "a",
-    "was",
-    "is",
-    "very",
-    "not",
-]
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("tiny-bert")
-    (path / "vocab.txt").write_text("\n".join(SPECIAL + WORDS) + "\n")
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(SPECIAL) + len(WORDS),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertForSequenceClassification(config).save_pretrained(path)
-    return str(path)
-
-
-def _write_csv(path: Path, n: int, seed: int, regression: bool = False) -> str:
-    gen = torch.Generator().manual_seed(seed)
-    rows = ["text,label"]
-    for _ in range(n):
-        positive = bool(torch.randint(0, 2, (1,), generator=gen))
-        words = ["good", "great", "fun"] if positive else ["bad", "awful", "dull"]
-        picks = [words[int(i)] for i in torch.randint(0, 3, (4,), generator=gen)]
-        label = f"{float(positive) + 0.25:.2f}" if regression else ("pos" if positive else "neg")
-        rows.append(f"the movie was {' '.join(picks)},{label}")
-    path.write_text("\n".join(rows) + "\n")
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def csv_task(tmp_path_factory) -> dict[str, str]:
-    d = tmp_path_factory.mktemp("csv")
-    return {
-        "train": _write_csv(d / "train.csv", 64, 0),
-        "validation": _write_csv(d / "validation.csv", 16, 1),
-        "test": _write_csv(d / "test.csv", 16, 2),
-    }
+from tests.tiny import write_csv
 
 
 def cli_args(tiny_model, csv_task, out, *extra):
@@ -207,9 +146,7 @@ def test_cutoff_allocation_over_all_linear_layers(tiny_model, csv_task, tmp_path
 
 
 def test_regression_on_custom_floats(tiny_model, tmp_path):
-    files = {
-        s: _write_csv(tmp_path / f"{s}.csv", 32, i, regression=True) for i, s in enumerate(["train", "validation"])
-    }
+    files = {s: write_csv(tmp_path / f"{s}.csv", 32, i, regression=True) for i, s in enumerate(["train", "validation"])}
     out = tmp_path / "reg"
     argv = [
         "train", "--model", tiny_model, "--task", "custom", "--train-file", files["train"],

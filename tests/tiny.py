@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from peft import LoraConfig, VeraConfig, get_peft_model
 from transformers import BertConfig, BertForSequenceClassification
@@ -74,3 +76,17 @@ def train(model, allocator, optimizer, scheduler, data, *, step_before_zero_grad
 
 def weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def write_csv(path: Path, n: int, seed: int, regression: bool = False) -> str:
+    """A CSV of n short reviews, ``text,label`` (pos/neg, or floats for regression), from a seed."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = ["text,label"]
+    for _ in range(n):
+        positive = bool(torch.randint(0, 2, (1,), generator=gen))
+        words = ["good", "great", "fun"] if positive else ["bad", "awful", "dull"]
+        picks = [words[int(i)] for i in torch.randint(0, 3, (4,), generator=gen)]
+        label = f"{float(positive) + 0.25:.2f}" if regression else ("pos" if positive else "neg")
+        rows.append(f"the movie was {' '.join(picks)},{label}")
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)

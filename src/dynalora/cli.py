@@ -16,7 +16,7 @@ from dataclasses import MISSING
 from pathlib import Path
 from typing import Any
 
-from dynalora.errors import UsageError
+from dynalora.errors import Interrupted, RunError, UsageError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,9 +73,9 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     from dynalora.training import run
 
     args = _train_args(ns)
-    run(args)
-    print(compare_table([load_run(args.output_dir)], fmt="text"))
-    print(f"outputs in {args.output_dir}")
+    if run(args) is not None:  # the main process (of one or several)
+        print(compare_table([load_run(args.output_dir)], fmt="text"))
+        print(f"outputs in {args.output_dir}")
     return 0
 
 
@@ -94,8 +94,9 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
     held = [root / "compare.md"] + [Path(v.output_dir) / f for v in variants for f in RUN_FILES]
     if not ns.overwrite and any(p.exists() for p in held):  # refuse before the first run, not after it
         raise UsageError(f"--output-dir {root} already holds a comparison; choose another folder or pass --overwrite")
-    for v in variants:
-        run(v)
+    finished = [run(v) for v in variants]
+    if any(m is None for m in finished):  # not the main process: it prints and writes nothing
+        return 0
     runs = [load_run(v.output_dir) for v in variants]
     print(compare_table(runs, fmt="text"))
     (root / "compare.md").write_text(compare_table(runs, fmt="markdown") + "\n")
@@ -135,6 +136,22 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"dynalora: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"dynalora: {err}", file=sys.stderr)
+        return err.exit_code
+    except RunError as err:
+        print(f"dynalora: error: {err}", file=sys.stderr)
+        return err.exit_code
+    finally:
+        _end_process_group()
+
+
+def _end_process_group() -> None:
+    """Under torchrun / accelerate launch: leave the group once every training released its DDP wrapper."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _entry() -> Any:  # console script

@@ -40,6 +40,7 @@ RUN_FILES = (
     "loss.png",
     "module_activity.png",
     "model",
+    "checkpoints",
 )
 
 
@@ -110,7 +111,7 @@ class TrainArgs:
     lr: float | None = _opt("peak learning rate of AdamW (default: by method, see DEFAULT_LR)")
     weight_decay: float = _opt("AdamW weight decay", default=0.01)
     warmup_ratio: float = _opt("fraction of steps of linear warm-up", default=0.06)
-    batch_size: int = _opt("training batch size", default=32)
+    batch_size: int = _opt("training batch size: the global batch, split over the processes", default=32)
     epochs: float = _opt("training epochs (ignored with --max-steps)", default=1.0)
     max_steps: int | None = _opt("stop after this many optimizer steps")
     max_length: int = _opt("maximum tokens per example", default=64)
@@ -118,6 +119,15 @@ class TrainArgs:
     max_eval_samples: int | None = _opt("evaluate on only the first N validation/test examples")
     eval_every: int = _opt("evaluate on the validation split every N steps (0: only at the end)", default=50)
     seed: int = _opt("random seed (data order, initialisation, allocation)", default=0)
+    gradient_accumulation_steps: int = _opt(
+        "micro-batches of --batch-size per optimizer step; every schedule counts optimizer steps", default=1
+    )
+    save_every: int = _opt(
+        "write a checkpoint every N optimizer steps under --output-dir/checkpoints (0: only on SIGINT/SIGTERM)",
+        default=0,
+    )
+    keep_checkpoints: int = _opt("keep only the newest N checkpoints", default=2)
+    resume: bool = _opt("continue the run in --output-dir from its newest checkpoint", default=False)
     output_dir: str = _opt("folder for config, metrics, logs, plots and the trained weights", default="runs/train")
     overwrite: bool = _opt("write over a run already in --output-dir", default=False)
     quiet: bool = _opt("no progress bar", default=False)
@@ -134,15 +144,16 @@ class TrainArgs:
     regression: bool = _opt("custom labels are floats (regression)", default=False)
 
     def __post_init__(self) -> None:
-        for name in ("rank", "batch_size", "max_length", "period"):
+        for name in ("rank", "batch_size", "max_length", "period", "gradient_accumulation_steps", "keep_checkpoints"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.eval_every < 0:
-            raise UsageError(f"--eval-every must be >= 0, got {self.eval_every}")
+        for name in ("eval_every", "save_every"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for name in ("epochs", "alpha", "weight_decay", "threshold", "warmup_ratio", "adapter_dropout"):
             if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
                 raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
 import os
 import shutil
+import signal
 import statistics
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +25,11 @@ from dynalora.backbones import METHODS, MethodOptions
 from dynalora.controller import DynamicAllocator
 from dynalora.data import TaskData, load_task, make_collator, tokenize
 from dynalora.data.tasks import TaskSpec, compute_metrics
-from dynalora.errors import UsageError
+from dynalora.errors import Interrupted, RunError, UsageError
 from dynalora.memory import PeakMemory
+from dynalora.training import checkpoint
 from dynalora.training.args import DEFAULT_MODEL, RUN_FILES, TrainArgs, as_flag_message
+from dynalora.training.checkpoint import latest_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +54,10 @@ def prepare_output_dir(args: TrainArgs) -> Path:
     """Refuse a folder that holds a run (unless --overwrite) or that cannot be a folder; writes nothing."""
     out = Path(args.output_dir)
     existing = [f for f in RUN_FILES if (out / f).exists()]
-    if existing and not args.overwrite:
+    if existing and not (args.overwrite or args.resume):
+        hint = "--resume to continue it, " if "checkpoints" in existing and "metrics.json" not in existing else ""
         raise UsageError(
-            f"--output-dir {out} already holds a run ({existing[0]}); choose another folder or pass --overwrite"
+            f"--output-dir {out} already holds a run ({existing[0]}); choose another folder, or pass {hint}--overwrite"
         )
     parent = out
     while not parent.exists() and parent != parent.parent:
@@ -141,18 +147,32 @@ def _eval_record(step: int, split: str, result: dict[str, Any]) -> dict[str, Any
     return {"type": "eval", "step": step, "split": split, "loss": result["loss"], "metrics": result["metrics"]}
 
 
-# ------------------------------------------------------------------------------------------ run
-def _autocast(device: torch.device, args: TrainArgs):
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
-    if dtype is None:
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=dtype)
+# ------------------------------------------------------------------------------------------ set-up
+def make_accelerator(args: TrainArgs):
+    """One Accelerator per run: device, mixed precision, DDP, gradient accumulation, batch sharding."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DistributedDataParallelKwargs
 
-
-def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    with open(path, "w") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
+    device = resolve_device(args.device)
+    if device.type != "cuda" and (args.bf16 or args.fp16):
+        raise UsageError("--bf16/--fp16 need a CUDA device; allowed on CPU: full precision (drop the flag)")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    # accelerate keeps its settings in process-wide singletons and refuses a second Accelerator with
+    # other ones, but one process may run several trainings (compare, benchmarks, tests). The
+    # process group (PartialState) stays.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(
+        cpu=device.type == "cpu",
+        mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "no",
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        # --batch-size is the global batch: each of N processes takes its 1/N of every batch
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        # modules outside the selection (or below the cutoff) get no gradient: DDP must not wait for them
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
 
 
 @dataclass
@@ -160,29 +180,43 @@ class Job:
     """Everything a run needs, built (and validated) before any file is written."""
 
     args: TrainArgs
-    device: torch.device
+    accelerator: Any
     spec: TaskSpec
     model_path: str
     tokenizer: Any
-    model: torch.nn.Module
+    model: torch.nn.Module  # as accelerate prepared it: DDP-wrapped under several processes
     allocator: DynamicAllocator | None
     optimizer: Any
     scheduler: Any
-    train_loader: DataLoader
+    train_loader: Any  # accelerate's DataLoaderShard: each process's part of every global batch
+    train_generator: torch.Generator  # the shuffle: its state at an epoch's start fixes that epoch's order
     eval_loaders: dict[str, DataLoader]
     num_steps: int
     num_trainable: int
+    saved: dict[str, torch.nn.Parameter]  # what a checkpoint holds: every tensor that ever trains
 
-    def autocast(self):
-        return _autocast(self.device, self.args)
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
 
 
 def prepare(args: TrainArgs) -> Job:
     """Load data and model, set up the method, allocator and optimizer. Raises UsageError on bad input."""
     prepare_output_dir(args)
-    device = resolve_device(args.device)
-    if device.type != "cuda" and (args.bf16 or args.fp16):
-        raise UsageError("--bf16/--fp16 need a CUDA device; allowed on CPU: full precision (drop the flag)")
+    accelerator = make_accelerator(args)
+    if args.batch_size % accelerator.num_processes:
+        raise UsageError(
+            f"--batch-size {args.batch_size} is the global batch and must split evenly over "
+            f"{accelerator.num_processes} processes; allowed: a multiple of {accelerator.num_processes}"
+        )
+    device = accelerator.device
     model_path = resolve_model_path(args.model)
 
     from transformers import get_scheduler, set_seed
@@ -206,6 +240,7 @@ def prepare(args: TrainArgs) -> Job:
     options = MethodOptions(targets, args.rank, args.alpha, args.adapter_dropout, bool(args.dynamic))
     model, modules = METHODS[args.method](model, options)
     model.to(device)
+    saved = {name: p for name, p in model.named_parameters() if p.requires_grad}  # before any module is frozen
     allocator = None
     if args.dynamic:
         try:
@@ -215,14 +250,11 @@ def prepare(args: TrainArgs) -> Job:
 
     tokenized = tokenize(data, tokenizer, args.max_length)
     collator = make_collator(tokenizer)
+    generator = torch.Generator().manual_seed(args.seed)
     train_loader = DataLoader(
-        tokenized["train"],
-        batch_size=args.batch_size,
-        shuffle=True,
-        collate_fn=collator,
-        generator=torch.Generator().manual_seed(args.seed),
+        tokenized["train"], batch_size=args.batch_size, shuffle=True, collate_fn=collator, generator=generator
     )
-    eval_loaders = {
+    eval_loaders = {  # only the main process evaluates, on the whole split
         split: DataLoader(
             _head(tokenized[split], args.max_eval_samples),
             batch_size=2 * args.batch_size,
@@ -234,7 +266,9 @@ def prepare(args: TrainArgs) -> Job:
         for split in ("validation", "test")
         if split in tokenized and (split != "test" or data.has_test_labels)
     }
-    num_steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_loader)))
+    # optimizer steps; the last, shorter accumulation of an epoch is a step too
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    num_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     schedule = {"num_warmup_steps": int(args.warmup_ratio * num_steps), "num_training_steps": num_steps}
     if allocator is not None:  # the optimizer covers frozen modules too (§3.4)
         optimizer = allocator.create_optimizer(torch.optim.AdamW, lr=args.lr, weight_decay=args.weight_decay)
@@ -244,82 +278,347 @@ def prepare(args: TrainArgs) -> Job:
         optimizer = torch.optim.AdamW(trainable_params(model), lr=args.lr, weight_decay=args.weight_decay)
         scheduler = get_scheduler("linear", optimizer, **schedule)
         num_trainable = sum(p.numel() for p in trainable_params(model))
+    # Only the model and the training data go through accelerate. The optimizer and scheduler stay
+    # ours: LocalOptimizer is no torch Optimizer, and the loop below steps both once per optimizer
+    # step (after the last micro-batch of an accumulation), whatever the number of processes.
+    model, train_loader = accelerator.prepare(model, train_loader)
     return Job(
-        args, device, data.spec, model_path, tokenizer, model, allocator, optimizer, scheduler,
-        train_loader, eval_loaders, num_steps, num_trainable,
+        args, accelerator, data.spec, model_path, tokenizer, model, allocator, optimizer, scheduler,
+        train_loader, generator, eval_loaders, num_steps, num_trainable, saved,
     )  # fmt: skip
 
 
-def train_loop(job: Job) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Train for ``job.num_steps`` optimizer steps; returns the log records and the run's cost figures."""
-    args, model, allocator, optimizer, scheduler = job.args, job.model, job.allocator, job.optimizer, job.scheduler
-    scaler = torch.amp.GradScaler(job.device.type, enabled=args.fp16)
-    records: list[dict[str, Any]] = []
-    step_ms: list[float] = []
-    active_params: list[int] = []
+# ------------------------------------------------------------------------------------------ the loop
+@dataclass
+class Progress:
+    """Where a run stands; a checkpoint's ``progress.json`` (and the loader state) restores it."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batches: int = 0  # batches of this epoch consumed
+    epoch_start: torch.Tensor | None = None  # the shuffle generator's state when this epoch began
+    records: list[dict[str, Any]] = field(default_factory=list)
+    step_ms: list[float] = field(default_factory=list)
+    active_params: list[int] = field(default_factory=list)
+    resumed_from: int | None = None
+
+    def to_json(self, world_size: int) -> dict[str, Any]:
+        keep = ("step", "epoch", "batches", "records", "step_ms", "active_params")
+        return {name: getattr(self, name) for name in keep} | {"world_size": world_size}
+
+
+class StopRequest:
+    """SIGINT and SIGTERM ask the loop to checkpoint and stop at the next step boundary.
+
+    A second Ctrl-C stops at once (KeyboardInterrupt). Handlers are installed only in the main
+    thread (Python allows no other) and restored on exit.
+    """
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.signals}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _agree(accelerator, loss: torch.Tensor, signum: int) -> tuple[float, int]:
+    """The step's loss averaged over processes and any process's stop request: one collective per step.
+
+    Every process then takes the same decisions (stop, save, diverged) at the same step, so none
+    waits forever in a collective that the others left.
+    """
+    if accelerator.num_processes == 1:
+        return float(loss), signum  # a sync point: the step's time is real work, not queued kernels
+    both = torch.stack([loss.detach().double(), torch.tensor(float(signum), device=loss.device)])
+    both = accelerator.reduce(both.to(accelerator.device), reduction="sum")
+    loss_value, any_signal = float(both[0]) / accelerator.num_processes, float(both[1])
+    return loss_value, signum or (signal.SIGTERM if any_signal else 0)
+
+
+def _all_ok(accelerator, ok: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return ok
+    flag = accelerator.reduce(torch.tensor([0.0 if ok else 1.0], device=accelerator.device), reduction="sum")
+    return float(flag[0]) == 0.0
+
+
+def _optimizer_step(job: Job) -> None:
+    scaler = job.accelerator.scaler  # fp16 only
+    if scaler is not None:
+        scaler.step(job.optimizer)
+        scaler.update()
+    else:
+        job.optimizer.step()
+    job.scheduler.step()
+    job.optimizer.zero_grad(set_to_none=True)
+    if job.allocator is not None:
+        job.allocator.step()  # may reallocate: freezes, unfreezes, applies the state policy
+
+
+def train_loop(job: Job, out: Path, resume: Path | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Train for ``job.num_steps`` optimizer steps; returns the log records and the run's cost figures.
+
+    Raises:
+        Interrupted: SIGINT/SIGTERM; a checkpoint of the last finished step was written.
+        RunError: a NaN/inf loss (before its optimizer step) or a checkpoint that cannot be written.
+    """
+    args, acc, model, allocator = job.args, job.accelerator, job.model, job.allocator
+    p = restore_checkpoint(job, resume) if resume is not None else Progress()
     last_eval: dict[str, Any] = {}
-    bar = tqdm(total=job.num_steps, disable=args.quiet, desc=f"{args.method}{' dynamic' if allocator else ''}")
-    batches = _cycle(job.train_loader)
+    bar = tqdm(
+        total=job.num_steps,
+        initial=p.step,
+        disable=args.quiet or not job.is_main,
+        desc=f"{args.method}{' dynamic' if allocator else ''}",
+    )
     model.train()
-    with PeakMemory(job.device) as peak:
-        for step in range(1, job.num_steps + 1):
-            batch = {k: v.to(job.device, non_blocking=True) for k, v in next(batches).items()}
-            active = allocator.num_active_params + allocator.num_extra_params if allocator else job.num_trainable
-            t0 = time.perf_counter()
-            with job.autocast():
-                loss = model(**batch).loss
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if allocator is not None:
-                allocator.step()  # may reallocate: freezes, unfreezes, applies the state policy
-            loss_value = loss.item()  # a sync point: the step's time below is real, not queued work
-            dt_ms = (time.perf_counter() - t0) * 1e3
-            step_ms.append(dt_ms)
-            active_params.append(active)
-            records.append(
-                {"type": "train", "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
-                 "num_active": len(allocator.active) if allocator else None, "step_ms": dt_ms}
-            )  # fmt: skip
-            due = step == job.num_steps or (args.eval_every and step % args.eval_every == 0)
-            if due and "validation" in job.eval_loaders:
-                last_eval = evaluate(model, job.eval_loaders["validation"], job.spec, job.device, job.autocast)
-                records.append(_eval_record(step, "validation", last_eval))
-            bar.update(1)
-            bar.set_postfix(_postfix(loss_value, last_eval, job.spec, allocator), refresh=False)
-    bar.close()
+    with PeakMemory(job.device) as peak, StopRequest() as stop, bar:  # the bar closes before any message
+        while p.step < job.num_steps:
+            if p.epoch_start is None:
+                p.epoch_start = job.train_generator.get_state()
+            else:  # resumed inside this epoch: the same shuffle, then skip what was consumed
+                job.train_generator.set_state(p.epoch_start)
+            loader = acc.skip_first_batches(job.train_loader, p.batches) if p.batches else job.train_loader
+            losses: list[torch.Tensor] = []
+            step_ms = 0.0
+            for batch in loader:
+                t0 = time.perf_counter()
+                with acc.accumulate(model):  # no DDP all-reduce until the last micro-batch
+                    loss = model(**batch).loss
+                    acc.backward(loss)  # divided by the accumulation steps
+                losses.append(loss.detach())
+                p.batches += 1
+                step_ms += (time.perf_counter() - t0) * 1e3
+                if not acc.sync_gradients:
+                    continue
+                t0 = time.perf_counter()
+                loss_value, signum = _agree(acc, torch.stack(losses).mean(), stop.signum)
+                if not math.isfinite(loss_value):
+                    last = latest_checkpoint(out)
+                    raise RunError(
+                        f"training loss is {loss_value} at step {p.step + 1}; stopped before its optimizer step; "
+                        + (f"last good checkpoint: {last}" if last else "no checkpoint (--save-every N writes them)")
+                    )
+                active = allocator.num_active_params + allocator.num_extra_params if allocator else job.num_trainable
+                _optimizer_step(job)
+                p.step += 1
+                step_ms += (time.perf_counter() - t0) * 1e3
+                p.step_ms.append(step_ms)
+                p.active_params.append(active)
+                p.records.append(
+                    {"type": "train", "step": p.step, "loss": loss_value, "lr": job.scheduler.get_last_lr()[0],
+                     "num_active": len(allocator.active) if allocator else None, "step_ms": step_ms}
+                )  # fmt: skip
+                losses, step_ms = [], 0.0
+                due = p.step == job.num_steps or (args.eval_every and p.step % args.eval_every == 0)
+                if due and job.is_main and "validation" in job.eval_loaders:
+                    last_eval = evaluate(
+                        job.unwrapped(), job.eval_loaders["validation"], job.spec, job.device, acc.autocast
+                    )
+                    p.records.append(_eval_record(p.step, "validation", last_eval))
+                bar.update(1)
+                bar.set_postfix(_postfix(loss_value, last_eval, job.spec, allocator), refresh=False)
+                if signum or (args.save_every and p.step % args.save_every == 0):
+                    saved = save_checkpoint(job, out, p)
+                if signum:
+                    raise Interrupted(
+                        f"stopped by {signal.Signals(signum).name} after step {p.step} of {job.num_steps}; "
+                        f"checkpoint in {saved}; continue with the same command and --resume",
+                        signum,
+                    )
+                if p.step == job.num_steps:
+                    break
+            else:  # the epoch is over
+                p.epoch, p.batches, p.epoch_start = p.epoch + 1, 0, None
     costs = {
         "last_validation": last_eval,  # run() keeps its metrics and predictions
-        "mean_active_trainable_params": float(np.mean(active_params)),
-        "train_runtime_s": sum(step_ms) / 1e3,
-        "median_step_ms": statistics.median(step_ms),
+        "mean_active_trainable_params": float(np.mean(p.active_params)),
+        "train_runtime_s": sum(p.step_ms) / 1e3,
+        "median_step_ms": statistics.median(p.step_ms),
         "peak_memory_bytes": peak.peak_bytes,
         "peak_memory_kind": peak.kind,
         "peak_memory_above_start_bytes": peak.increase_bytes,
+        "resumed_from_step": p.resumed_from,  # peak memory covers only the steps after it
     }
-    return records, costs
+    return p.records, costs
 
 
-def run(args: TrainArgs) -> dict[str, Any]:
-    """Fine-tune, evaluate and write every output; returns the content of ``metrics.json``."""
-    job = prepare(args)
+# ------------------------------------------------------------------------------------------ checkpoints
+def save_checkpoint(job: Job, out: Path, p: Progress) -> Path:
+    """Write the checkpoint of step ``p.step`` on every process; returns its folder.
+
+    Every process reaches the same agreements (:func:`_all_ok`), whether or not its own writes
+    failed, so a full disk on one of them stops all with one message and none hangs.
+    """
+    acc, final = job.accelerator, checkpoint.checkpoint_dir(out, p.step)
+    tmp, error = final.with_name(final.name + ".tmp"), None
+    try:
+        if job.is_main:
+            checkpoint.begin(out, p.step)
+    except OSError as err:
+        error = err
+    if _all_ok(acc, error is None):
+        try:
+            checkpoint.write_rng(tmp, acc.process_index, {"loader_epoch_start": p.epoch_start})
+            if job.is_main:
+                state = {
+                    "optimizer": job.optimizer.state_dict(),
+                    "scheduler": job.scheduler.state_dict(),
+                    "allocator": job.allocator.state_dict() if job.allocator else None,
+                    "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                }
+                checkpoint.write_shared(tmp, dict(job.saved), state, p.to_json(acc.num_processes))
+        except OSError as err:
+            error = err
+    if _all_ok(acc, error is None) and job.is_main:
+        try:
+            checkpoint.commit(tmp, job.args.keep_checkpoints)
+        except OSError as err:
+            error = err
+    if not _all_ok(acc, error is None):
+        if job.is_main:
+            checkpoint.abort(tmp)
+        previous = latest_checkpoint(out)
+        reason = f"{error.strerror or error}" if error else "another process could not write its part"
+        raise RunError(
+            f"cannot write checkpoint {final} ({reason}); "
+            + (f"{previous} is intact" if previous else "no earlier checkpoint")
+        )
+    return final
+
+
+def restore_checkpoint(job: Job, folder: Path) -> Progress:
+    """Put weights, optimizer, scheduler, allocator and RNG back as they were after the checkpoint's step."""
+    acc = job.accelerator
+    try:
+        weights, state, rng, saved = checkpoint.load(folder, acc.process_index, acc.num_processes)
+    except ValueError as err:
+        raise UsageError(f"--resume: {err}") from None
+    if set(weights) != set(job.saved):
+        missing = sorted(set(job.saved) ^ set(weights))[0]
+        raise UsageError(f"--resume: {folder} holds other weights than this run ({missing}); allowed: the same model")
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            job.saved[name].copy_(tensor)
+    job.optimizer.load_state_dict(state["optimizer"])
+    job.scheduler.load_state_dict(state["scheduler"])
+    if job.allocator is not None:
+        job.allocator.load_state_dict(state["allocator"])
+    if acc.scaler is not None and state["scaler"] is not None:
+        acc.scaler.load_state_dict(state["scaler"])
+    checkpoint.set_rng_state(rng)  # last: nothing above may draw from it
+    kept = {k: saved[k] for k in ("step", "epoch", "batches", "records", "step_ms", "active_params")}
+    return Progress(**kept, epoch_start=rng["loader_epoch_start"], resumed_from=saved["step"])
+
+
+# ------------------------------------------------------------------------------------------ run
+# Flags that may change between a run and its --resume; every other one must be what the run began with.
+RESUME_FREE = ("resume", "overwrite", "quiet", "save_every", "keep_checkpoints")
+
+
+def resume_point(args: TrainArgs) -> Path | None:
+    """The checkpoint ``--resume`` continues from; None when there is none yet (the run starts at step 0)."""
+    if not args.resume:
+        return None
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    clear_run(out)  # --overwrite: the old run's files go before any new one is written
-    config = {**args.to_dict(), "model_path": job.model_path, "num_steps": job.num_steps, "device": str(job.device)}
+    if (out / "metrics.json").exists():
+        raise UsageError(
+            f"--resume: the run in {out} already finished (metrics.json); allowed: a run that stopped early"
+        )
+    last = latest_checkpoint(out)
+    if last is None:
+        return None
+    began = json.loads((out / "config.json").read_text())
+    for name, value in args.to_dict().items():
+        if name not in RESUME_FREE and began.get(name) != value:
+            raise UsageError(
+                f"--resume: --{name.replace('_', '-')} is {value!r} here but {began.get(name)!r} in {out}/config.json; "
+                "allowed: the flags the run began with"
+            )
+    return last
+
+
+def _start_output(out: Path, args: TrainArgs, job: Job, resume: Path | None) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".dynalora-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        message = f"--output-dir {out} is not writable ({err.strerror}); allowed: a folder you can write to"
+        raise UsageError(message) from None
+    if resume is not None:
+        logger.info("resuming %s from %s", out, resume)
+        return
+    clear_run(out)  # --overwrite (or a --resume with nothing saved yet): the old files go first
+    config = {**args.to_dict(), "model_path": job.model_path, "num_steps": job.num_steps, "resolved_device": str(job.device),
+              "num_processes": job.accelerator.num_processes}  # fmt: skip
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     logger.info(
         "training %s on %s for %d steps (%d trainable parameters)",
         args.method, args.task, job.num_steps, job.num_trainable,
     )  # fmt: skip
 
-    records, costs = train_loop(job)
+
+def run(args: TrainArgs) -> dict[str, Any] | None:
+    """Fine-tune, evaluate and write every output.
+
+    Returns:
+        The content of ``metrics.json`` on the main process; None on the others.
+    """
+    resume = resume_point(args)
+    job = prepare(args)
+    out = Path(args.output_dir)
+    try:
+        error = None
+        if job.is_main:
+            try:
+                _start_output(out, args, job, resume)
+            except UsageError as err:
+                error = err
+        if not _all_ok(job.accelerator, error is None):
+            raise error or UsageError(f"--output-dir {out}: the main process could not set it up")
+        records, costs = train_loop(job, out, resume)
+        metrics = _finish(job, out, records, costs) if job.is_main else None
+        job.accelerator.wait_for_everyone()
+        return metrics
+    finally:
+        release(job)
+
+
+def release(job: Job) -> None:
+    """Drop every reference to the DDP wrapper while the process group is still alive.
+
+    The wrapper's C++ Reducer holds the process group; if freeing it drops the group's last
+    reference, gloo's teardown can deadlock (tests/test_distributed.py::_in_group). The CLI
+    destroys the group itself, after this.
+    """
+    job.model = job.unwrapped()
+    job.train_loader = None
+    job.accelerator.free_memory()
+    gc.collect()
+
+
+def _finish(job: Job, out: Path, records: list[dict[str, Any]], costs: dict[str, Any]) -> dict[str, Any]:
+    args, model = job.args, job.unwrapped()
     final = {"validation": costs.pop("last_validation")}
     test = {}
     if "test" in job.eval_loaders:
-        final["test"] = evaluate(job.model, job.eval_loaders["test"], job.spec, job.device, job.autocast)
+        final["test"] = evaluate(model, job.eval_loaders["test"], job.spec, job.device, job.accelerator.autocast)
         records.append(_eval_record(job.num_steps, "test", final["test"]))
         test = final["test"]["metrics"]
     predictions = {
@@ -327,7 +626,6 @@ def run(args: TrainArgs) -> dict[str, Any]:
         for split, r in final.items()
         if r
     }
-
     alloc = job.allocator
     metrics = {
         "task": args.task,
@@ -344,19 +642,21 @@ def run(args: TrainArgs) -> dict[str, Any]:
         "num_steps": job.num_steps,
         "seed": args.seed,
         "device": str(job.device),
+        "num_processes": job.accelerator.num_processes,
     }
     (out / "predictions.json").write_text(json.dumps(predictions) + "\n")
-    _write_outputs(out, job.model, job.tokenizer, alloc, records, metrics)  # metrics.json last: the run is done
+    _write_outputs(out, model, job.tokenizer, alloc, records, metrics)  # metrics.json last: the run is done
     return metrics
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    with open(path, "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
 
 
 def _head(dataset, n: int | None):
     return dataset if n is None else dataset.select(range(min(n, len(dataset))))
-
-
-def _cycle(loader: DataLoader):
-    while True:  # epochs; the loader reshuffles on each pass
-        yield from loader
 
 
 def _postfix(loss: float, last_eval: dict[str, Any], spec: TaskSpec, allocator) -> dict[str, str]:

@@ -1,0 +1,225 @@
+"""Checkpoints, exact resume and failure safety of `dynalora train` (tiny model, tiny CSV, CPU)."""
+
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dynalora.cli import main
+from dynalora.training import checkpoint, loop
+from tests.test_cli import cli_args, read_jsonl
+
+# 64 examples in batches of 8 and 2 micro-batches a step: 4 optimizer steps an epoch, so 14 steps
+# cross three epoch boundaries; period 4 reallocates at steps 4, 8 and 12.
+RECIPE = ("--max-steps", "14", "--period", "4", "--eval-every", "5", "--gradient-accumulation-steps", "2")
+
+
+class Crash(Exception):
+    pass
+
+
+def _crash_after(monkeypatch, steps: int) -> None:
+    """The process dies (an exception nobody catches) right after optimizer step ``steps``."""
+    real, count = loop._optimizer_step, {"n": 0}
+
+    def step(job):
+        real(job)
+        count["n"] += 1
+        if count["n"] == steps:
+            raise Crash
+
+    monkeypatch.setattr(loop, "_optimizer_step", step)
+
+
+def _weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model" / "adapter_model.safetensors"))
+
+
+def _same_run(a: Path, b: Path) -> None:
+    """Bitwise the same final weights, selections and training log."""
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    assert read_jsonl(a / "allocations.jsonl") == read_jsonl(b / "allocations.jsonl")
+    train = [
+        [(r["step"], r["loss"], r["lr"]) for r in read_jsonl(d / "log.jsonl") if r["type"] == "train"] for d in (a, b)
+    ]
+    assert train[0] == train[1]
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    assert ma["validation"] == mb["validation"] and ma["module_active_steps"] == mb["module_active_steps"]
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "save_every", "crash_at"),
+    [("local", 5, 7), ("global", 4, 9)],  # a checkpoint mid-epoch / on a reallocation; crash after a reallocation
+)
+def test_resume_after_a_crash_is_bitwise_the_uninterrupted_run(
+    tiny_model, csv_task, tmp_path, monkeypatch, optimizer, save_every, crash_at
+):
+    recipe = (*RECIPE, "--optimizer", optimizer, "--adapter-dropout", "0.1")
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert main(cli_args(tiny_model, csv_task, whole, *recipe)) == 0
+
+    with monkeypatch.context() as m:
+        _crash_after(m, crash_at)
+        with pytest.raises(Crash):
+            main(cli_args(tiny_model, csv_task, broken, *recipe, "--save-every", str(save_every)))
+    last = crash_at // save_every * save_every
+    saved = checkpoint.latest_checkpoint(broken)
+    assert saved.name == f"step-{last:06d}" and not (broken / "metrics.json").exists()
+    # nothing in a checkpoint needs unpickling
+    assert set(torch.load(saved / "state.pt", weights_only=True)) == {"optimizer", "scheduler", "allocator", "scaler"}
+
+    assert main(cli_args(tiny_model, csv_task, broken, *recipe, "--save-every", str(save_every), "--resume")) == 0
+    _same_run(whole, broken)
+    metrics = json.loads((broken / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == last
+    # pruned to the newest two (--keep-checkpoints' default)
+    steps = [int(p.name.split("-")[1]) for p in checkpoint.list_checkpoints(broken)]
+    assert steps == [s for s in range(save_every, 15, save_every)][-2:]
+
+
+def test_gradient_accumulation_counts_optimizer_steps(still_model, csv_task, tmp_path):
+    """2 micro-batches of 4 are one step of 8: same weights (no dropout), same reallocation steps."""
+    common = ("--max-steps", "6", "--period", "2", "--adapter-dropout", "0", "--eval-every", "0")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(cli_args(still_model, csv_task, one, *common)) == 0
+    accumulate = ("--batch-size", "4", "--gradient-accumulation-steps", "2")
+    assert main(cli_args(still_model, csv_task, two, *common, *accumulate)) == 0
+    wa, wb = _weights(one), _weights(two)
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-4, atol=1e-5)
+    steps = [[h["step"] for h in read_jsonl(d / "allocations.jsonl")] for d in (one, two)]
+    assert steps[0] == steps[1] == [0, 2, 4, 6]
+    assert [r["step"] for r in read_jsonl(two / "log.jsonl") if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
+    tiny_model, csv_task, tmp_path, monkeypatch, capsys
+):
+    real_load, calls = loop.load_model, {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        tokenizer, model = real_load(*args, **kwargs)
+
+        def hook(module, inputs, output):
+            if module.training:
+                calls["n"] += 1
+                if calls["n"] == 5:  # the 5th training forward: step 5 (no accumulation)
+                    return output * float("nan")
+            return output
+
+        model.classifier.register_forward_hook(hook)
+        return tokenizer, model
+
+    monkeypatch.setattr(loop, "load_model", poisoned)
+    out = tmp_path / "run"
+    assert main(cli_args(tiny_model, csv_task, out, "--max-steps", "8", "--save-every", "2")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "training loss is nan at step 5" in err and "step-000004" in err
+    assert [p.name for p in checkpoint.list_checkpoints(out)] == ["step-000002", "step-000004"]
+    assert not (out / "metrics.json").exists()
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tiny_model, csv_task, tmp_path, monkeypatch, capsys):
+    real, calls = checkpoint.save_file, {"n": 0}
+
+    def save_file(tensors, filename):
+        calls["n"] += 1
+        if "step-000004" in filename:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        real(tensors, filename)
+
+    monkeypatch.setattr(checkpoint, "save_file", save_file)
+    out = tmp_path / "run"
+    assert main(cli_args(tiny_model, csv_task, out, "--max-steps", "8", "--save-every", "2")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and "step-000002 is intact" in err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]  # no half-written folder
+    weights, state, rng, progress = checkpoint.load(out / "checkpoints" / "step-000002", rank=0, world_size=1)
+    assert progress["step"] == 2 and weights and state["allocator"]["step"] == 2
+
+
+def test_resume_refusals_are_one_line(tiny_model, csv_task, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _crash_after(m, 3)
+        with pytest.raises(Crash):
+            main(cli_args(tiny_model, csv_task, out, "--save-every", "2"))
+    capsys.readouterr()
+    cases = [
+        ((), "--resume to continue it"),  # the folder holds a stopped run: say how to continue
+        (("--resume", "--lr", "0.5"), "--resume: --lr is 0.5 here but 0.01"),
+    ]
+    for extra, expected in cases:
+        assert main(cli_args(tiny_model, csv_task, out, "--save-every", "2", *extra)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and expected in err, err
+    assert main(cli_args(tiny_model, csv_task, out, "--save-every", "2", "--resume")) == 0
+    capsys.readouterr()
+    assert main(cli_args(tiny_model, csv_task, out, "--save-every", "2", "--resume")) == 2
+    assert "already finished" in capsys.readouterr().err
+
+
+def test_resume_without_a_checkpoint_starts_from_step_zero(tiny_model, csv_task, tmp_path):
+    out = tmp_path / "run"
+    assert main(cli_args(tiny_model, csv_task, out, "--resume")) == 0
+    assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] is None
+
+
+def test_an_unwritable_output_folder_is_one_line(tiny_model, csv_task, capsys):
+    assert main(cli_args(tiny_model, csv_task, "/proc/dynalora-cannot-write-here")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not writable" in err
+
+
+def _launch(command: list[str], timeout: float = 120.0, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs
+    )
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_sigterm_checkpoints_and_resume_finishes_the_same_run(tiny_model, csv_task, tmp_path):
+    recipe = ("--max-steps", "150", "--eval-every", "0", "--period", "4")
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    args = [a for a in cli_args(tiny_model, csv_task, stopped, *recipe) if a != "--quiet"]  # the bar tells the step
+    proc = _launch([sys.executable, "-m", "dynalora", *args])
+    seen = []
+    reader = threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stderr.read(64), "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not any(int(n) >= 3 for n in re.findall(r"(\d+)/150", "".join(seen))):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(seen)[-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        _kill(proc)
+    reader.join(timeout=10)
+    last = "".join(seen).strip().splitlines()[-1]  # the message comes after the progress bar
+    saved = checkpoint.latest_checkpoint(stopped)
+    assert f"stopped by SIGTERM after step {int(saved.name.split('-')[1])} of 150" in last and "--resume" in last
+    assert not (stopped / "metrics.json").exists()
+
+    assert main(cli_args(tiny_model, csv_task, stopped, *recipe, "--resume")) == 0
+    assert main(cli_args(tiny_model, csv_task, whole, *recipe)) == 0
+    _same_run(whole, stopped)
