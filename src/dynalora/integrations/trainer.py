@@ -26,10 +26,16 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "dynalora_allocator.pt"
 
 
+def state_file(rank: int) -> str:
+    """Each process keeps its own file: importance is measured on its part of the batch."""
+    return STATE_FILE if rank == 0 else f"dynalora_allocator-{rank}.pt"
+
+
 class DynamicAllocationCallback(TrainerCallback):
     """Calls :meth:`DynamicAllocator.step` once per optimizer step and saves/restores its state.
 
-    The allocator's state goes into every checkpoint folder as ``dynalora_allocator.pt``; on
+    The allocator's state goes into every checkpoint folder as ``dynalora_allocator.pt`` (and
+    ``dynalora_allocator-<rank>.pt`` from every other process; read with ``weights_only=True``); on
     ``trainer.train(resume_from_checkpoint=...)`` it is read back from ``resume_from``, else
     ``<output_dir>/checkpoint-<step>``, and its saved step must match the step Trainer resumes at.
 
@@ -70,7 +76,7 @@ class DynamicAllocationCallback(TrainerCallback):
         folder = self.resume_from or args.resume_from_checkpoint
         if not folder or not os.path.isdir(folder):
             folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        path = os.path.join(folder, STATE_FILE)
+        path = os.path.join(folder, state_file(args.process_index))
         if not os.path.exists(path):
             raise FileNotFoundError(
                 f"resuming at step {state.global_step} but {path} is missing; "
@@ -88,7 +94,7 @@ class DynamicAllocationCallback(TrainerCallback):
         self.allocator.step()
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if args.should_save:
+        if args.should_save or args.world_size > 1:  # every process saves its own state
             folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             os.makedirs(folder, exist_ok=True)
-            torch.save(self.allocator.state_dict(), os.path.join(folder, STATE_FILE))
+            torch.save(self.allocator.state_dict(), os.path.join(folder, state_file(args.process_index)))

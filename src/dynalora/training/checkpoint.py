@@ -4,8 +4,10 @@
 
 - ``weights.safetensors``: every tensor the run trains at some point (adapters, head; the block
   linears of full fine-tuning), whether it is active now or not;
-- ``state.pt``: optimizer(s), LR scheduler(s), the allocator and the fp16 loss scaler, written with
-  ``torch.save`` and read back with ``torch.load(weights_only=True)`` (tensors, numbers, strings);
+- ``state.pt``: optimizer(s), LR scheduler(s) and the fp16 loss scaler, written with ``torch.save``
+  and read back with ``torch.load(weights_only=True)`` (tensors, numbers, strings);
+- ``allocator-<rank>.pt``: each process's allocator, the same way (importance is measured on each
+  process's part of the batch before it is averaged, so the accumulators differ between processes);
 - ``rng-<rank>.safetensors``: each process's torch, CUDA, numpy and Python RNG states, and the
   data loader's generator at the start of the epoch (the data position is that plus a batch count);
 - ``progress.json``: the step, the data position and the log records so far.
@@ -93,8 +95,10 @@ def write_shared(folder: Path, weights: dict[str, torch.Tensor], state: dict[str
     (folder / "progress.json").write_text(json.dumps(progress) + "\n")
 
 
-def write_rng(folder: Path, rank: int, extra: dict[str, torch.Tensor]) -> None:
+def write_rank(folder: Path, rank: int, allocator: dict[str, Any] | None, extra: dict[str, torch.Tensor]) -> None:
+    """The files of one process: its RNG states (and ``extra`` tensors) and its allocator's state."""
     save_file(rng_state() | extra, str(folder / f"rng-{rank}.safetensors"))
+    torch.save(allocator, folder / f"allocator-{rank}.pt")
 
 
 def begin(out: Path, step: int) -> Path:
@@ -126,7 +130,7 @@ def abort(tmp: Path | None) -> None:
 
 
 def load(folder: Path, rank: int, world_size: int) -> tuple[dict[str, torch.Tensor], dict, dict, dict]:
-    """``(weights, state, rng, progress)`` of a checkpoint, for this rank.
+    """``(weights, state, rng, progress)`` of a checkpoint, for this rank; ``state["allocator"]`` is this rank's.
 
     Raises:
         ValueError: written by another number of processes (the RNG states would not match).
@@ -139,5 +143,6 @@ def load(folder: Path, rank: int, world_size: int) -> tuple[dict[str, torch.Tens
         )
     weights = load_file(str(folder / "weights.safetensors"))
     state = torch.load(folder / "state.pt", weights_only=True)
+    state["allocator"] = torch.load(folder / f"allocator-{rank}.pt", weights_only=True)
     rng = load_file(str(folder / f"rng-{rank}.safetensors"))
     return weights, state, rng, progress

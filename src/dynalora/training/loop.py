@@ -473,12 +473,12 @@ def save_checkpoint(job: Job, out: Path, p: Progress) -> Path:
         error = err
     if _all_ok(acc, error is None):
         try:
-            checkpoint.write_rng(tmp, acc.process_index, {"loader_epoch_start": p.epoch_start})
+            allocator = job.allocator.state_dict() if job.allocator else None
+            checkpoint.write_rank(tmp, acc.process_index, allocator, {"loader_epoch_start": p.epoch_start})
             if job.is_main:
                 state = {
                     "optimizer": job.optimizer.state_dict(),
                     "scheduler": job.scheduler.state_dict(),
-                    "allocator": job.allocator.state_dict() if job.allocator else None,
                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                 }
                 checkpoint.write_shared(tmp, dict(job.saved), state, p.to_json(acc.num_processes))
@@ -565,8 +565,9 @@ def _start_output(out: Path, args: TrainArgs, job: Job, resume: Path | None) -> 
         logger.info("resuming %s from %s", out, resume)
         return
     clear_run(out)  # --overwrite (or a --resume with nothing saved yet): the old files go first
-    config = {**args.to_dict(), "model_path": job.model_path, "num_steps": job.num_steps, "resolved_device": str(job.device),
-              "num_processes": job.accelerator.num_processes}  # fmt: skip
+    resolved = {"model_path": job.model_path, "num_steps": job.num_steps, "resolved_device": str(job.device),
+                "num_processes": job.accelerator.num_processes}  # fmt: skip
+    config = {**args.to_dict(), **resolved}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     logger.info(
         "training %s on %s for %d steps (%d trainable parameters)",
