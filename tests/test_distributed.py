@@ -10,6 +10,7 @@ import traceback
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -134,3 +135,52 @@ def test_ddp_diverges_if_modules_are_frozen_before_wrapping(tmp_path):
     """Guards the test above: DDP never syncs what was frozen when it wrapped the model."""
     (w0, w1), _ = _ddp_run(tmp_path, defer=False)
     assert any(not torch.equal(w0[n], w1[n]) for n in w0)
+
+
+def _still_bert() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = tiny.peft_bert()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):  # two halves of a batch must see what the whole batch does
+            m.p = 0.0
+    return model
+
+
+def _train_halves(model, rank: int, world: int, optimizer: str) -> DynamicAllocator:
+    config = DynamicConfig(k=2, period=2, measure="gradient", allocator="topk", optimizer=optimizer)
+    alloc = DynamicAllocator(model, config)
+    opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
+    for batch in tiny.batches(6, seed=100, batch=4):
+        model(**{k: v.chunk(world)[rank] for k, v in batch.items()}).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        alloc.step()
+    return alloc
+
+
+def _fsdp_worker(rank: int, out: str, optimizer: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    model = _still_bert()
+    for layer in model.base_model.model.bert.encoder.layer:
+        fully_shard(layer)
+    fully_shard(model)  # before the allocator: fully_shard replaces every parameter with a sharded one
+    alloc = _train_halves(model, rank, 2, optimizer)
+    full = {n: p.full_tensor().detach() for n, p in model.named_parameters()}  # a collective: every rank
+    if rank == 0:
+        torch.save({"weights": full, "active": [h["active"] for h in alloc.history]}, out)
+
+
+@pytest.mark.parametrize("optimizer", ["global", "local"])
+def test_fsdp2_trains_as_one_process_across_reallocations(tmp_path, optimizer):
+    """fully_shard (FSDP2) on gloo: frozen and unfrozen modules change under sharding, and the run
+    ends where one process with the whole batch ends."""
+    out = str(tmp_path / "fsdp.pt")
+    _spawn(_fsdp_worker, out, optimizer)
+    sharded = torch.load(out, weights_only=True)
+    model = _still_bert()
+    alloc = _train_halves(model, 0, 1, optimizer)
+    assert sharded["active"] == [h["active"] for h in alloc.history]
+    assert len({tuple(a) for a in sharded["active"]}) > 1  # it did reallocate
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(sharded["weights"][name], p.detach(), rtol=1e-4, atol=1e-5)

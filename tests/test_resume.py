@@ -224,3 +224,17 @@ def test_sigterm_checkpoints_and_resume_finishes_the_same_run(tiny_model, csv_ta
     assert main(cli_args(tiny_model, csv_task, stopped, *recipe, "--resume")) == 0
     assert main(cli_args(tiny_model, csv_task, whole, *recipe)) == 0
     _same_run(whole, stopped)
+
+
+def test_a_checkpoint_missing_its_rng_state_is_refused(tiny_model, csv_task, tmp_path, monkeypatch, capsys):
+    """accelerate only logs an RNG state it cannot restore; a bitwise resume must not go on without it."""
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _crash_after(m, 3)
+        with pytest.raises(Crash):
+            main(cli_args(tiny_model, csv_task, out, "--save-every", "2"))
+    (out / "checkpoints" / "step-000002" / "rng-0.safetensors").unlink()
+    capsys.readouterr()
+    assert main(cli_args(tiny_model, csv_task, out, "--save-every", "2", "--resume")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "rng-0.safetensors is missing" in err

@@ -1,6 +1,5 @@
 """DynamicAllocationCallback drives the allocator inside a Hugging Face Trainer."""
 
-
 import pytest
 import torch
 from datasets import Dataset

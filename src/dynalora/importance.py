@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
+from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
 from dynalora.adapters import AdapterModule
@@ -192,7 +193,10 @@ class GradientNorm(_Accumulating):
     def _hook(self, i: int, j: int, layer: torch.nn.Module):
         def hook(param):
             if layer.training:
-                self.squares[i][j] = torch.linalg.vector_norm(param.grad, dtype=torch.float32).square()
+                grad = param.grad
+                if isinstance(grad, DTensor):  # FSDP2: this process's shard; ranks average the scores
+                    grad = grad.to_local()
+                self.squares[i][j] = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
                 self.seen[i] = True
 
         return hook

@@ -133,8 +133,13 @@ def load(folder: Path, rank: int, world_size: int) -> tuple[dict[str, torch.Tens
     """``(weights, state, rng, progress)`` of a checkpoint, for this rank; ``state["allocator"]`` is this rank's.
 
     Raises:
-        ValueError: written by another number of processes (the RNG states would not match).
+        ValueError: a file is missing, or it was written by another number of processes (the RNG
+            states would not match).
     """
+    needed = ["progress.json", "weights.safetensors", "state.pt", f"allocator-{rank}.pt", f"rng-{rank}.safetensors"]
+    missing = [name for name in needed if not (folder / name).exists()]
+    if missing:  # for a bitwise resume, RNG states that cannot be restored are an error
+        raise ValueError(f"{folder} is incomplete ({missing[0]} is missing); allowed: a checkpoint dynalora wrote")
     progress = json.loads((folder / "progress.json").read_text())
     if progress["world_size"] != world_size:
         raise ValueError(

@@ -152,7 +152,7 @@ def make_accelerator(args: TrainArgs):
     """One Accelerator per run: device, mixed precision, DDP, gradient accumulation, batch sharding."""
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
     device = resolve_device(args.device)
     if device.type != "cuda" and (args.bf16 or args.fp16):
@@ -164,7 +164,7 @@ def make_accelerator(args: TrainArgs):
     # process group (PartialState) stays.
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=device.type == "cpu",
         mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "no",
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -173,6 +173,14 @@ def make_accelerator(args: TrainArgs):
         # modules outside the selection (or below the cutoff) get no gradient: DDP must not wait for them
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        # FSDP replaces the parameters after the allocator has taken them; ZeRO fixes the trainable
+        # set when it builds its flat buffers (README, "Engines").
+        raise UsageError(
+            f"dynalora train runs under DDP, not {accelerator.distributed_type.value}; allowed: torchrun or "
+            "accelerate launch without --use_fsdp/--use_deepspeed (FSDP2: see the README for the library path)"
+        )
+    return accelerator
 
 
 @dataclass
