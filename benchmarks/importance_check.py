@@ -31,10 +31,10 @@ from torch.utils.data import DataLoader  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 from dynalora.adapters import find_adapter_modules  # noqa: E402
-from dynalora.backbones import METHODS, MethodOptions  # noqa: E402
 from dynalora.cli import _quiet_libraries  # noqa: E402
 from dynalora.data import load_task, make_collator, tokenize  # noqa: E402
 from dynalora.importance import MEASURES  # noqa: E402
+from dynalora.methods import METHODS, MethodOptions  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 MEASURED = ("forward", "adapter", "gradient")

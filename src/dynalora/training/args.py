@@ -6,7 +6,6 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from dynalora.backbones import ADAPTER_METHODS, METHODS
 from dynalora.config import (
     ALLOCATORS,
     BUDGET_SCHEDULES,
@@ -19,6 +18,7 @@ from dynalora.config import (
 )
 from dynalora.data import DEFAULT_TASK, TASKS, resolve_task
 from dynalora.errors import UsageError
+from dynalora.methods import ADAPTER_METHODS, METHODS
 
 DEFAULT_MODEL = "embedded:minilm-l6"
 # Peak learning rates for the embedded default. lora and dynamic full were measured (benchmarks/quality.py,

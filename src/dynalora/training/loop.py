@@ -21,12 +21,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dynalora.backbones import METHODS, MethodOptions
 from dynalora.controller import DynamicAllocator
 from dynalora.data import TaskData, load_task, make_collator, tokenize
 from dynalora.data.tasks import TaskSpec, compute_metrics
 from dynalora.errors import Interrupted, RunError, UsageError
 from dynalora.memory import PeakMemory
+from dynalora.methods import METHODS, MethodOptions
 from dynalora.training import checkpoint
 from dynalora.training.args import DEFAULT_MODEL, RUN_FILES, TrainArgs, as_flag_message
 from dynalora.training.checkpoint import latest_checkpoint

@@ -1,0 +1,27 @@
+"""Fine-tuning methods the CLI offers, one small file each, and the registry.
+
+Each builder takes a loaded ``AutoModelForSequenceClassification`` and returns the model to train
+plus, for dynamic allocation, the units of allocation (``None``: found by structure, as the
+model's tuner layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from dynalora.methods.common import Built, MethodOptions
+from dynalora.methods.full import bitfit, full
+from dynalora.methods.peft_adapters import dora, lora, vera
+
+METHODS: dict[str, Callable[[nn.Module, MethodOptions], Built]] = {
+    "lora": lora,
+    "dora": dora,
+    "vera": vera,
+    "full": full,
+    "bitfit": bitfit,
+}
+ADAPTER_METHODS = ("lora", "dora", "vera")
+
+__all__ = ["ADAPTER_METHODS", "METHODS", "Built", "MethodOptions"]

@@ -1,0 +1,38 @@
+"""Full fine-tuning (plain, or dynamic over the block linears) and BitFit."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from dynalora.adapters import find_linear_modules
+from dynalora.errors import UsageError
+from dynalora.methods.common import ALL_LINEAR, Built, MethodOptions, check_targets, is_head
+
+
+def full(model: nn.Module, opts: MethodOptions) -> Built:
+    """Full fine-tuning; with ``dynamic``, each target linear layer is a module trained only while
+    selected, everything else but the head stays frozen (as LISA/BAdam do by layers)."""
+    if not opts.dynamic:
+        model.requires_grad_(True)
+        return model, None
+    # default and all-linear: every linear layer of the transformer blocks (find_linear_modules' own default)
+    custom = opts.targets not in (None, (ALL_LINEAR,))
+    if custom:
+        check_targets(model, opts.targets)
+    modules = find_linear_modules(model, opts.targets if custom else None)
+    modules = [m for m in modules if not is_head(m.name)]
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_head(name))
+    for module in modules:
+        for param in module.params:
+            param.requires_grad_(True)
+    return model, modules
+
+
+def bitfit(model: nn.Module, opts: MethodOptions) -> Built:
+    """Biases and the task head only (Zaken et al., 2021)."""
+    if opts.dynamic:
+        raise UsageError("--method bitfit has no modules to allocate; use it with --no-dynamic")
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.endswith(".bias") or is_head(name))
+    return model, None
