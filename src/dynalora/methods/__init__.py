@@ -11,17 +11,21 @@ from collections.abc import Callable
 
 from torch import nn
 
+from dynalora.methods import dvora, hydra
 from dynalora.methods.common import Built, MethodOptions
 from dynalora.methods.full import bitfit, full
 from dynalora.methods.peft_adapters import dora, lora, vera
+from dynalora.methods.tuner import is_own, load_trained, merge, save_adapter
 
 METHODS: dict[str, Callable[[nn.Module, MethodOptions], Built]] = {
     "lora": lora,
     "dora": dora,
     "vera": vera,
+    "dvora": dvora.build,
+    "hydra": hydra.build,
     "full": full,
     "bitfit": bitfit,
 }
-ADAPTER_METHODS = ("lora", "dora", "vera")
+ADAPTER_METHODS = ("lora", "dora", "vera", "dvora", "hydra")
 
-__all__ = ["ADAPTER_METHODS", "METHODS", "Built", "MethodOptions"]
+__all__ = ["ADAPTER_METHODS", "METHODS", "Built", "MethodOptions", "is_own", "load_trained", "merge", "save_adapter"]

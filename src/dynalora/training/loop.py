@@ -26,7 +26,7 @@ from dynalora.data import TaskData, load_task, make_collator, tokenize
 from dynalora.data.tasks import TaskSpec, compute_metrics
 from dynalora.errors import Interrupted, RunError, UsageError
 from dynalora.memory import PeakMemory
-from dynalora.methods import METHODS, MethodOptions
+from dynalora.methods import METHODS, MethodOptions, is_own, save_adapter
 from dynalora.training import checkpoint
 from dynalora.training.args import DEFAULT_MODEL, RUN_FILES, TrainArgs, as_flag_message
 from dynalora.training.checkpoint import latest_checkpoint
@@ -654,7 +654,10 @@ def _finish(job: Job, out: Path, records: list[dict[str, Any]], costs: dict[str,
         "num_processes": job.accelerator.num_processes,
     }
     (out / "predictions.json").write_text(json.dumps(predictions) + "\n")
-    _write_outputs(out, model, job.tokenizer, alloc, records, metrics)  # metrics.json last: the run is done
+    info = {"method": args.method, "base_model": job.model_path, "targets": args.targets and args.targets.split(","),
+            "rank": args.rank, "alpha": args.alpha, "num_labels": job.spec.num_labels,
+            "problem_type": "regression" if job.spec.is_regression else "single_label_classification"}  # fmt: skip
+    _write_outputs(out, model, job.tokenizer, alloc, records, metrics, info)  # metrics.json last: the run is done
     return metrics
 
 
@@ -677,7 +680,7 @@ def _postfix(loss: float, last_eval: dict[str, Any], spec: TaskSpec, allocator) 
     return post
 
 
-def _write_outputs(out: Path, model, tokenizer, allocator, records, metrics) -> None:
+def _write_outputs(out: Path, model, tokenizer, allocator, records, metrics, info) -> None:
     from dynalora.plots import plot_loss, plot_module_activity
 
     _write_jsonl(out / "log.jsonl", records)
@@ -691,6 +694,9 @@ def _write_outputs(out: Path, model, tokenizer, allocator, records, metrics) -> 
         )
     plot_loss(records, out / "loss.png", metric=metrics["main_metric"])
     weights = out / "model"
-    model.save_pretrained(weights)  # PEFT: the adapter (and head) only; full/bitfit: the whole model
+    if is_own(model):  # hydra, dvora: their tensors and how to rebuild the rest (methods.load_trained)
+        save_adapter(model, weights, info)
+    else:  # PEFT: the adapter (and head) only; full/bitfit: the whole model
+        model.save_pretrained(weights)
     tokenizer.save_pretrained(weights)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")

@@ -1,0 +1,147 @@
+"""The methods dynalora implements itself: each defining rule against its formula, computed here."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification
+
+from dynalora import DynamicAllocator, DynamicConfig
+from dynalora.adapters import find_adapter_modules
+from dynalora.methods import METHODS, MethodOptions, merge
+from dynalora.methods.dvora import DVoRALinear, shared_projections
+from dynalora.methods.hydra import HydraLinear
+from tests import tiny
+
+
+def _linear(d_in=6, d_out=5, seed=0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(d_in, d_out)
+
+
+def _randomise(layer: nn.Module, seed: int = 1) -> None:
+    """Trained-looking adapter tensors (the zero initialisation would hide half of every formula)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for attr in layer.adapter_layer_names:
+            for p in getattr(layer, attr).parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+
+
+def test_hydra_is_the_parallel_plus_sequential_formula():
+    base = _linear()
+    layer = HydraLinear(copy.deepcopy(base), r=3, alpha=6.0)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(layer(x), base(x))  # the up-projections start at zero: the base layer
+    _randomise(layer)
+    s = 6.0 / 3
+    a_down, a_up = layer.hydra_par_down["default"].weight, layer.hydra_par_up["default"].weight
+    b_down, b_up = layer.hydra_seq_down["default"].weight, layer.hydra_seq_up["default"].weight
+    w0, b0 = base.weight, base.bias
+    h0 = x @ w0.T + b0  # W0 x + b0
+    expected = h0 + s * (x @ a_down.T @ a_up.T) + s * (h0 @ b_down.T @ b_up.T)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_hydra_merged_equals_unmerged():
+    layer = HydraLinear(_linear(), r=3, alpha=6.0)
+    _randomise(layer)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(layer.merged_linear()(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def _dvora(seed=0, d_in=6, d_out=5, r=4):
+    base = _linear(d_in, d_out, seed)
+    A, B = shared_projections([base], r, seed=7, device=torch.device("cpu"))
+    return base, DVoRALinear(copy.deepcopy(base), A, B, d_init=0.1), A, B
+
+
+def test_dvora_starts_as_vera_does_and_follows_its_formula():
+    base, layer, A, B = _dvora()
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(layer(x), base(x))  # VeRA at initialisation: λ_b = 0, so W0 x + b0
+    _randomise(layer)
+    lam_b, lam_d, m = (getattr(layer, n)["default"] for n in ("dvora_lambda_b", "dvora_lambda_d", "dvora_magnitude"))
+    v = base.weight + torch.diag(lam_b) @ B @ torch.diag(lam_d) @ A  # W0 + Λ_b B Λ_d A
+    w = m[:, None] * v / v.norm(dim=1, keepdim=True)  # m · V / ‖V‖, row-wise
+    torch.testing.assert_close(layer(x), x @ w.T + base.bias)
+    torch.testing.assert_close(layer.merged_linear()(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_dvora_trains_magnitude_and_scales_not_the_shared_projections():
+    _, layer, A, _ = _dvora()
+    names = {n for n, p in layer.named_parameters() if p.requires_grad}
+    assert names == {"dvora_lambda_b.default", "dvora_lambda_d.default", "dvora_magnitude.default"}
+    assert "dvora_A" not in layer.state_dict()  # rebuilt from the seed, never saved
+    assert layer.dvora_A.data_ptr() == A.data_ptr()  # a view of the one shared pair
+
+
+def _bert() -> BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tiny.VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=32)  # fmt: skip
+    return BertForSequenceClassification(config).eval()
+
+
+@pytest.mark.parametrize(("method", "tensors"), [("hydra", 4), ("dvora", 3)])
+def test_own_methods_are_found_by_structure_and_allocated(method, tensors):
+    model, modules = METHODS[method](_bert(), MethodOptions(None, 4, 8.0, 0.0, True))
+    found = find_adapter_modules(model)
+    assert modules is None and [m.name for m in found] == [
+        f"bert.encoder.layer.{i}.attention.self.{t}" for i in range(2) for t in ("query", "value")
+    ]
+    assert all(len(m.params) == tensors for m in found)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if n.split(".")[0] == "classifier" or method in n}
+    alloc = DynamicAllocator(
+        model, DynamicConfig(k=2, period=1, allocator="topk", measure="gradient", optimizer="global")
+    )
+    opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
+    model.train()
+    for batch in tiny.batches(3):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        alloc.step()
+    assert sum(alloc.active_steps.values()) == 2 * 3
+
+
+@pytest.mark.parametrize("method", ["hydra", "dvora"])
+def test_merge_keeps_the_models_outputs(method):
+    model, _ = METHODS[method](_bert(), MethodOptions(None, 4, 8.0, 0.0, False))
+    for layer in model.modules():
+        if hasattr(layer, "adapter_layer_names") and layer.adapter_layer_names[0].startswith(method):
+            _randomise(layer)
+    batch = tiny.batches(1)[0]
+    before = model(**batch).logits
+    merged = merge(model)
+    assert not find_adapter_modules(merged)
+    torch.testing.assert_close(merged(**batch).logits, before, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["hydra", "dvora"])
+def test_a_trained_run_loads_back_predicts_the_same_and_merges(tiny_model, csv_task, tmp_path, method):
+    import json
+
+    from dynalora.cli import main
+    from dynalora.data import load_task, make_collator, tokenize
+    from dynalora.methods import load_trained
+    from tests.test_cli import cli_args
+
+    out = tmp_path / "run"
+    assert main(cli_args(tiny_model, csv_task, out, "--method", method, "--lr", "5e-2")) == 0
+    model = load_trained(out / "model")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out / "model")
+    data = load_task("custom", train_file=csv_task["train"], validation_file=csv_task["validation"],
+                     test_file=csv_task["test"])  # fmt: skip
+    test = tokenize(data, tokenizer, 64)["test"]
+    batch = make_collator(tokenizer)([test[i] for i in range(len(test))])
+    with torch.no_grad():
+        logits = model(**batch).logits
+    saved = json.loads((out / "predictions.json").read_text())["test"]["predictions"]
+    assert logits.argmax(-1).tolist() == saved
+    with torch.no_grad():
+        torch.testing.assert_close(merge(model)(**batch).logits, logits, rtol=1e-4, atol=1e-5)
