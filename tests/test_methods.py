@@ -145,3 +145,44 @@ def test_a_trained_run_loads_back_predicts_the_same_and_merges(tiny_model, csv_t
     assert logits.argmax(-1).tolist() == saved
     with torch.no_grad():
         torch.testing.assert_close(merge(model)(**batch).logits, logits, rtol=1e-4, atol=1e-5)
+
+
+def test_adalora_reallocates_once_per_optimizer_step_and_ends_at_its_budget(
+    tiny_model, csv_task, tmp_path, monkeypatch
+):
+    """PEFT's AdaLoRA is plain LoRA unless update_and_allocate runs after every optimizer step."""
+    import json
+
+    from peft.tuners.adalora import AdaLoraModel
+
+    from dynalora.cli import main
+    from tests.test_cli import cli_args
+
+    calls, real = [], AdaLoraModel.update_and_allocate
+
+    def spy(self, step):
+        assert all(p.grad is not None for n, p in self.named_parameters() if "lora_E" in n)  # before zero_grad
+        calls.append(step)
+        return real(self, step)
+
+    monkeypatch.setattr(AdaLoraModel, "update_and_allocate", spy)
+    out = tmp_path / "run"
+    accumulate = ("--batch-size", "4", "--gradient-accumulation-steps", "2")  # 2 micro-batches a step
+    assert main(cli_args(tiny_model, csv_task, out, "--method", "adalora", "--rank", "4", "--max-steps", "10",
+                         *accumulate)) == 0  # fmt: skip
+    assert calls == list(range(10))  # optimizer steps, not micro-batches
+    metrics = json.loads((out / "metrics.json").read_text())
+    ranks = metrics["ranks"]
+    assert len(ranks) == 4 and set(ranks) == {
+        f"bert.encoder.layer.{i}.attention.self.{t}" for i in range(2) for t in ("query", "value")
+    }
+    assert sum(ranks.values()) == 4 * 4  # target_r x modules: 6 initial ranks each, pruned to the budget
+
+
+def test_adalora_refuses_dynamic_allocation_in_one_line(tiny_model, csv_task, tmp_path, capsys):
+    from dynalora.cli import main
+    from tests.test_cli import cli_args
+
+    assert main(cli_args(tiny_model, csv_task, tmp_path / "run", "--method", "adalora", "--dynamic")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "allocates ranks itself" in err

@@ -32,8 +32,8 @@ def _crash_after(monkeypatch, steps: int) -> None:
     """The process dies (an exception nobody catches) right after optimizer step ``steps``."""
     real, count = loop._optimizer_step, {"n": 0}
 
-    def step(job):
-        real(job)
+    def step(job, steps_done):
+        real(job, steps_done)
         count["n"] += 1
         if count["n"] == steps:
             raise Crash
@@ -79,7 +79,7 @@ def test_resume_after_a_crash_is_bitwise_the_uninterrupted_run(
     saved = checkpoint.latest_checkpoint(broken)
     assert saved.name == f"step-{last:06d}" and not (broken / "metrics.json").exists()
     # nothing in a checkpoint needs unpickling
-    assert set(torch.load(saved / "state.pt", weights_only=True)) == {"optimizer", "scheduler", "scaler"}
+    assert set(torch.load(saved / "state.pt", weights_only=True)) == {"optimizer", "scheduler", "scaler", "method"}
     assert torch.load(saved / "allocator-0.pt", weights_only=True)["step"] == last
 
     assert main(cli_args(tiny_model, csv_task, broken, *recipe, "--save-every", str(save_every), "--resume")) == 0
@@ -238,3 +238,20 @@ def test_a_checkpoint_missing_its_rng_state_is_refused(tiny_model, csv_task, tmp
     assert main(cli_args(tiny_model, csv_task, out, "--save-every", "2", "--resume")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "rng-0.safetensors is missing" in err
+
+
+def test_adalora_resumes_exactly_with_its_importance_state(tiny_model, csv_task, tmp_path, monkeypatch):
+    """PEFT never saves AdaLoRA's importance averages; a checkpoint must, or the ranks differ."""
+    recipe = ("--method", "adalora", "--rank", "4", "--max-steps", "20", "--eval-every", "0")
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert main(cli_args(tiny_model, csv_task, whole, *recipe)) == 0
+    with monkeypatch.context() as m:
+        _crash_after(m, 9)
+        with pytest.raises(Crash):
+            main(cli_args(tiny_model, csv_task, broken, *recipe, "--save-every", "8"))
+    assert main(cli_args(tiny_model, csv_task, broken, *recipe, "--save-every", "8", "--resume")) == 0
+    wa, wb = _weights(whole), _weights(broken)
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+    ranks = [json.loads((d / "metrics.json").read_text())["ranks"] for d in (whole, broken)]
+    assert ranks[0] == ranks[1]

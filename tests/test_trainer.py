@@ -96,3 +96,28 @@ def test_trainer_resume_restores_allocator_state(tmp_path, optimizer):
     ours, theirs = tiny.weights(resumed.model), tiny.weights(full.model)
     for name, tensor in theirs.items():
         assert torch.equal(ours[name], tensor), name
+
+
+def test_adalora_callback_reallocates_once_per_optimizer_step(tmp_path, monkeypatch):
+    from peft import AdaLoraConfig, get_peft_model
+    from peft.tuners.adalora import AdaLoraModel
+
+    from dynalora.integrations import AdaLoraCallback
+
+    calls, real = [], AdaLoraModel.update_and_allocate
+
+    def spy(self, step):
+        assert any(p.grad is not None for n, p in self.named_parameters() if "lora_E" in n)  # before zero_grad
+        calls.append(step)
+        return real(self, step)
+
+    monkeypatch.setattr(AdaLoraModel, "update_and_allocate", spy)
+    config = AdaLoraConfig(init_r=6, target_r=4, total_step=6, tinit=1, tfinal=2, deltaT=1,
+                           target_modules=["query", "value"], task_type="SEQ_CLS")  # fmt: skip
+    model = get_peft_model(tiny.bert(), config)
+    t = Trainer(model=model, args=args(tmp_path, 6, gradient_accumulation_steps=2, learning_rate=1e-2),
+                train_dataset=dataset(), callbacks=[AdaLoraCallback()])  # fmt: skip
+    t.train()
+    assert calls == list(range(6))  # optimizer steps, not the 12 micro-batches
+    kept = sum(int((p != 0).sum()) for n, p in model.named_parameters() if n.endswith("lora_E.default"))
+    assert kept == 4 * 4  # pruned from 6 to the budget: target_r x modules

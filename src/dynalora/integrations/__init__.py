@@ -1,5 +1,5 @@
-"""Thin adapters that drive :class:`dynalora.DynamicAllocator` from other training loops."""
+"""Thin adapters that drive :class:`dynalora.DynamicAllocator` (and AdaLoRA) from other training loops."""
 
-from dynalora.integrations.trainer import DynamicAllocationCallback
+from dynalora.integrations.trainer import AdaLoraCallback, DynamicAllocationCallback
 
-__all__ = ["DynamicAllocationCallback"]
+__all__ = ["AdaLoraCallback", "DynamicAllocationCallback"]

@@ -98,3 +98,19 @@ class DynamicAllocationCallback(TrainerCallback):
             folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             os.makedirs(folder, exist_ok=True)
             torch.save(self.allocator.state_dict(), os.path.join(folder, state_file(args.process_index)))
+
+
+class AdaLoraCallback(TrainerCallback):
+    """Runs PEFT AdaLoRA's ``update_and_allocate`` once per optimizer step inside a ``Trainer``.
+
+    Without it AdaLoRA trains as plain LoRA (peft #1327). ``on_optimizer_step`` comes after
+    ``optimizer.step()`` and before ``zero_grad`` (AdaLoRA reads the gradients), once per optimizer
+    step whatever ``gradient_accumulation_steps`` is; ``state.global_step`` then counts the steps
+    before this one, as ``update_and_allocate`` expects. Set the config's ``total_step`` to the
+    run's optimizer steps.
+    """
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        model = kwargs["model"]
+        model = getattr(model, "module", model)  # DDP
+        model.base_model.update_and_allocate(state.global_step)

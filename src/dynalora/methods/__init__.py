@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-from dynalora.methods import dvora, hydra
-from dynalora.methods.common import Built, MethodOptions
+from dynalora.methods import adalora, dvora, hydra
+from dynalora.methods.common import Built, Hooks, MethodOptions
 from dynalora.methods.full import bitfit, full
 from dynalora.methods.peft_adapters import dora, lora, vera
 from dynalora.methods.tuner import is_own, load_trained, merge, save_adapter
@@ -23,9 +23,22 @@ METHODS: dict[str, Callable[[nn.Module, MethodOptions], Built]] = {
     "vera": vera,
     "dvora": dvora.build,
     "hydra": hydra.build,
+    "adalora": adalora.build,
     "full": full,
     "bitfit": bitfit,
 }
-ADAPTER_METHODS = ("lora", "dora", "vera", "dvora", "hydra")
+ADAPTER_METHODS = ("lora", "dora", "vera", "dvora", "hydra")  # dynamic allocation by default
+HOOKS: dict[str, Hooks] = {"adalora": adalora.HOOKS}  # what a method needs from the loop; none for the rest
 
-__all__ = ["ADAPTER_METHODS", "METHODS", "Built", "MethodOptions", "is_own", "load_trained", "merge", "save_adapter"]
+__all__ = [
+    "ADAPTER_METHODS",
+    "HOOKS",
+    "METHODS",
+    "Hooks",
+    "Built",
+    "MethodOptions",
+    "is_own",
+    "load_trained",
+    "merge",
+    "save_adapter",
+]

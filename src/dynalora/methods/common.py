@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -20,9 +22,28 @@ class MethodOptions:
     alpha: float
     dropout: float
     dynamic: bool
+    total_steps: int | None = None  # optimizer steps of the run, for methods that schedule by them (AdaLoRA)
 
 
 Built = tuple[nn.Module, list[AdapterModule] | None]
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What a method needs from the training loop beyond forward/backward (all optional).
+
+    Attributes:
+        on_optimizer_step: ``f(model, step)`` after ``optimizer.step()`` and before ``zero_grad``,
+            once per optimizer step; ``step`` counts the optimizer steps before this one (0-based).
+        state_dict / load_state_dict: the method's own training state, saved in checkpoints
+            (tensors, numbers, strings: loaded with ``weights_only=True``).
+        summary: extra entries for ``metrics.json`` at the end (AdaLoRA: ``ranks``).
+    """
+
+    on_optimizer_step: Callable[[nn.Module, int], None] | None = None
+    state_dict: Callable[[nn.Module], dict[str, Any]] | None = None
+    load_state_dict: Callable[[nn.Module, dict[str, Any]], None] | None = None
+    summary: Callable[[nn.Module], dict[str, Any]] | None = None
 
 
 def linear_names(model: nn.Module) -> list[str]:

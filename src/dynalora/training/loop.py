@@ -26,7 +26,7 @@ from dynalora.data import TaskData, load_task, make_collator, tokenize
 from dynalora.data.tasks import TaskSpec, compute_metrics
 from dynalora.errors import Interrupted, RunError, UsageError
 from dynalora.memory import PeakMemory
-from dynalora.methods import METHODS, MethodOptions, is_own, save_adapter
+from dynalora.methods import HOOKS, METHODS, Hooks, MethodOptions, is_own, save_adapter
 from dynalora.training import checkpoint
 from dynalora.training.args import DEFAULT_MODEL, RUN_FILES, TrainArgs, as_flag_message
 from dynalora.training.checkpoint import latest_checkpoint
@@ -202,6 +202,7 @@ class Job:
     num_steps: int
     num_trainable: int
     saved: dict[str, torch.nn.Parameter]  # what a checkpoint holds: every tensor that ever trains
+    hooks: Hooks  # what the method needs from the loop (AdaLoRA: update_and_allocate after each step)
 
     @property
     def device(self) -> torch.device:
@@ -243,9 +244,13 @@ def prepare(args: TrainArgs) -> Job:
         max_train_samples=args.max_train_samples,
         seed=args.seed,
     )
+    # optimizer steps; the last, shorter accumulation of an epoch is a step too
+    batches_per_epoch = math.ceil(len(data.splits["train"]) / args.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
+    num_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     tokenizer, model = load_model(model_path, data.spec, device)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else None
-    options = MethodOptions(targets, args.rank, args.alpha, args.adapter_dropout, bool(args.dynamic))
+    options = MethodOptions(targets, args.rank, args.alpha, args.adapter_dropout, bool(args.dynamic), num_steps)
     model, modules = METHODS[args.method](model, options)
     model.to(device)
     saved = {name: p for name, p in model.named_parameters() if p.requires_grad}  # before any module is frozen
@@ -274,9 +279,6 @@ def prepare(args: TrainArgs) -> Job:
         for split in ("validation", "test")
         if split in tokenized and (split != "test" or data.has_test_labels)
     }
-    # optimizer steps; the last, shorter accumulation of an epoch is a step too
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    num_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     schedule = {"num_warmup_steps": int(args.warmup_ratio * num_steps), "num_training_steps": num_steps}
     if allocator is not None:  # the optimizer covers frozen modules too (§3.4)
         optimizer = allocator.create_optimizer(torch.optim.AdamW, lr=args.lr, weight_decay=args.weight_decay)
@@ -292,7 +294,7 @@ def prepare(args: TrainArgs) -> Job:
     model, train_loader = accelerator.prepare(model, train_loader)
     return Job(
         args, accelerator, data.spec, model_path, tokenizer, model, allocator, optimizer, scheduler,
-        train_loader, generator, eval_loaders, num_steps, num_trainable, saved,
+        train_loader, generator, eval_loaders, num_steps, num_trainable, saved, HOOKS.get(args.method, Hooks()),
     )  # fmt: skip
 
 
@@ -364,13 +366,15 @@ def _all_ok(accelerator, ok: bool) -> bool:
     return float(flag[0]) == 0.0
 
 
-def _optimizer_step(job: Job) -> None:
+def _optimizer_step(job: Job, steps_done: int) -> None:
     scaler = job.accelerator.scaler  # fp16 only
     if scaler is not None:
         scaler.step(job.optimizer)
         scaler.update()
     else:
         job.optimizer.step()
+    if job.hooks.on_optimizer_step is not None:  # before zero_grad: AdaLoRA reads the gradients
+        job.hooks.on_optimizer_step(job.unwrapped(), steps_done)
     job.scheduler.step()
     job.optimizer.zero_grad(set_to_none=True)
     if job.allocator is not None:
@@ -422,7 +426,7 @@ def train_loop(job: Job, out: Path, resume: Path | None = None) -> tuple[list[di
                         + (f"last good checkpoint: {last}" if last else "no checkpoint (--save-every N writes them)")
                     )
                 active = allocator.num_active_params + allocator.num_extra_params if allocator else job.num_trainable
-                _optimizer_step(job)
+                _optimizer_step(job, p.step)
                 p.step += 1
                 step_ms += (time.perf_counter() - t0) * 1e3
                 p.step_ms.append(step_ms)
@@ -488,6 +492,7 @@ def save_checkpoint(job: Job, out: Path, p: Progress) -> Path:
                     "optimizer": job.optimizer.state_dict(),
                     "scheduler": job.scheduler.state_dict(),
                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                    "method": job.hooks.state_dict(job.unwrapped()) if job.hooks.state_dict else None,
                 }
                 checkpoint.write_shared(tmp, dict(job.saved), state, p.to_json(acc.num_processes))
         except OSError as err:
@@ -528,6 +533,8 @@ def restore_checkpoint(job: Job, folder: Path) -> Progress:
         job.allocator.load_state_dict(state["allocator"])
     if acc.scaler is not None and state["scaler"] is not None:
         acc.scaler.load_state_dict(state["scaler"])
+    if job.hooks.load_state_dict is not None:
+        job.hooks.load_state_dict(job.unwrapped(), state["method"])
     checkpoint.set_rng_state(rng)  # last: nothing above may draw from it
     kept = {k: saved[k] for k in ("step", "epoch", "batches", "records", "step_ms", "active_params")}
     return Progress(**kept, epoch_start=rng["loader_epoch_start"], resumed_from=saved["step"])
@@ -652,6 +659,7 @@ def _finish(job: Job, out: Path, records: list[dict[str, Any]], costs: dict[str,
         "seed": args.seed,
         "device": str(job.device),
         "num_processes": job.accelerator.num_processes,
+        **(job.hooks.summary(model) if job.hooks.summary else {}),
     }
     (out / "predictions.json").write_text(json.dumps(predictions) + "\n")
     info = {"method": args.method, "base_model": job.model_path, "targets": args.targets and args.targets.split(","),
