@@ -186,3 +186,105 @@ def test_adalora_refuses_dynamic_allocation_in_one_line(tiny_model, csv_task, tm
     assert main(cli_args(tiny_model, csv_task, tmp_path / "run", "--method", "adalora", "--dynamic")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "allocates ranks itself" in err
+
+
+def _dylora(r=4, frozen=False, seed=3):
+    from dynalora.methods.dylora import DyLoRALinear, RankSampler
+
+    base = _linear()
+    sampler = RankSampler(r, seed)
+    layer = DyLoRALinear(copy.deepcopy(base), sampler, alpha=8.0, frozen=frozen)
+    _randomise(layer)
+    return base, layer, sampler
+
+
+def _full_factors(layer):
+    a = torch.cat(list(layer.dylora_A["default"]))  # (r, d_in)
+    b = torch.cat(list(layer.dylora_B["default"]), dim=1)  # (d_out, r)
+    return a, b
+
+
+def test_dylora_computes_the_truncated_adapter_scaled_by_alpha_over_b():
+    base, layer, sampler = _dylora()
+    a, b = _full_factors(layer)
+    x = torch.randn(3, 6)
+    for rank in (1, 2, 4):
+        sampler.rank = rank
+        expected = base(x) + (8.0 / rank) * x @ a[:rank].T @ b[:, :rank].T
+        torch.testing.assert_close(layer.train()(x), expected)
+    layer.eval()  # serving: the full rank unless set_rank says otherwise
+    torch.testing.assert_close(layer(x), base(x) + (8.0 / 4) * x @ a.T @ b.T)
+
+
+def test_dylora_draws_one_rank_per_optimizer_step_from_its_seed(tiny_model, csv_task, tmp_path, monkeypatch):
+    from dynalora.cli import main
+    from dynalora.methods import dylora
+    from tests.test_cli import cli_args
+
+    seen = []
+    real = dylora.DyLoRALinear.forward
+
+    def forward(self, x):
+        if self.training:
+            seen.append(self.rank)
+        return real(self, x)
+
+    monkeypatch.setattr(dylora.DyLoRALinear, "forward", forward)
+    accumulate = ("--batch-size", "4", "--gradient-accumulation-steps", "2")
+    assert main(cli_args(tiny_model, csv_task, tmp_path / "run", "--method", "dylora", "--no-dynamic", "--rank", "4",
+                         "--seed", "5", *accumulate)) == 0  # fmt: skip
+    gen = torch.Generator().manual_seed(5)
+    draws = [int(torch.randint(1, 5, (1,), generator=gen)) for _ in range(6)]
+    per_forward = [b for b in draws for _ in range(2 * 4)]  # 2 micro-batches x 4 layers per step
+    assert seen == per_forward and len(set(draws)) > 1
+
+
+def test_dylora_frozen_updates_only_row_and_column_b():
+    _, layer, sampler = _dylora(frozen=True)
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1)
+    layer.train()
+    for rank in (3, 2, 3):  # the second step at b=2 must not move row 3 by its momentum
+        a0, b0 = (t.clone() for t in _full_factors(layer))
+        sampler.rank = rank
+        layer(torch.randn(5, 6)).square().sum().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        a1, b1 = _full_factors(layer)
+        changed_rows = [i for i in range(4) if not torch.equal(a0[i], a1[i])]
+        changed_cols = [i for i in range(4) if not torch.equal(b0[:, i], b1[:, i])]
+        assert changed_rows == changed_cols == [rank - 1]
+
+
+def test_dylora_serves_merges_and_refuses_to_rerank_a_merged_adapter():
+    from dynalora.methods.dylora import set_rank
+
+    model, _ = METHODS["dylora"](_bert(), MethodOptions(None, 4, 8.0, 0.0, False))
+    for layer in model.modules():
+        if hasattr(layer, "adapter_layer_names") and layer.adapter_layer_names[0].startswith("dylora"):
+            _randomise(layer)
+    batch = tiny.batches(1)[0]
+    outputs = {}
+    for rank in (1, 4):
+        set_rank(model, rank)
+        outputs[rank] = model(**batch).logits
+    assert not torch.allclose(outputs[1], outputs[4])
+    set_rank(model, 1)
+    merged = merge(model)
+    torch.testing.assert_close(merged(**batch).logits, outputs[1], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="merged"):
+        set_rank(merged, 2)
+    with pytest.raises(ValueError, match="outside 1..4"):
+        set_rank(METHODS["dylora"](_bert(), MethodOptions(None, 4, 8.0, 0.0, False))[0], 5)
+
+
+def test_dylora_run_reports_validation_at_every_rank(tiny_model, csv_task, tmp_path):
+    import json
+
+    from dynalora.cli import main
+    from tests.test_cli import cli_args
+
+    out = tmp_path / "run"
+    assert main(cli_args(tiny_model, csv_task, out, "--method", "dylora", "--rank", "3", "--dylora-frozen")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["per_rank"]) == ["1", "2", "3"]
+    assert metrics["per_rank"]["3"] == metrics["validation"]  # serving rank r is what the run reports

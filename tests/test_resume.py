@@ -42,7 +42,8 @@ def _crash_after(monkeypatch, steps: int) -> None:
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(out / "model" / "adapter_model.safetensors"))
+    peft, own = out / "model" / "adapter_model.safetensors", out / "model" / "dynalora_adapter.safetensors"
+    return load_file(str(peft if peft.exists() else own))
 
 
 def _same_run(a: Path, b: Path) -> None:
@@ -240,9 +241,11 @@ def test_a_checkpoint_missing_its_rng_state_is_refused(tiny_model, csv_task, tmp
     assert len(err.splitlines()) == 1 and "rng-0.safetensors is missing" in err
 
 
-def test_adalora_resumes_exactly_with_its_importance_state(tiny_model, csv_task, tmp_path, monkeypatch):
-    """PEFT never saves AdaLoRA's importance averages; a checkpoint must, or the ranks differ."""
-    recipe = ("--method", "adalora", "--rank", "4", "--max-steps", "20", "--eval-every", "0")
+@pytest.mark.parametrize(("method", "state"), [("adalora", "ranks"), ("dylora", "per_rank")])
+def test_methods_with_their_own_state_resume_exactly(tiny_model, csv_task, tmp_path, monkeypatch, method, state):
+    """PEFT never saves AdaLoRA's importance averages, and DyLoRA's rank draws come from a generator:
+    a checkpoint must hold both, or the resumed run trains differently."""
+    recipe = ("--method", method, "--no-dynamic", "--rank", "4", "--max-steps", "20", "--eval-every", "0")
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert main(cli_args(tiny_model, csv_task, whole, *recipe)) == 0
     with monkeypatch.context() as m:
@@ -253,5 +256,5 @@ def test_adalora_resumes_exactly_with_its_importance_state(tiny_model, csv_task,
     wa, wb = _weights(whole), _weights(broken)
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
-    ranks = [json.loads((d / "metrics.json").read_text())["ranks"] for d in (whole, broken)]
-    assert ranks[0] == ranks[1]
+    results = [json.loads((d / "metrics.json").read_text())[state] for d in (whole, broken)]
+    assert results[0] == results[1]

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from dynalora.methods import adalora, dvora, hydra
+from dynalora.methods import adalora, dvora, dylora, hydra
 from dynalora.methods.common import Built, Hooks, MethodOptions
 from dynalora.methods.full import bitfit, full
 from dynalora.methods.peft_adapters import dora, lora, vera
@@ -24,11 +24,15 @@ METHODS: dict[str, Callable[[nn.Module, MethodOptions], Built]] = {
     "dvora": dvora.build,
     "hydra": hydra.build,
     "adalora": adalora.build,
+    "dylora": dylora.build,
     "full": full,
     "bitfit": bitfit,
 }
-ADAPTER_METHODS = ("lora", "dora", "vera", "dvora", "hydra")  # dynamic allocation by default
-HOOKS: dict[str, Hooks] = {"adalora": adalora.HOOKS}  # what a method needs from the loop; none for the rest
+ADAPTER_METHODS = ("lora", "dora", "vera", "dvora", "hydra", "dylora")  # dynamic allocation by default
+HOOKS: dict[str, Hooks] = {
+    "adalora": adalora.HOOKS,
+    "dylora": dylora.HOOKS,
+}  # what a method needs from the loop; none for the rest
 
 __all__ = [
     "ADAPTER_METHODS",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,8 @@ class MethodOptions:
     dropout: float
     dynamic: bool
     total_steps: int | None = None  # optimizer steps of the run, for methods that schedule by them (AdaLoRA)
+    seed: int = 0  # for methods with their own randomness (DyLoRA's rank draws)
+    dylora_frozen: bool = False  # DyLoRA: update only row/column b of the drawn rank b
 
 
 Built = tuple[nn.Module, list[AdapterModule] | None]
@@ -38,12 +40,16 @@ class Hooks:
         state_dict / load_state_dict: the method's own training state, saved in checkpoints
             (tensors, numbers, strings: loaded with ``weights_only=True``).
         summary: extra entries for ``metrics.json`` at the end (AdaLoRA: ``ranks``).
+        evaluate_each: ``(name, settings)``: after training, validation is measured once per item
+            ``settings(model)`` yields (it sets the model up for that item), and written to
+            ``metrics.json`` under ``name`` (DyLoRA: ``per_rank``, every rank 1..r).
     """
 
     on_optimizer_step: Callable[[nn.Module, int], None] | None = None
     state_dict: Callable[[nn.Module], dict[str, Any]] | None = None
     load_state_dict: Callable[[nn.Module, dict[str, Any]], None] | None = None
     summary: Callable[[nn.Module], dict[str, Any]] | None = None
+    evaluate_each: tuple[str, Callable[[nn.Module], Iterator[Any]]] | None = None
 
 
 def linear_names(model: nn.Module) -> list[str]:

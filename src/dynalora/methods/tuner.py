@@ -63,7 +63,8 @@ def wrap_linears(model: nn.Module, targets: list[str], make) -> list[nn.Linear]:
     ]
     for name, linear in chosen:
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, make(linear))
+        wrapped = make(linear).train(linear.training)  # in the mode the model is in
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, wrapped)
     for name, param in model.named_parameters():
         param.requires_grad_(is_head(name))
     for layer in model.modules():

@@ -29,7 +29,7 @@ DEFAULT_MODEL = "embedded:minilm-l6"
 # VeRA: chosen on the validation split of one epoch of Rotten Tomatoes (benchmarks/results/backbones.md):
 # 2e-3 0.654, 3e-2 0.779, 1e-1 0.779; the smaller of the tied two.
 DEFAULT_LR = {"lora": 2e-3, "dora": 2e-3, "vera": 3e-2, "bitfit": 1e-3, "full": 5e-5, "hydra": 2e-3, "dvora": 3e-2,
-              "adalora": 2e-3}  # fmt: skip
+              "adalora": 2e-3, "dylora": 2e-3}  # fmt: skip
 DEFAULT_LR_DYNAMIC_FULL = 3e-4
 # Files that mark a folder as holding a run; --overwrite is needed to write over them.
 RUN_FILES = (
@@ -69,6 +69,7 @@ class TrainArgs:
     rank: int = _opt("adapter rank r", default=8)
     alpha: float = _opt("LoRA alpha (scaling = alpha / r)", default=16.0)
     adapter_dropout: float = _opt("dropout on the adapter input", default=0.1)
+    dylora_frozen: bool = _opt("--method dylora: update only row/column b of the rank b drawn each step", default=False)
     dynamic: bool | None = _opt("dynamic allocation (default: on for lora/dora/vera, off for full/bitfit)")
     preset: str | None = _opt(
         "starting point of the dynamic settings below; each flag given overrides it "
@@ -165,6 +166,8 @@ class TrainArgs:
         if not 0 <= self.warmup_ratio < 1:
             raise UsageError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         self.task = resolve_task(self.task, self.train_file)
+        if self.dylora_frozen and self.method != "dylora":
+            raise UsageError(f"--dylora-frozen applies to --method dylora only, not {self.method}")
         if self.bf16 and self.fp16:
             raise UsageError("--bf16 and --fp16 exclude each other; choose one")
         if self.dynamic is None:

@@ -250,7 +250,16 @@ def prepare(args: TrainArgs) -> Job:
     num_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     tokenizer, model = load_model(model_path, data.spec, device)
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else None
-    options = MethodOptions(targets, args.rank, args.alpha, args.adapter_dropout, bool(args.dynamic), num_steps)
+    options = MethodOptions(
+        targets,
+        args.rank,
+        args.alpha,
+        args.adapter_dropout,
+        bool(args.dynamic),
+        num_steps,
+        args.seed,
+        args.dylora_frozen,
+    )
     model, modules = METHODS[args.method](model, options)
     model.to(device)
     saved = {name: p for name, p in model.named_parameters() if p.requires_grad}  # before any module is frozen
@@ -661,6 +670,13 @@ def _finish(job: Job, out: Path, records: list[dict[str, Any]], costs: dict[str,
         "num_processes": job.accelerator.num_processes,
         **(job.hooks.summary(model) if job.hooks.summary else {}),
     }
+    if job.hooks.evaluate_each and "validation" in job.eval_loaders:  # DyLoRA: every rank 1..r
+        name, settings = job.hooks.evaluate_each
+        loader = job.eval_loaders["validation"]
+        metrics[name] = {
+            str(key): evaluate(model, loader, job.spec, job.device, job.accelerator.autocast)["metrics"]
+            for key in settings(model)
+        }
     (out / "predictions.json").write_text(json.dumps(predictions) + "\n")
     info = {"method": args.method, "base_model": job.model_path, "targets": args.targets and args.targets.split(","),
             "rank": args.rank, "alpha": args.alpha, "num_labels": job.spec.num_labels,
