@@ -84,6 +84,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         {"method": "full", "dynamic": True, "preset": "default", "state_policy": "reset"},
         "dynamic full fine-tuning with the adapters' default (cutoff, budget 0.5, local), reset",
     ),  # fmt: skip
+    # the rest of the low-rank family, plain (against LoRA)
+    "hydra": ({"method": "hydra", "dynamic": False}, "plain Hydra: parallel and sequential low-rank branches"),
+    "dvora": ({"method": "dvora", "dynamic": False}, "plain DVoRA: DoRA's decomposition over VeRA"),
+    "adalora": ({"method": "adalora", "dynamic": False}, "PEFT AdaLoRA, ranks 12 pruned to an average of 8"),
+    "dylora": ({"method": "dylora", "dynamic": False}, "DyLoRA: a rank in 1..8 drawn each step"),
     # cost-aware allocation: every module at or above a cutoff block trains (allocators.cutoff)
     # (rows run while `global` was the default optimizer spell it out, so that they keep their meaning)
     "cutoff-0.5": (

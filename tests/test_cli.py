@@ -339,3 +339,23 @@ def test_evaluating_more_often_does_not_change_training(tiny_model, csv_task, tm
         weights.append(load_file(out / "model" / "adapter_model.safetensors"))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_compare_methods_runs_each_plain_and_dynamic_where_it_has_one(tiny_model, csv_task, tmp_path, capsys):
+    root = tmp_path / "cmp"
+    argv = cli_args(tiny_model, csv_task, root, "--max-steps", "4", "--methods", "lora,adalora,bitfit,hydra,dvora")
+    argv[0] = "compare"
+    assert main(argv) == 0
+    expected = ["lora-dynamic", "lora", "adalora", "bitfit", "hydra-dynamic", "hydra", "dvora-dynamic", "dvora"]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(expected)
+    table = (root / "compare.md").read_text()
+    labels = ["DynaLoRA", "| LoRA", "AdaLoRA", "BitFit", "DynaHydra", "| Hydra", "DynaDVoRA", "| DVoRA"]
+    assert all(label in table for label in labels), table
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(rows) == len(expected)
+    capsys.readouterr()
+    argv[-1] = "lora,l2ra"
+    argv += ["--overwrite"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown l2ra" in err

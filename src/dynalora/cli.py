@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="run DynaLoRA and plain LoRA (--no-dynamic) with the same recipe and print a table"
     )
     _add_train_flags(compare)
+    compare.add_argument(
+        "--methods",
+        help="comma-separated methods to compare side by side, each plain and, where it has one, dynamic "
+        "(e.g. lora,dora,vera,dvora,adalora,dylora,hydra,full,bitfit; default: --method, dynamic and plain)",
+    )
     report = sub.add_parser("report", help="print a side-by-side table of finished runs")
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--format", choices=("markdown", "text"), default="text")
@@ -79,18 +84,40 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_variants(ns: argparse.Namespace) -> list[tuple[bool, str, str]]:
+    """``(dynamic, method, folder name)`` of every run a comparison makes."""
+    from dynalora.methods import ADAPTER_METHODS, METHODS
+
+    if ns.methods is None:  # one recipe, its dynamic and plain variants
+        if ns.dynamic is False:
+            raise UsageError("compare runs the dynamic and the plain variant itself; drop --no-dynamic")
+        return [(True, ns.method, "dynamic"), (False, ns.method, "plain")]
+    methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UsageError(
+            f"--methods {ns.methods!r}: unknown {', '.join(unknown) or 'empty'}; allowed: {', '.join(METHODS)}"
+        )
+    with_dynamic = set(ADAPTER_METHODS) | {"full"}  # adalora and bitfit allocate nothing
+    runs = []
+    for m in dict.fromkeys(methods):
+        if m in with_dynamic and ns.dynamic is not False:
+            runs.append((True, m, f"{m}-dynamic"))
+        runs.append((False, m, m))
+    return runs
+
+
 def _cmd_compare(ns: argparse.Namespace) -> int:
     from dynalora.report import compare_table, load_run
     from dynalora.training import RUN_FILES, run
 
-    if ns.dynamic is False:
-        raise UsageError("compare runs the dynamic and the plain variant itself; drop --no-dynamic")
     root = Path(ns.output_dir)
-    # Each variant resolves its own defaults (e.g. the learning rate of dynamic vs plain full fine-tuning).
+    # Each variant resolves its own defaults (e.g. the learning rate of each method, dynamic or plain).
     variants = [
-        _train_args(argparse.Namespace(**{**vars(ns), "dynamic": dynamic, "output_dir": str(root / name)}))
-        for dynamic, name in ((True, "dynamic"), (False, "plain"))
-    ]
+        _train_args(argparse.Namespace(**{**vars(ns), "method": method, "dynamic": dynamic,
+                                          "output_dir": str(root / name)}))
+        for dynamic, method, name in _compare_variants(ns)
+    ]  # fmt: skip
     held = [root / "compare.md"] + [Path(v.output_dir) / f for v in variants for f in RUN_FILES]
     if not ns.overwrite and any(p.exists() for p in held):  # refuse before the first run, not after it
         raise UsageError(f"--output-dir {root} already holds a comparison; choose another folder or pass --overwrite")
@@ -100,7 +127,7 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
     runs = [load_run(v.output_dir) for v in variants]
     print(compare_table(runs, fmt="text"))
     (root / "compare.md").write_text(compare_table(runs, fmt="markdown") + "\n")
-    print(f"outputs in {root}/dynamic and {root}/plain; table in {root}/compare.md")
+    print(f"outputs in {root}/<run>; table in {root}/compare.md")
     return 0
 
 

@@ -33,6 +33,10 @@ _METHOD_LABELS: dict[str, tuple[str, str]] = {
     "dora": ("DoRA", "DynaDoRA"),
     "full": ("Full FT", "Dynamic full FT"),
     "bitfit": ("BitFit", "Dynamic BitFit"),
+    "dvora": ("DVoRA", "DynaDVoRA"),
+    "hydra": ("Hydra", "DynaHydra"),
+    "dylora": ("DyLoRA", "Dynamic DyLoRA"),
+    "adalora": ("AdaLoRA", "Dynamic AdaLoRA"),
 }
 _MEMORY_KINDS: dict[str, str] = {"cpu_peak_rss": "CPU RSS", "cuda_max_allocated": "CUDA alloc"}
 _SPLIT_SHORT: dict[str, str] = {"test": "test", "validation": "val"}
