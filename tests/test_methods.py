@@ -288,3 +288,68 @@ def test_dylora_run_reports_validation_at_every_rank(tiny_model, csv_task, tmp_p
     metrics = json.loads((out / "metrics.json").read_text())
     assert list(metrics["per_rank"]) == ["1", "2", "3"]
     assert metrics["per_rank"]["3"] == metrics["validation"]  # serving rank r is what the run reports
+
+
+def _galore_weight_step(seed=0):
+    """One GaLore step on a (4, 10) weight: returns the gradient, the update and the optimizer."""
+    from dynalora.methods import galore
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 4))
+    opts = MethodOptions(None, 2, 8.0, 0.0, False)
+    opt = galore._optimizer_class()(
+        [{"params": [model[0].weight], "rank": 2, "update_proj_gap": 200, "scale": 4.0, "proj_type": "std"}],
+        lr=0.1, weight_decay=0.0, no_deprecation_warning=True,
+    )  # fmt: skip
+    w0 = model[0].weight.detach().clone()
+    model(torch.randn(8, 10)).square().sum().backward()
+    grad = model[0].weight.grad.clone()
+    opt.step()
+    return grad, model[0].weight.detach() - w0, opt, opts
+
+
+def test_galore_steps_adam_in_the_gradients_top_singular_subspace():
+    grad, delta, _, _ = _galore_weight_step()
+    # computed here: (4, 10) has fewer rows, so P is the top-2 left singular vectors and R = P^T G
+    u, _, _ = torch.linalg.svd(grad, full_matrices=False)
+    p = u[:, :2]
+    r = p.T @ grad
+    m, v = 0.1 * r, 0.001 * r * r  # Adam's first moments after one step (betas 0.9, 0.999)
+    # galore-torch's (HF's old) AdamW: eps 1e-6 on the uncorrected sqrt(v), both corrections in the step size
+    n = (0.001**0.5 / 0.1) * m / (v.sqrt() + 1e-6)
+    torch.testing.assert_close(delta, -0.1 * 4.0 * p @ n, rtol=1e-4, atol=1e-6)
+    assert torch.linalg.matrix_rank(delta) == 2
+
+
+def test_galore_state_loads_without_unpickling_and_galore_torch_alone_would_not(tmp_path):
+    import pickle
+
+    _, _, opt, _ = _galore_weight_step()
+    raw = super(type(opt), opt).state_dict()  # galore-torch's own: GaLoreProjector objects inside
+    torch.save(raw, tmp_path / "raw.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "raw.pt", weights_only=True)
+    torch.save(opt.state_dict(), tmp_path / "ours.pt")
+    _, _, fresh, _ = _galore_weight_step(seed=1)
+    fresh.load_state_dict(torch.load(tmp_path / "ours.pt", weights_only=True))
+    (state,) = fresh.state.values()
+    (kept,) = opt.state.values()
+    assert type(state["projector"]).__name__ == "GaLoreProjector"
+    torch.testing.assert_close(state["projector"].ortho_matrix, kept["projector"].ortho_matrix)
+    torch.testing.assert_close(state["exp_avg"], kept["exp_avg"])
+    assert "bitsandbytes" not in __import__("sys").modules  # the 8-bit optimizer was never imported
+
+
+def test_galore_trains_from_the_cli_and_refuses_dynamic(tiny_model, csv_task, tmp_path, capsys):
+    import json
+
+    from dynalora.cli import main
+    from tests.test_cli import cli_args
+
+    out = tmp_path / "run"
+    assert main(cli_args(tiny_model, csv_task, out, "--method", "galore", "--lr", "1e-3", "--save-every", "3")) == 0
+    assert json.loads((out / "metrics.json").read_text())["method"] == "galore"
+    capsys.readouterr()
+    assert main(cli_args(tiny_model, csv_task, tmp_path / "dyn", "--method", "galore", "--dynamic")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no modules to allocate" in err

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from dynalora.methods import adalora, dvora, dylora, hydra
+from dynalora.methods import adalora, dvora, dylora, galore, hydra
 from dynalora.methods.common import Built, Hooks, MethodOptions
 from dynalora.methods.full import bitfit, full
 from dynalora.methods.peft_adapters import dora, lora, vera
@@ -25,6 +25,7 @@ METHODS: dict[str, Callable[[nn.Module, MethodOptions], Built]] = {
     "hydra": hydra.build,
     "adalora": adalora.build,
     "dylora": dylora.build,
+    "galore": galore.build,
     "full": full,
     "bitfit": bitfit,
 }

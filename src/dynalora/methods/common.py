@@ -40,6 +40,8 @@ class Hooks:
         state_dict / load_state_dict: the method's own training state, saved in checkpoints
             (tensors, numbers, strings: loaded with ``weights_only=True``).
         summary: extra entries for ``metrics.json`` at the end (AdaLoRA: ``ranks``).
+        make_optimizer: ``f(model, options, lr, weight_decay)``, the optimizer of a plain (not
+            dynamic) run, where a method brings its own (GaLore); default AdamW.
         evaluate_each: ``(name, settings)``: after training, validation is measured once per item
             ``settings(model)`` yields (it sets the model up for that item), and written to
             ``metrics.json`` under ``name`` (DyLoRA: ``per_rank``, every rank 1..r).
@@ -50,6 +52,7 @@ class Hooks:
     load_state_dict: Callable[[nn.Module, dict[str, Any]], None] | None = None
     summary: Callable[[nn.Module], dict[str, Any]] | None = None
     evaluate_each: tuple[str, Callable[[nn.Module], Iterator[Any]]] | None = None
+    make_optimizer: Callable[[nn.Module, MethodOptions, float, float], Any] | None = None
 
 
 def linear_names(model: nn.Module) -> list[str]:

@@ -115,6 +115,10 @@ def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _adamw(model: torch.nn.Module, options: MethodOptions, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(trainable_params(model), lr=lr, weight_decay=weight_decay)
+
+
 # ------------------------------------------------------------------------------------------ eval
 @torch.no_grad()
 def evaluate(model, loader: DataLoader, spec: TaskSpec, device: torch.device, autocast) -> dict[str, Any]:
@@ -261,6 +265,7 @@ def prepare(args: TrainArgs) -> Job:
         args.dylora_frozen,
     )
     model, modules = METHODS[args.method](model, options)
+    hooks = HOOKS.get(args.method, Hooks())
     model.to(device)
     saved = {name: p for name, p in model.named_parameters() if p.requires_grad}  # before any module is frozen
     allocator = None
@@ -294,7 +299,10 @@ def prepare(args: TrainArgs) -> Job:
         scheduler = allocator.create_scheduler(optimizer, "linear", **schedule)
         num_trainable = allocator.num_params + allocator.num_extra_params
     else:
-        optimizer = torch.optim.AdamW(trainable_params(model), lr=args.lr, weight_decay=args.weight_decay)
+        make = hooks.make_optimizer or (
+            lambda m, _, lr, wd: torch.optim.AdamW(trainable_params(m), lr=lr, weight_decay=wd)
+        )
+        optimizer = make(model, options, args.lr, args.weight_decay)
         scheduler = get_scheduler("linear", optimizer, **schedule)
         num_trainable = sum(p.numel() for p in trainable_params(model))
     # Only the model and the training data go through accelerate. The optimizer and scheduler stay
@@ -303,7 +311,7 @@ def prepare(args: TrainArgs) -> Job:
     model, train_loader = accelerator.prepare(model, train_loader)
     return Job(
         args, accelerator, data.spec, model_path, tokenizer, model, allocator, optimizer, scheduler,
-        train_loader, generator, eval_loaders, num_steps, num_trainable, saved, HOOKS.get(args.method, Hooks()),
+        train_loader, generator, eval_loaders, num_steps, num_trainable, saved, hooks,
     )  # fmt: skip
 
 
