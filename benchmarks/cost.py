@@ -122,6 +122,8 @@ def run_specs() -> list[Spec]:
              DynamicConfig(**cutoff, budget=0.35, state_policy="reset", optimizer="global"), **full),
         Spec("dynamic-full memory cap 0.4 reset", "full",
              DynamicConfig(**cutoff, memory_cap=0.4, state_policy="reset", optimizer="global"), **full),
+        Spec("dynamic-full memory cap 0.6 reset", "full",
+             DynamicConfig(**cutoff, memory_cap=0.6, state_policy="reset", optimizer="global"), **full),
     ]  # fmt: skip
 
 
@@ -325,7 +327,7 @@ def run_targets(runs: list[dict[str, Any]]) -> list[str]:
     check("all-linear memory cap 0.5: peak counted bytes <= 0.5 x all-linear LoRA",
           ratio("all-linear memory cap 0.5", "peak_counted_bytes"), 0.5)  # fmt: skip
     for name in ("dynamic-full k=1/3 reset", "dynamic-full default reset", "dynamic-full cutoff budget 0.35 reset",
-                 "dynamic-full memory cap 0.4 reset"):  # fmt: skip
+                 "dynamic-full memory cap 0.4 reset", "dynamic-full memory cap 0.6 reset"):  # fmt: skip
         check(f"{name}: mean counted bytes <= 0.4 x full", ratio(name, "mean_counted_bytes"), 0.4)
         check(f"{name}: peak counted bytes <= 0.4 x full", ratio(name, "peak_counted_bytes"), 0.4)
     return out
