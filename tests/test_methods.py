@@ -349,7 +349,92 @@ def test_galore_trains_from_the_cli_and_refuses_dynamic(tiny_model, csv_task, tm
     out = tmp_path / "run"
     assert main(cli_args(tiny_model, csv_task, out, "--method", "galore", "--lr", "1e-3", "--save-every", "3")) == 0
     assert json.loads((out / "metrics.json").read_text())["method"] == "galore"
+    saved = torch.load(out / "checkpoints" / "step-000006" / "state.pt", weights_only=True)["optimizer"]
+    projected = [s for s in saved["state"].values() if "projector" in s]
+    assert len(projected) == 2 * 6  # the GaLore optimizer, on every block linear weight of the 2 layers
+    assert all(8 in s["projector"]["ortho_matrix"].shape for s in projected)  # rank --rank (8)
     capsys.readouterr()
     assert main(cli_args(tiny_model, csv_task, tmp_path / "dyn", "--method", "galore", "--dynamic")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no modules to allocate" in err
+
+
+def test_l1ra_gates_sit_between_a_and_b():
+    from dynalora.methods.l1ra import L1RALinear
+
+    base = _linear()
+    layer = L1RALinear(copy.deepcopy(base), r=4, alpha=8.0)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(layer(x), base(x))  # B starts at zero
+    _randomise(layer)
+    a, b, c = (getattr(layer, n)["default"] for n in ("l1ra_A", "l1ra_B", "l1ra_c"))
+    torch.testing.assert_close(layer(x), base(x) + (8.0 / 4) * x @ a.T @ torch.diag(c) @ b.T)
+    torch.testing.assert_close(layer.merged_linear()(x), layer(x), rtol=1e-5, atol=1e-5)
+
+
+def test_l1ra_plan_prunes_dead_gates_and_reassigns_them_round_robin():
+    from dynalora.methods.l1ra import plan
+
+    gates = [torch.tensor([1.0, 0.0, 0.5, 0.0]), torch.tensor([0.9, 0.8]), torch.tensor([0.3, 0.95]),
+             torch.tensor([0.0, 0.0])]  # fmt: skip
+    keep, grow = plan(gates, threshold=1e-6)
+    assert [k.tolist() for k in keep] == [[0, 2], [0, 1], [0, 1], [0]]  # the last keeps one rank: its argmax
+    # 3 ranks freed; layers 1 and 2 pruned nothing; layer 1's smallest gate (0.8) is larger: it goes first
+    assert grow == [0, 2, 1, 0]
+    assert sum(k.numel() for k in keep) + sum(grow) == sum(g.numel() for g in gates)  # the budget holds
+
+
+def test_l1ra_resize_keeps_outputs_and_the_adam_state_of_kept_ranks():
+    from dynalora.methods.l1ra import L1RA, L1RALinear
+
+    layer = L1RALinear(_linear(), r=4, alpha=8.0)
+    _randomise(layer)
+    model = nn.Sequential(layer)
+    groups = [{"params": [layer.l1ra_A["default"], layer.l1ra_B["default"]]},
+              {"params": [layer.l1ra_c["default"]], "lr": 0.01, "l1ra_gates": True}]  # fmt: skip
+    opt = torch.optim.AdamW(groups, lr=0.01)
+    model(torch.randn(3, 6)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    with torch.no_grad():
+        layer.l1ra_c["default"][1] = 0.0  # a dead rank
+    old_b, old_state = layer.l1ra_B["default"], dict(opt.state[layer.l1ra_B["default"]])
+    x = torch.randn(5, 6)
+    before = layer(x)
+    keep, grow = torch.tensor([0, 2, 3]), 2
+    for attr, (old, new, idx, n) in layer.resize(keep, grow, torch.Generator().manual_seed(0)).items():
+        from dynalora.methods.l1ra import _move_state
+
+        _move_state(opt, old, new, idx, n, dim=1 if attr == "l1ra_B" else 0)
+    assert layer.r == 5 and layer.scaling == 8.0 / 5  # alpha / r recomputed
+    torch.testing.assert_close(layer(x), before)  # B rescaled: the output does not jump
+    new_b = layer.l1ra_B["default"]
+    assert all(p is not old_b for g in opt.param_groups for p in g["params"]) and new_b in opt.state
+    torch.testing.assert_close(opt.state[new_b]["exp_avg"][:, :3], old_state["exp_avg"][:, keep])  # kept, not reset
+    assert torch.count_nonzero(opt.state[new_b]["exp_avg"][:, 3:]) == 0
+    assert opt.state[new_b]["step"] == old_state["step"]
+    model(x).sum().backward()
+    opt.step()  # the optimizer runs on the new shapes
+    with torch.no_grad():
+        c_before = layer.l1ra_c["default"].clone()
+    L1RA(total_steps=100, seed=0).after_step(model, step=0, optimizer=opt)  # not a resize step
+    expected = (c_before - 0.01 * 1e-3).clamp(0, 1)  # the proximal L1 step at the gates' lr
+    torch.testing.assert_close(layer.l1ra_c["default"].detach(), expected)
+
+
+def test_l1ra_runs_keeps_its_budget_and_draws_the_rank_map(tiny_model, csv_task, tmp_path, monkeypatch, capsys):
+    import json
+
+    from dynalora.cli import main
+    from dynalora.methods import l1ra
+    from tests.test_cli import cli_args
+
+    monkeypatch.setattr(l1ra, "THRESHOLD", 0.995)  # gates that moved down at all die: resizes happen
+    out = tmp_path / "run"
+    assert main(cli_args(tiny_model, csv_task, out, "--method", "l1ra", "--rank", "4", "--max-steps", "20")) == 0
+    ranks = json.loads((out / "metrics.json").read_text())["ranks"]
+    assert sum(ranks.values()) <= 4 * 4 and len(set(ranks.values())) > 1  # moved between modules
+    assert (out / "ranks.png").stat().st_size > 0
+    capsys.readouterr()
+    assert main(cli_args(tiny_model, csv_task, tmp_path / "dyn", "--method", "l1ra", "--dynamic")) == 2
+    assert "moves ranks between modules itself" in capsys.readouterr().err

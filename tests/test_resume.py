@@ -241,10 +241,13 @@ def test_a_checkpoint_missing_its_rng_state_is_refused(tiny_model, csv_task, tmp
     assert len(err.splitlines()) == 1 and "rng-0.safetensors is missing" in err
 
 
-@pytest.mark.parametrize(("method", "state"), [("adalora", "ranks"), ("dylora", "per_rank")])
+@pytest.mark.parametrize(("method", "state"), [("adalora", "ranks"), ("dylora", "per_rank"), ("l1ra", "ranks")])
 def test_methods_with_their_own_state_resume_exactly(tiny_model, csv_task, tmp_path, monkeypatch, method, state):
-    """PEFT never saves AdaLoRA's importance averages, and DyLoRA's rank draws come from a generator:
-    a checkpoint must hold both, or the resumed run trains differently."""
+    """PEFT never saves AdaLoRA's importance averages, DyLoRA's rank draws come from a generator, and
+    L1RA's layers change shape: a checkpoint must hold all of it, or the resumed run trains differently."""
+    from dynalora.methods import l1ra
+
+    monkeypatch.setattr(l1ra, "THRESHOLD", 0.995)  # L1RA: resizes happen in 20 steps (one before the crash)
     recipe = ("--method", method, "--no-dynamic", "--rank", "4", "--max-steps", "20", "--eval-every", "0")
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert main(cli_args(tiny_model, csv_task, whole, *recipe)) == 0

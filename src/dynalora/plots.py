@@ -102,6 +102,7 @@ def module_activity_figure(
     *,
     total_steps: int | None = None,
     title: str | None = None,
+    label: str = "steps active",
 ) -> Figure:
     """Build the module-activity heatmap of the paper's Figure 5.
 
@@ -114,6 +115,7 @@ def module_activity_figure(
         module_active_steps: ``{module_name: active steps}`` from ``metrics.json``.
         total_steps: Number of optimizer steps in the run; switches cells to fractions.
         title: Figure title.
+        label: the colour bar's label for counts (e.g. ``"rank"`` for a map of final ranks).
 
     Returns:
         The figure; its first axes holds the image, whose array has shape
@@ -130,7 +132,7 @@ def module_activity_figure(
         vmin, vmax, cbar_label = 0.0, 1.0, "fraction of steps active"
     else:
         finite_max = float(np.nanmax(matrix))
-        vmin, vmax, cbar_label = 0.0, max(finite_max, 1.0), "steps active"
+        vmin, vmax, cbar_label = 0.0, max(finite_max, 1.0), label
 
     n_rows, n_cols = matrix.shape
     fig = Figure(figsize=(2.5 + 1.1 * n_cols, 1.5 + 0.3 * n_rows), layout="constrained")
@@ -165,6 +167,7 @@ def plot_module_activity(
     *,
     total_steps: int | None = None,
     title: str | None = None,
+    label: str = "steps active",
 ) -> None:
     """Save the module-activity heatmap (see :func:`module_activity_figure`) as a PNG.
 
@@ -174,7 +177,7 @@ def plot_module_activity(
         total_steps: Number of optimizer steps; annotate fractions instead of step counts.
         title: Figure title.
     """
-    fig = module_activity_figure(module_active_steps, total_steps=total_steps, title=title)
+    fig = module_activity_figure(module_active_steps, total_steps=total_steps, title=title, label=label)
     _save(fig, path)
 
 

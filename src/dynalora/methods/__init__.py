@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from dynalora.methods import adalora, dvora, dylora, galore, hydra
+from dynalora.methods import adalora, dvora, dylora, galore, hydra, l1ra
 from dynalora.methods.common import Built, Hooks, MethodOptions
 from dynalora.methods.full import bitfit, full
 from dynalora.methods.peft_adapters import dora, lora, vera
@@ -26,14 +26,18 @@ METHODS: dict[str, Callable[[nn.Module, MethodOptions], Built]] = {
     "adalora": adalora.build,
     "dylora": dylora.build,
     "galore": galore.build,
+    "l1ra": l1ra.build,
     "full": full,
     "bitfit": bitfit,
 }
 ADAPTER_METHODS = ("lora", "dora", "vera", "dvora", "hydra", "dylora")  # dynamic allocation by default
+# what a method needs from the training loop; the others need nothing
 HOOKS: dict[str, Hooks] = {
     "adalora": adalora.HOOKS,
     "dylora": dylora.HOOKS,
-}  # what a method needs from the loop; none for the rest
+    "galore": galore.HOOKS,
+    "l1ra": l1ra.HOOKS,
+}
 
 __all__ = [
     "ADAPTER_METHODS",

@@ -53,7 +53,7 @@ def build(model: nn.Module, opts: MethodOptions) -> Built:
     return get_peft_model(model, config), None
 
 
-def on_optimizer_step(model: nn.Module, step: int) -> None:
+def on_optimizer_step(model: nn.Module, step: int, optimizer: Any = None) -> None:
     model.base_model.update_and_allocate(step)
 
 
@@ -74,7 +74,7 @@ def state_dict(model: nn.Module) -> dict[str, Any]:
             "rank_pattern": {k: torch.as_tensor(v) for k, v in (pattern or {}).items()}}  # fmt: skip
 
 
-def load_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
+def load_state_dict(model: nn.Module, state: dict[str, Any], optimizer: Any = None) -> None:
     alloc = model.base_model.rankallocator
     alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = (
         dict(state["ipt"]),

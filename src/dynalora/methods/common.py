@@ -35,10 +35,13 @@ class Hooks:
     """What a method needs from the training loop beyond forward/backward (all optional).
 
     Attributes:
-        on_optimizer_step: ``f(model, step)`` after ``optimizer.step()`` and before ``zero_grad``,
-            once per optimizer step; ``step`` counts the optimizer steps before this one (0-based).
+        on_optimizer_step: ``f(model, step, optimizer)`` after ``optimizer.step()`` and before
+            ``zero_grad``, once per optimizer step; ``step`` counts the optimizer steps before this
+            one (0-based).
         state_dict / load_state_dict: the method's own training state, saved in checkpoints
-            (tensors, numbers, strings: loaded with ``weights_only=True``).
+            (tensors, numbers, strings: loaded with ``weights_only=True``); ``load_state_dict(model,
+            state, optimizer)`` runs before the weights and the optimizer state are loaded (L1RA
+            resizes its layers there).
         summary: extra entries for ``metrics.json`` at the end (AdaLoRA: ``ranks``).
         make_optimizer: ``f(model, options, lr, weight_decay)``, the optimizer of a plain (not
             dynamic) run, where a method brings its own (GaLore); default AdamW.
@@ -47,9 +50,9 @@ class Hooks:
             ``metrics.json`` under ``name`` (DyLoRA: ``per_rank``, every rank 1..r).
     """
 
-    on_optimizer_step: Callable[[nn.Module, int], None] | None = None
+    on_optimizer_step: Callable[[nn.Module, int, Any], None] | None = None
     state_dict: Callable[[nn.Module], dict[str, Any]] | None = None
-    load_state_dict: Callable[[nn.Module, dict[str, Any]], None] | None = None
+    load_state_dict: Callable[[nn.Module, dict[str, Any], Any], None] | None = None
     summary: Callable[[nn.Module], dict[str, Any]] | None = None
     evaluate_each: tuple[str, Callable[[nn.Module], Iterator[Any]]] | None = None
     make_optimizer: Callable[[nn.Module, MethodOptions, float, float], Any] | None = None

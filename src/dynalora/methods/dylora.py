@@ -135,8 +135,8 @@ def _each_rank(model: nn.Module) -> Iterator[int]:
 
 
 HOOKS = Hooks(
-    on_optimizer_step=lambda model, step: _sampler(model).next_step(),
+    on_optimizer_step=lambda model, step, optimizer: _sampler(model).next_step(),
     state_dict=lambda model: _sampler(model).state_dict(),
-    load_state_dict=lambda model, state: _sampler(model).load_state_dict(state),
+    load_state_dict=lambda model, state, optimizer: _sampler(model).load_state_dict(state),
     evaluate_each=("per_rank", _each_rank),
 )

@@ -29,7 +29,7 @@ DEFAULT_MODEL = "embedded:minilm-l6"
 # VeRA: chosen on the validation split of one epoch of Rotten Tomatoes (benchmarks/results/backbones.md):
 # 2e-3 0.654, 3e-2 0.779, 1e-1 0.779; the smaller of the tied two.
 DEFAULT_LR = {"lora": 2e-3, "dora": 2e-3, "vera": 3e-2, "bitfit": 1e-3, "full": 5e-5, "hydra": 2e-3, "dvora": 3e-2,
-              "adalora": 2e-3, "dylora": 2e-3, "galore": 5e-5}  # fmt: skip
+              "adalora": 2e-3, "dylora": 2e-3, "galore": 5e-5, "l1ra": 2e-3}  # fmt: skip
 DEFAULT_LR_DYNAMIC_FULL = 3e-4
 # Files that mark a folder as holding a run; --overwrite is needed to write over them.
 RUN_FILES = (
@@ -42,6 +42,7 @@ RUN_FILES = (
     "module_activity.png",
     "model",
     "checkpoints",
+    "ranks.png",
 )
 
 

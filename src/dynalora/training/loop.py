@@ -205,7 +205,7 @@ class Job:
     eval_loaders: dict[str, DataLoader]
     num_steps: int
     num_trainable: int
-    saved: dict[str, torch.nn.Parameter]  # what a checkpoint holds: every tensor that ever trains
+    saved_names: frozenset[str]  # what a checkpoint holds: every tensor that ever trains
     hooks: Hooks  # what the method needs from the loop (AdaLoRA: update_and_allocate after each step)
 
     @property
@@ -218,6 +218,10 @@ class Job:
 
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
+
+    def saved(self) -> dict[str, torch.nn.Parameter]:
+        """The checkpoint's tensors, looked up now: L1RA replaces its parameters when it resizes."""
+        return {n: p for n, p in self.unwrapped().named_parameters() if n in self.saved_names}
 
 
 def prepare(args: TrainArgs) -> Job:
@@ -267,7 +271,7 @@ def prepare(args: TrainArgs) -> Job:
     model, modules = METHODS[args.method](model, options)
     hooks = HOOKS.get(args.method, Hooks())
     model.to(device)
-    saved = {name: p for name, p in model.named_parameters() if p.requires_grad}  # before any module is frozen
+    saved = frozenset(n for n, p in model.named_parameters() if p.requires_grad)  # before any module is frozen
     allocator = None
     if args.dynamic:
         try:
@@ -391,7 +395,7 @@ def _optimizer_step(job: Job, steps_done: int) -> None:
     else:
         job.optimizer.step()
     if job.hooks.on_optimizer_step is not None:  # before zero_grad: AdaLoRA reads the gradients
-        job.hooks.on_optimizer_step(job.unwrapped(), steps_done)
+        job.hooks.on_optimizer_step(job.unwrapped(), steps_done, job.optimizer)
     job.scheduler.step()
     job.optimizer.zero_grad(set_to_none=True)
     if job.allocator is not None:
@@ -511,7 +515,7 @@ def save_checkpoint(job: Job, out: Path, p: Progress) -> Path:
                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                     "method": job.hooks.state_dict(job.unwrapped()) if job.hooks.state_dict else None,
                 }
-                checkpoint.write_shared(tmp, dict(job.saved), state, p.to_json(acc.num_processes))
+                checkpoint.write_shared(tmp, job.saved(), state, p.to_json(acc.num_processes))
         except OSError as err:
             error = err
     if _all_ok(acc, error is None) and job.is_main:
@@ -538,20 +542,21 @@ def restore_checkpoint(job: Job, folder: Path) -> Progress:
         weights, state, rng, saved = checkpoint.load(folder, acc.process_index, acc.num_processes)
     except ValueError as err:
         raise UsageError(f"--resume: {err}") from None
-    if set(weights) != set(job.saved):
-        missing = sorted(set(job.saved) ^ set(weights))[0]
+    if set(weights) != job.saved_names:
+        missing = sorted(job.saved_names ^ set(weights))[0]
         raise UsageError(f"--resume: {folder} holds other weights than this run ({missing}); allowed: the same model")
+    if job.hooks.load_state_dict is not None:  # first: L1RA resizes its layers to the saved ranks
+        job.hooks.load_state_dict(job.unwrapped(), state["method"], job.optimizer)
+    params = job.saved()
     with torch.no_grad():
         for name, tensor in weights.items():
-            job.saved[name].copy_(tensor)
+            params[name].copy_(tensor)
     job.optimizer.load_state_dict(state["optimizer"])
     job.scheduler.load_state_dict(state["scheduler"])
     if job.allocator is not None:
         job.allocator.load_state_dict(state["allocator"])
     if acc.scaler is not None and state["scaler"] is not None:
         acc.scaler.load_state_dict(state["scaler"])
-    if job.hooks.load_state_dict is not None:
-        job.hooks.load_state_dict(job.unwrapped(), state["method"])
     checkpoint.set_rng_state(rng)  # last: nothing above may draw from it
     kept = {k: saved[k] for k in ("step", "epoch", "batches", "records", "step_ms", "active_params")}
     return Progress(**kept, epoch_start=rng["loader_epoch_start"], resumed_from=saved["step"])
@@ -725,6 +730,9 @@ def _write_outputs(out: Path, model, tokenizer, allocator, records, metrics, inf
             title=f"{metrics['method']} on {metrics['task']}: fraction of steps each module trained",
         )
     plot_loss(records, out / "loss.png", metric=metrics["main_metric"])
+    if metrics.get("ranks"):  # AdaLoRA, L1RA: where the rank budget went
+        plot_module_activity(metrics["ranks"], out / "ranks.png", label="rank",
+                             title=f"{metrics['method']} on {metrics['task']}: final rank of each module")  # fmt: skip
     weights = out / "model"
     if is_own(model):  # hydra, dvora: their tensors and how to rebuild the rest (methods.load_trained)
         save_adapter(model, weights, info)
