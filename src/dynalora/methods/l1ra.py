@@ -76,6 +76,11 @@ class L1RALinear(OwnTunerLayer):
         bias = self.base_layer.bias
         return weight.detach(), None if bias is None else bias.detach()
 
+    def take_shapes(self, saved: dict[str, torch.Tensor], prefix: str) -> None:
+        r = saved[f"{prefix}l1ra_c.{ADAPTER}"].numel()
+        if r != self.r:
+            self.resize(torch.arange(min(r, self.r)), max(0, r - self.r), torch.Generator())
+
     def resize(self, keep: torch.Tensor, grow: int, generator: torch.Generator) -> dict[str, tuple]:
         """Keep the ranks ``keep`` (indices) and add ``grow`` new ones; the output does not change
         for kept ranks (B is rescaled by old/new scaling), new ones contribute zero.

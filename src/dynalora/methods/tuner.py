@@ -46,6 +46,9 @@ class OwnTunerLayer(nn.Module, BaseTunerLayer):
     def merged_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
+    def take_shapes(self, saved: dict[str, torch.Tensor], prefix: str) -> None:
+        """Before saved tensors are copied in: take their shapes where they may differ (L1RA's ranks)."""
+
 
 def wrap_linears(model: nn.Module, targets: list[str], make) -> list[nn.Linear]:
     """Replace every ``nn.Linear`` whose name is in ``targets`` (or ends with ``.target``) by
@@ -138,6 +141,9 @@ def load_trained(folder: str | Path, device: str | torch.device = "cpu") -> nn.M
     )
     model, _ = METHODS[info["method"]](model, options)
     saved = load_file(str(folder / ADAPTER_FILE))
+    for name, layer in model.named_modules():
+        if isinstance(layer, OwnTunerLayer):
+            layer.take_shapes(saved, f"{name}.")
     params = trained_params(model)
     if set(saved) != set(params):
         raise ValueError(f"{folder / ADAPTER_FILE} does not match --method {info['method']} on {info['base_model']}")
