@@ -116,9 +116,11 @@ def commit(tmp: Path, keep: int) -> Path:
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     final = tmp.with_name(tmp.name.removesuffix(".tmp"))
-    if final.exists():  # the same step saved again (a resumed run that is interrupted at once)
-        shutil.rmtree(final)
+    old = final.with_name(final.name + ".old")
+    if final.exists():  # the same step saved again (a resumed run that is interrupted at once):
+        os.replace(final, old)  # moved aside, not deleted, until the new one is in place
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
     for old in list_checkpoints(final.parent.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
