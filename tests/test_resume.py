@@ -28,6 +28,14 @@ class Crash(Exception):
     pass
 
 
+def _crashed_run(monkeypatch, argv: list[str], steps: int) -> None:
+    """Run ``argv`` until it dies after optimizer step ``steps``."""
+    with monkeypatch.context() as m:
+        _crash_after(m, steps)
+        with pytest.raises(Crash):
+            main(argv)
+
+
 def _crash_after(monkeypatch, steps: int) -> None:
     """The process dies (an exception nobody catches) right after optimizer step ``steps``."""
     real, count = loop._optimizer_step, {"n": 0}
@@ -72,10 +80,9 @@ def test_resume_after_a_crash_is_bitwise_the_uninterrupted_run(
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert main(cli_args(tiny_model, csv_task, whole, *recipe)) == 0
 
-    with monkeypatch.context() as m:
-        _crash_after(m, crash_at)
-        with pytest.raises(Crash):
-            main(cli_args(tiny_model, csv_task, broken, *recipe, "--save-every", str(save_every)))
+    _crashed_run(
+        monkeypatch, cli_args(tiny_model, csv_task, broken, *recipe, "--save-every", str(save_every)), crash_at
+    )
     last = crash_at // save_every * save_every
     saved = checkpoint.latest_checkpoint(broken)
     assert saved.name == f"step-{last:06d}" and not (broken / "metrics.json").exists()
@@ -155,10 +162,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tiny_model, csv_task, tmp_pat
 
 def test_resume_refusals_are_one_line(tiny_model, csv_task, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    with monkeypatch.context() as m:
-        _crash_after(m, 3)
-        with pytest.raises(Crash):
-            main(cli_args(tiny_model, csv_task, out, "--save-every", "2"))
+    _crashed_run(monkeypatch, cli_args(tiny_model, csv_task, out, "--save-every", "2"), 3)
     capsys.readouterr()
     cases = [
         ((), "--resume to continue it"),  # the folder holds a stopped run: say how to continue
@@ -230,10 +234,7 @@ def test_sigterm_checkpoints_and_resume_finishes_the_same_run(tiny_model, csv_ta
 def test_a_checkpoint_missing_its_rng_state_is_refused(tiny_model, csv_task, tmp_path, monkeypatch, capsys):
     """accelerate only logs an RNG state it cannot restore; a bitwise resume must not go on without it."""
     out = tmp_path / "run"
-    with monkeypatch.context() as m:
-        _crash_after(m, 3)
-        with pytest.raises(Crash):
-            main(cli_args(tiny_model, csv_task, out, "--save-every", "2"))
+    _crashed_run(monkeypatch, cli_args(tiny_model, csv_task, out, "--save-every", "2"), 3)
     (out / "checkpoints" / "step-000002" / "rng-0.safetensors").unlink()
     capsys.readouterr()
     assert main(cli_args(tiny_model, csv_task, out, "--save-every", "2", "--resume")) == 2
@@ -251,10 +252,7 @@ def test_methods_with_their_own_state_resume_exactly(tiny_model, csv_task, tmp_p
     recipe = ("--method", method, "--no-dynamic", "--rank", "4", "--max-steps", "20", "--eval-every", "0")
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert main(cli_args(tiny_model, csv_task, whole, *recipe)) == 0
-    with monkeypatch.context() as m:
-        _crash_after(m, 9)
-        with pytest.raises(Crash):
-            main(cli_args(tiny_model, csv_task, broken, *recipe, "--save-every", "8"))
+    _crashed_run(monkeypatch, cli_args(tiny_model, csv_task, broken, *recipe, "--save-every", "8"), 9)
     assert main(cli_args(tiny_model, csv_task, broken, *recipe, "--save-every", "8", "--resume")) == 0
     wa, wb = _weights(whole), _weights(broken)
     for name in wa:
