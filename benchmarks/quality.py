@@ -89,6 +89,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "dvora": ({"method": "dvora", "dynamic": False}, "plain DVoRA: DoRA's decomposition over VeRA"),
     "adalora": ({"method": "adalora", "dynamic": False}, "PEFT AdaLoRA, ranks 12 pruned to an average of 8"),
     "dylora": ({"method": "dylora", "dynamic": False}, "DyLoRA: a rank in 1..8 drawn each step"),
+    "l1ra": ({"method": "l1ra", "dynamic": False}, "L1RA: gated ranks, pruned and reassigned"),
+    "galore": ({"method": "galore", "dynamic": False}, "GaLore: full fine-tuning, rank-8 gradient projection"),
     # cost-aware allocation: every module at or above a cutoff block trains (allocators.cutoff)
     # (rows run while `global` was the default optimizer spell it out, so that they keep their meaning)
     "cutoff-0.5": (
