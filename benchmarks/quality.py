@@ -419,6 +419,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None, help="shorten every run (smoke test)")
     parser.add_argument("--runs-dir", default="runs/bench-quality")
     parser.add_argument("--name", default="quality")
+    parser.add_argument("--render-only", action="store_true", help="rewrite NAME.md from NAME.json; run nothing")
     ns = parser.parse_args()
     seeds = [0] if ns.quick else ns.seeds
     _quiet_libraries()
@@ -427,7 +428,7 @@ def main() -> None:
     path = RESULTS / f"{ns.name}.json"
     rows = json.loads(path.read_text())["runs"] if path.exists() else []
     started = time.monotonic()
-    todo = [(s, t, v) for s in seeds for t in ns.tasks for v in ns.variants]
+    todo = [] if ns.render_only else [(s, t, v) for s in seeds for t in ns.tasks for v in ns.variants]
     for i, (seed, task, variant) in enumerate(todo, 1):
         row = run_one(variant, task, seed, ns)
         rows = [r for r in rows if (r["variant"], r["task"], r["seed"]) != (variant, task, seed)] + [row]
