@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynalora.methods.common import Built, MethodOptions, adapter_targets, is_head
-from dynalora.methods.tuner import ADAPTER, OwnTunerLayer, wrap_linears
+from dynalora.methods.common import Built, MethodOptions, adapter_targets
+from dynalora.methods.tuner import ADAPTER, OwnTunerLayer, target_linears, wrap_linears
 
 
 class DVoRALinear(OwnTunerLayer):
@@ -92,11 +92,7 @@ PROJECTION_SEED = 0  # VeRA's projection_prng_key default
 def build(model: nn.Module, opts: MethodOptions) -> Built:
     """``--method dvora``: DVoRA on the target linears (default query, value), projections shared."""
     targets = adapter_targets(model, opts.targets)
-    chosen = [
-        m
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and not is_head(name) and any(name == t or name.endswith("." + t) for t in targets)
-    ]
+    chosen = [linear for _, linear in target_linears(model, targets)]
     A, B = shared_projections(chosen, opts.rank, PROJECTION_SEED, chosen[0].weight.device)
     wrap_linears(model, targets, lambda linear: DVoRALinear(linear, A, B, dropout=opts.dropout))
     return model, None

@@ -50,24 +50,34 @@ class OwnTunerLayer(nn.Module, BaseTunerLayer):
         """Before saved tensors are copied in: take their shapes where they may differ (L1RA's ranks)."""
 
 
+def target_linears(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.Linear]]:
+    """Every ``nn.Linear`` outside the task head whose name is in ``targets`` or ends with ``.target``."""
+    from dynalora.methods.common import is_head
+
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not is_head(name) and any(name == t or name.endswith("." + t) for t in targets)
+    ]
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
 def wrap_linears(model: nn.Module, targets: list[str], make) -> list[nn.Linear]:
-    """Replace every ``nn.Linear`` whose name is in ``targets`` (or ends with ``.target``) by
-    ``make(linear)``, outside the task head; then only adapters and head train.
+    """Replace every target linear (:func:`target_linears`) by ``make(linear)``; then only adapters
+    and head train.
 
     Returns:
         The wrapped base layers, in model order.
     """
     from dynalora.methods.common import is_head
 
-    chosen = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and not is_head(name) and any(name == t or name.endswith("." + t) for t in targets)
-    ]
+    chosen = target_linears(model, targets)
     for name, linear in chosen:
-        parent_name, _, attr = name.rpartition(".")
-        wrapped = make(linear).train(linear.training)  # in the mode the model is in
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, wrapped)
+        _replace(model, name, make(linear).train(linear.training))  # in the mode the model is in
     for name, param in model.named_parameters():
         param.requires_grad_(is_head(name))
     for layer in model.modules():
@@ -81,8 +91,7 @@ def merge(model: nn.Module) -> nn.Module:
     """Replace every adapter layer by the plain ``nn.Linear`` it computes (in place; returns the model)."""
     for name, layer in list(model.named_modules()):
         if isinstance(layer, OwnTunerLayer):
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer.merged_linear())
+            _replace(model, name, layer.merged_linear())
     return model
 
 

@@ -303,9 +303,7 @@ def prepare(args: TrainArgs) -> Job:
         scheduler = allocator.create_scheduler(optimizer, "linear", **schedule)
         num_trainable = allocator.num_params + allocator.num_extra_params
     else:
-        make = hooks.make_optimizer or (
-            lambda m, _, lr, wd: torch.optim.AdamW(trainable_params(m), lr=lr, weight_decay=wd)
-        )
+        make = hooks.make_optimizer or _adamw
         optimizer = make(model, options, args.lr, args.weight_decay)
         scheduler = get_scheduler("linear", optimizer, **schedule)
         num_trainable = sum(p.numel() for p in trainable_params(model))
@@ -333,9 +331,10 @@ class Progress:
     active_params: list[int] = field(default_factory=list)
     resumed_from: int | None = None
 
+    SAVED = ("step", "epoch", "batches", "records", "step_ms", "active_params")  # in progress.json
+
     def to_json(self, world_size: int) -> dict[str, Any]:
-        keep = ("step", "epoch", "batches", "records", "step_ms", "active_params")
-        return {name: getattr(self, name) for name in keep} | {"world_size": world_size}
+        return {name: getattr(self, name) for name in self.SAVED} | {"world_size": world_size}
 
 
 class StopRequest:
@@ -558,8 +557,9 @@ def restore_checkpoint(job: Job, folder: Path) -> Progress:
     if acc.scaler is not None and state["scaler"] is not None:
         acc.scaler.load_state_dict(state["scaler"])
     checkpoint.set_rng_state(rng)  # last: nothing above may draw from it
-    kept = {k: saved[k] for k in ("step", "epoch", "batches", "records", "step_ms", "active_params")}
-    return Progress(**kept, epoch_start=rng["loader_epoch_start"], resumed_from=saved["step"])
+    return Progress(
+        **{k: saved[k] for k in Progress.SAVED}, epoch_start=rng["loader_epoch_start"], resumed_from=saved["step"]
+    )
 
 
 # ------------------------------------------------------------------------------------------ run
