@@ -1,4 +1,4 @@
-"""Tests for dynalora.plots: name parsing, the activity matrix, and PNG output."""
+"""Tests for dynalora.analysis.plots: name parsing, the activity matrix, and PNG output."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dynalora.plots import (
+from dynalora.analysis.plots import (
     activity_matrix,
     ema,
     loss_figure,

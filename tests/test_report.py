@@ -1,4 +1,4 @@
-"""Tests for dynalora.report: labels, the comparison table, aggregation and the CLI entry."""
+"""Tests for dynalora.analysis.report: labels, the comparison table, aggregation and the CLI entry."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from dynalora.analysis.report import aggregate, aggregate_table, compare_table, load_run, main, main_result, run_label
 from dynalora.errors import UsageError
-from dynalora.report import aggregate, aggregate_table, compare_table, load_run, main, main_result, run_label
 
 MiB = 2**20
 DYNAMIC = {"measure": "forward", "allocator": "discounted_stochastic", "k": 16, "interval": 50}

@@ -74,7 +74,7 @@ def _train_args(ns: argparse.Namespace):
 
 
 def _cmd_train(ns: argparse.Namespace) -> int:
-    from dynalora.report import compare_table, load_run
+    from dynalora.analysis.report import compare_table, load_run
     from dynalora.training import run
 
     args = _train_args(ns)
@@ -108,7 +108,7 @@ def _compare_variants(ns: argparse.Namespace) -> list[tuple[bool, str, str]]:
 
 
 def _cmd_compare(ns: argparse.Namespace) -> int:
-    from dynalora.report import compare_table, load_run
+    from dynalora.analysis.report import compare_table, load_run
     from dynalora.training import RUN_FILES, run
 
     root = Path(ns.output_dir)
@@ -132,7 +132,7 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
 
 
 def _cmd_report(ns: argparse.Namespace) -> int:
-    from dynalora.report import compare_table, load_run
+    from dynalora.analysis.report import compare_table, load_run
 
     print(compare_table([load_run(d) for d in ns.run_dirs], fmt=ns.format))
     return 0

@@ -21,11 +21,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dynalora.analysis.memory import PeakMemory
 from dynalora.controller import DynamicAllocator
 from dynalora.data import TaskData, load_task, make_collator, tokenize
 from dynalora.data.tasks import TaskSpec, compute_metrics
 from dynalora.errors import Interrupted, RunError, UsageError
-from dynalora.memory import PeakMemory
 from dynalora.methods import HOOKS, METHODS, Hooks, MethodOptions, is_own, save_adapter
 from dynalora.training import checkpoint
 from dynalora.training.args import DEFAULT_MODEL, RUN_FILES, TrainArgs, as_flag_message
@@ -718,7 +718,7 @@ def _postfix(loss: float, last_eval: dict[str, Any], spec: TaskSpec, allocator) 
 
 
 def _write_outputs(out: Path, model, tokenizer, allocator, records, metrics, info) -> None:
-    from dynalora.plots import plot_loss, plot_module_activity
+    from dynalora.analysis.plots import plot_loss, plot_module_activity
 
     _write_jsonl(out / "log.jsonl", records)
     if allocator is not None:

@@ -1,6 +1,6 @@
 """Compare finished runs: read each run folder's ``metrics.json`` and write tables.
 
-``python -m dynalora.report RUN_DIR [RUN_DIR ...]`` prints one row per run (markdown by default,
+``python -m dynalora.analysis.report RUN_DIR [RUN_DIR ...]`` prints one row per run (markdown by default,
 ``--format text`` for aligned plain text); ``--aggregate`` prints mean ± std across seeds
 instead. No training code here.
 """
@@ -332,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         0 on success, 2 when a run folder is missing or invalid (one line on stderr).
     """
-    parser = argparse.ArgumentParser(prog="python -m dynalora.report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m dynalora.analysis.report", description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folders written by `dynalora train`")
     parser.add_argument("--format", choices=FORMATS, default="markdown", help="table format (default: markdown)")
     parser.add_argument("--aggregate", action="store_true", help="mean ± std across seeds instead of one row per run")
