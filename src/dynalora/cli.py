@@ -1,8 +1,9 @@
-"""Command line: argument parsing only; the work happens in training/ and report.py.
+"""Command line: argument parsing only; the work happens in training/ and analysis/.
 
 dynalora train [--task T] [--method M] [--no-dynamic] [--k 2/3] ...
 dynalora compare [any train flag]      # DynaLoRA and plain LoRA side by side (the main job)
-dynalora report RUN_DIR [RUN_DIR ...]
+dynalora sweep CONFIG.yaml [--output-dir DIR] [--dry-run] [--jobs N]
+dynalora report RUN_DIR [RUN_DIR ...]  # a table; a folder of run folders gets report.md and figures
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import dataclasses
 import logging
 import sys
 import typing
-from dataclasses import MISSING
 from pathlib import Path
 from typing import Any
 
 from dynalora.errors import Interrupted, RunError, UsageError
+from dynalora.training.args import add_train_flags
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,45 +27,48 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainArgs field: name, type, default, choices and help all come from the dataclass."""
-    from dynalora.training import TrainArgs
-
-    hints = typing.get_type_hints(TrainArgs)
-    for f in dataclasses.fields(TrainArgs):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        default = f.default if f.default is not MISSING else None
-        help_text = f.metadata.get("help", "")
-        if default is not None and kind is not bool:
-            help_text += f" (default: {default})"
-        if kind in (bool, bool | None):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-            continue
-        base = next(t for t in typing.get_args(kind) if t is not type(None)) if typing.get_args(kind) else kind
-        parser.add_argument(
-            flag, type=base, default=default, choices=f.metadata.get("choices"), help=help_text, metavar=f.name.upper()
-        )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dynalora", description="Dynamic low-rank module allocation (DynaLoRA) fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser("train", help="fine-tune one model on one task, dynamic or plain")
-    _add_train_flags(train)
+    add_train_flags(train)
     compare = sub.add_parser(
         "compare", help="run DynaLoRA and plain LoRA (--no-dynamic) with the same recipe and print a table"
     )
-    _add_train_flags(compare)
+    add_train_flags(compare)
     compare.add_argument(
         "--methods",
         help="comma-separated methods to compare side by side, each plain and, where it has one, dynamic "
         "(e.g. lora,dora,vera,dvora,adalora,dylora,hydra,full,bitfit; default: --method, dynamic and plain)",
     )
-    report = sub.add_parser("report", help="print a side-by-side table of finished runs")
+    sweep = sub.add_parser("sweep", help="train every run of a YAML grid, one folder each; skips finished runs")
+    sweep.add_argument("config", metavar="CONFIG.yaml", help="name, base (train flags) and grid (lists of values)")
+    sweep.add_argument("--output-dir", help="folder of the run folders (default: runs/<name>)")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs and their state; train nothing")
+    sweep.add_argument(
+        "--jobs", type=_positive, default=1, help="runs at a time (default: 1, which keeps timings honest)"
+    )
+    sweep.add_argument("--overwrite", action="store_true", help="train finished runs again")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    report = sub.add_parser(
+        "report", help="a table of finished runs; a folder of run folders also gets report.md and figures"
+    )
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     report.add_argument("--format", choices=("markdown", "text"), default="text")
+    report.add_argument(
+        "--report-dir", help="where a grid's report.md and figures go (default: the grid folder itself)"
+    )
     return parser
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an int >= 1")
+    return value
 
 
 def _train_args(ns: argparse.Namespace):
@@ -86,7 +90,7 @@ def _cmd_train(ns: argparse.Namespace) -> int:
 
 def _compare_variants(ns: argparse.Namespace) -> list[tuple[bool, str, str]]:
     """``(dynamic, method, folder name)`` of every run a comparison makes."""
-    from dynalora.methods import ADAPTER_METHODS, METHODS
+    from dynalora.methods import METHODS, STATIC_ONLY
 
     if ns.methods is None:  # one recipe, its dynamic and plain variants
         if ns.dynamic is False:
@@ -98,10 +102,9 @@ def _compare_variants(ns: argparse.Namespace) -> list[tuple[bool, str, str]]:
         raise UsageError(
             f"--methods {ns.methods!r}: unknown {', '.join(unknown) or 'empty'}; allowed: {', '.join(METHODS)}"
         )
-    with_dynamic = set(ADAPTER_METHODS) | {"full"}  # adalora and bitfit allocate nothing
     runs = []
     for m in dict.fromkeys(methods):
-        if m in with_dynamic and ns.dynamic is not False:
+        if m not in STATIC_ONLY and ns.dynamic is not False:
             runs.append((True, m, f"{m}-dynamic"))
         runs.append((False, m, m))
     return runs
@@ -131,9 +134,38 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(ns: argparse.Namespace) -> int:
+    from dynalora.analysis.sweep import Sweep, describe, expand, load_config
+
+    config = load_config(ns.config)
+    root = Path(ns.output_dir or Path("runs") / config["name"])
+    runs = expand(config, root)
+    if ns.dry_run:
+        print(describe(runs, root, overwrite=ns.overwrite))
+        return 0
+    sweep = Sweep(config, root, runs, jobs=ns.jobs, overwrite=ns.overwrite, progress=not ns.quiet)
+    sweep.todo()  # a finished run with other settings is refused before anything trains
+    code = sweep.run()
+    failed = [o.run.name for o in sweep.outcomes.values() if o.returncode]
+    if code > 128:
+        print(f"dynalora: sweep stopped; run the same command again to continue ({root})", file=sys.stderr)
+    elif failed:
+        print(f"dynalora: error: {len(failed)} of {len(runs)} runs failed: {', '.join(failed)}", file=sys.stderr)
+    else:
+        print(f"{len(runs)} runs in {root}; `dynalora report {root}` writes the report")
+    return code
+
+
 def _cmd_report(ns: argparse.Namespace) -> int:
+    from dynalora.analysis.grid_report import is_grid, write_report
     from dynalora.analysis.report import compare_table, load_run
 
+    if len(ns.run_dirs) == 1 and is_grid(ns.run_dirs[0]):
+        written = write_report(ns.run_dirs[0], ns.report_dir)
+        print(f"report in {written}")
+        return 0
+    if ns.report_dir:
+        raise UsageError("--report-dir is for a folder of run folders; allowed: one such folder")
     print(compare_table([load_run(d) for d in ns.run_dirs], fmt=ns.format))
     return 0
 
@@ -152,7 +184,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
 
-COMMANDS = {"train": _cmd_train, "compare": _cmd_compare, "report": _cmd_report}
+COMMANDS = {"train": _cmd_train, "compare": _cmd_compare, "sweep": _cmd_sweep, "report": _cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -143,8 +144,9 @@ def module_activity_figure(
     ax.set_yticks(range(n_rows), labels=[str(layer) for layer in layers])
     ax.set_xlabel("module type")
     ax.set_ylabel("layer")
-    if title:
-        ax.set_title(title)
+    if title:  # wrapped to the figure's width: a narrow map (query, value) would cut a long title
+        chars = max(24, int(9 * (1.5 + 1.1 * n_cols)))  # about 9 characters an inch at 10 pt
+        ax.set_title("\n".join(textwrap.wrap(title, width=chars)), fontsize=10)
     fig.colorbar(image, ax=ax, label=cbar_label)
 
     fontsize = max(5.0, min(9.0, 180.0 / max(n_rows, 1)))
@@ -178,7 +180,7 @@ def plot_module_activity(
         title: Figure title.
     """
     fig = module_activity_figure(module_active_steps, total_steps=total_steps, title=title, label=label)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def ema(values: Sequence[float] | np.ndarray, span: int) -> np.ndarray:
@@ -290,7 +292,7 @@ def plot_loss(
         metric: Validation metric for the second panel (default: the first one logged).
         title: Figure title.
     """
-    _save(loss_figure(records, metric=metric, title=title), path)
+    save_figure(loss_figure(records, metric=metric, title=title), path)
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
@@ -335,7 +337,7 @@ def _cmap_with_grey_nan(name: str) -> Colormap:
     return colormaps[name].with_extremes(bad="#d9d9d9")
 
 
-def _save(fig: Figure, path: str | os.PathLike[str]) -> None:
+def save_figure(fig: Figure, path: str | os.PathLike[str]) -> None:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png", dpi=_DPI)

@@ -13,7 +13,7 @@ from torch import nn
 
 from dynalora.methods import adalora, dvora, dylora, galore, hydra, l1ra
 from dynalora.methods.common import Built, Hooks, MethodOptions
-from dynalora.methods.full import bitfit, full
+from dynalora.methods.full import BITFIT_STATIC, bitfit, full
 from dynalora.methods.peft_adapters import dora, lora, vera
 from dynalora.methods.tuner import is_own, load_trained, merge, save_adapter
 
@@ -31,6 +31,13 @@ METHODS: dict[str, Callable[[nn.Module, MethodOptions], Built]] = {
     "bitfit": bitfit,
 }
 ADAPTER_METHODS = ("lora", "dora", "vera", "dvora", "hydra", "dylora")  # dynamic allocation by default
+# methods that allocate by their own rule, or have nothing to allocate: why each refuses --dynamic
+STATIC_ONLY: dict[str, str] = {
+    "adalora": adalora.STATIC,
+    "galore": galore.STATIC,
+    "l1ra": l1ra.STATIC,
+    "bitfit": BITFIT_STATIC,
+}
 # what a method needs from the training loop; the others need nothing
 HOOKS: dict[str, Hooks] = {
     "adalora": adalora.HOOKS,
@@ -43,6 +50,7 @@ __all__ = [
     "ADAPTER_METHODS",
     "HOOKS",
     "METHODS",
+    "STATIC_ONLY",
     "Hooks",
     "Built",
     "MethodOptions",

@@ -33,11 +33,12 @@ def schedule(total_steps: int) -> dict[str, int]:
     return {"tinit": tinit, "tfinal": tfinal, "deltaT": max(1, min(DELTA_T, total_steps // 10))}
 
 
+STATIC = "--method adalora allocates ranks itself, from its own importance and budget; use it with --no-dynamic"
+
+
 def build(model: nn.Module, opts: MethodOptions) -> Built:
     if opts.dynamic:
-        raise UsageError(
-            "--method adalora allocates ranks itself, from its own importance and budget; use it with --no-dynamic"
-        )
+        raise UsageError(STATIC)
     if not opts.total_steps or opts.total_steps < 3:
         raise UsageError(f"--method adalora needs at least 3 optimizer steps, got {opts.total_steps}")
     config = AdaLoraConfig(

@@ -29,10 +29,13 @@ def full(model: nn.Module, opts: MethodOptions) -> Built:
     return model, modules
 
 
+BITFIT_STATIC = "--method bitfit has no modules to allocate; use it with --no-dynamic"
+
+
 def bitfit(model: nn.Module, opts: MethodOptions) -> Built:
     """Biases and the task head only (Zaken et al., 2021)."""
     if opts.dynamic:
-        raise UsageError("--method bitfit has no modules to allocate; use it with --no-dynamic")
+        raise UsageError(BITFIT_STATIC)
     for name, param in model.named_parameters():
         param.requires_grad_(name.endswith(".bias") or is_head(name))
     return model, None

@@ -87,12 +87,15 @@ def _projector_from_dict(projector_cls: type, saved: dict[str, Any]) -> Any:
     return projector
 
 
+STATIC = (
+    "--method galore projects every weight's gradient at every step; there are no modules to allocate, "
+    "use it with --no-dynamic"
+)
+
+
 def build(model: nn.Module, opts: MethodOptions) -> Built:
     if opts.dynamic:
-        raise UsageError(
-            "--method galore projects every weight's gradient at every step; there are no modules to allocate, "
-            "use it with --no-dynamic"
-        )
+        raise UsageError(STATIC)
     _galore_adamw()  # installed? (before anything is trained)
     model.requires_grad_(True)
     return model, None

@@ -180,11 +180,12 @@ class L1RA:
                 _move_state(optimizer, old, param, idx, n, dim=1 if attr == "l1ra_B" else 0)
 
 
+STATIC = "--method l1ra moves ranks between modules itself (its gates decide); use it with --no-dynamic"
+
+
 def build(model: nn.Module, opts: MethodOptions) -> Built:
     if opts.dynamic:
-        raise UsageError(
-            "--method l1ra moves ranks between modules itself (its gates decide); use it with --no-dynamic"
-        )
+        raise UsageError(STATIC)
     if (
         torch.distributed.is_available()
         and torch.distributed.is_initialized()

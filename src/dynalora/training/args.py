@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import math
-from dataclasses import asdict, dataclass, field, fields
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from dynalora.config import (
@@ -18,7 +20,7 @@ from dynalora.config import (
 )
 from dynalora.data import DEFAULT_TASK, TASKS, resolve_task
 from dynalora.errors import UsageError
-from dynalora.methods import ADAPTER_METHODS, METHODS
+from dynalora.methods import ADAPTER_METHODS, METHODS, STATIC_ONLY
 
 DEFAULT_MODEL = "embedded:minilm-l6"
 # Peak learning rates for the embedded default. lora and dynamic full were measured (benchmarks/quality.py,
@@ -183,6 +185,8 @@ class TrainArgs:
             self.lr = DEFAULT_LR_DYNAMIC_FULL if dynamic_full else DEFAULT_LR[self.method]
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UsageError(f"--lr must be a finite number > 0, got {self.lr}")
+        if self.dynamic and self.method in STATIC_ONLY:  # refused now, not once the model has loaded
+            raise UsageError(STATIC_ONLY[self.method])
         if self.dynamic:
             self.dynamic_config()  # validate now, before anything is loaded or written
 
@@ -199,6 +203,25 @@ class TrainArgs:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainArgs field: name, type, default, choices and help all come from the dataclass."""
+    hints = typing.get_type_hints(TrainArgs)
+    for f in fields(TrainArgs):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        default = f.default if f.default is not MISSING else None
+        help_text = f.metadata.get("help", "")
+        if default is not None and kind is not bool:
+            help_text += f" (default: {default})"
+        if kind in (bool, bool | None):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            continue
+        base = next(t for t in typing.get_args(kind) if t is not type(None)) if typing.get_args(kind) else kind
+        parser.add_argument(
+            flag, type=base, default=default, choices=f.metadata.get("choices"), help=help_text, metavar=f.name.upper()
+        )
 
 
 def as_flag_message(err: ValueError) -> str:

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dynalora.analysis.memory import PeakMemory
+from dynalora.analysis.memory import PeakMemory, SavedActivations, gradient_bytes, optimizer_state_bytes
 from dynalora.controller import DynamicAllocator
 from dynalora.data import TaskData, load_task, make_collator, tokenize
 from dynalora.data.tasks import TaskSpec, compute_metrics
@@ -219,6 +219,12 @@ class Job:
     def unwrapped(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.model)
 
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        """Parameters and buffers, looked up now: what autograd saves of these is not an activation."""
+        model = self.unwrapped()
+        return [*model.parameters(), *model.buffers()]
+
     def saved(self) -> dict[str, torch.nn.Parameter]:
         """The checkpoint's tensors, looked up now: L1RA replaces its parameters when it resizes."""
         return {n: p for n, p in self.unwrapped().named_parameters() if n in self.saved_names}
@@ -329,9 +335,11 @@ class Progress:
     records: list[dict[str, Any]] = field(default_factory=list)
     step_ms: list[float] = field(default_factory=list)
     active_params: list[int] = field(default_factory=list)
+    # counted bytes of each step (saved activations, gradients, optimizer state), for metrics.json
+    counted: list[dict[str, int]] = field(default_factory=list)
     resumed_from: int | None = None
 
-    SAVED = ("step", "epoch", "batches", "records", "step_ms", "active_params")  # in progress.json
+    SAVED = ("step", "epoch", "batches", "records", "step_ms", "active_params", "counted")  # in progress.json
 
     def to_json(self, world_size: int) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.SAVED} | {"world_size": world_size}
@@ -426,11 +434,13 @@ def train_loop(job: Job, out: Path, resume: Path | None = None) -> tuple[list[di
                 job.train_generator.set_state(p.epoch_start)
             loader = acc.skip_first_batches(job.train_loader, p.batches) if p.batches else job.train_loader
             losses: list[torch.Tensor] = []
-            step_ms = 0.0
+            step_ms, saved_bytes = 0.0, 0
             for batch in loader:
                 t0 = time.perf_counter()
                 with acc.accumulate(model):  # no DDP all-reduce until the last micro-batch
-                    loss = model(**batch).loss
+                    with SavedActivations(exclude=job.weights) as saved:  # a weakref per saved tensor
+                        loss = model(**batch).loss
+                    saved_bytes = max(saved_bytes, saved.bytes)  # micro-batches free theirs in backward
                     acc.backward(loss)  # divided by the accumulation steps
                 losses.append(loss.detach())
                 p.batches += 1
@@ -446,16 +456,20 @@ def train_loop(job: Job, out: Path, resume: Path | None = None) -> tuple[list[di
                         + (f"last good checkpoint: {last}" if last else "no checkpoint (--save-every N writes them)")
                     )
                 active = allocator.num_active_params + allocator.num_extra_params if allocator else job.num_trainable
+                grad_bytes = gradient_bytes(model)
                 _optimizer_step(job, p.step)
+                counted = {"saved_activations": saved_bytes, "gradients": grad_bytes,
+                           "optimizer_state": optimizer_state_bytes(job.optimizer)}  # fmt: skip
                 p.step += 1
                 step_ms += (time.perf_counter() - t0) * 1e3
                 p.step_ms.append(step_ms)
                 p.active_params.append(active)
+                p.counted.append(counted)
                 p.records.append(
                     {"type": "train", "step": p.step, "loss": loss_value, "lr": job.scheduler.get_last_lr()[0],
                      "num_active": len(allocator.active) if allocator else None, "step_ms": step_ms}
                 )  # fmt: skip
-                losses, step_ms = [], 0.0
+                losses, step_ms, saved_bytes = [], 0.0, 0
                 due = p.step == job.num_steps or (args.eval_every and p.step % args.eval_every == 0)
                 if due and job.is_main and "validation" in job.eval_loaders:
                     last_eval = evaluate(
@@ -485,8 +499,32 @@ def train_loop(job: Job, out: Path, resume: Path | None = None) -> tuple[list[di
         "peak_memory_kind": peak.kind,
         "peak_memory_above_start_bytes": peak.increase_bytes,
         "resumed_from_step": p.resumed_from,  # peak memory covers only the steps after it
+        "memory": counted_memory(p.counted),
     }
     return p.records, costs
+
+
+def counted_memory(steps: list[dict[str, int]]) -> dict[str, float]:
+    """What ``metrics.json`` reports of the counted training bytes of each step.
+
+    Peak RSS cannot tell apart selections a few percent apart (glibc keeps freed blocks); these
+    are the bytes of live tensors: saved activations (the largest micro-batch), gradients after
+    backward and optimizer state after the step, on this process.
+
+    Returns:
+        ``peak_<kind>`` and ``mean_<kind>`` of each kind, and ``peak_total``/``mean_total`` of
+        their sum per step (the peak of the sum, not the sum of the peaks).
+    """
+    kinds = ("saved_activations", "gradients", "optimizer_state")
+    if not steps:
+        return {}
+    columns = {kind: [s[kind] for s in steps] for kind in kinds}
+    columns["total"] = [sum(s[kind] for kind in kinds) for s in steps]
+    out: dict[str, float] = {}
+    for kind, values in columns.items():
+        out[f"peak_{kind}"] = int(max(values))
+        out[f"mean_{kind}"] = float(np.mean(values))
+    return out
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -558,7 +596,9 @@ def restore_checkpoint(job: Job, folder: Path) -> Progress:
         acc.scaler.load_state_dict(state["scaler"])
     checkpoint.set_rng_state(rng)  # last: nothing above may draw from it
     return Progress(
-        **{k: saved[k] for k in Progress.SAVED}, epoch_start=rng["loader_epoch_start"], resumed_from=saved["step"]
+        **{k: saved[k] for k in Progress.SAVED if k in saved},  # "counted" came later: older ones lack it
+        epoch_start=rng["loader_epoch_start"],
+        resumed_from=saved["step"],
     )
 
 

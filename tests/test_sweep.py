@@ -1,0 +1,211 @@
+"""``dynalora sweep``: grid expansion, bad configs, dry run, skip, resume and failures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dynalora.analysis.sweep import expand, load_config, run_name, to_argv
+from dynalora.cli import main
+
+ISSUE_EXAMPLE = {
+    "name": "embedded",
+    "base": {"task": "rotten_tomatoes", "epochs": 1},
+    "grid": {"method": ["lora", "vera"], "dynamic": [True, False], "k": ["1/3", "2/3"], "seed": [0, 1, 2]},
+}
+
+
+def _write(tmp_path: Path, config: dict, name: str = "grid.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_the_issue_example_expands_without_duplicating_plain_runs(tmp_path):
+    runs = expand(load_config(_write(tmp_path, ISSUE_EXAMPLE)), tmp_path / "out")
+    dynamic = [r for r in runs if r.args.dynamic]
+    plain = [r for r in runs if not r.args.dynamic]
+    assert len(dynamic) == 2 * 2 * 3  # method x k x seed
+    assert len(plain) == 2 * 3  # k does not apply: one run per method and seed, not two
+    assert all("k" not in r.flags for r in plain)
+    assert {r.name for r in plain} == {f"method={m},dynamic=false,seed={s}" for m in ("lora", "vera") for s in range(3)}
+    first = runs[0]
+    assert first.name == "method=lora,dynamic=true,k=1_3,seed=0"
+    assert first.args.output_dir == str(tmp_path / "out" / first.name)
+    assert first.args.dynamic_config().k == pytest.approx(1 / 3)
+    assert first.args.epochs == 1.0 and first.args.task == "rotten_tomatoes"
+    assert len({r.name for r in runs}) == len(runs)
+
+
+def test_dashes_and_a_list_of_grids(tmp_path):
+    config = {
+        "name": "two",
+        "base": {"max-steps": 3},
+        "grid": [
+            {"method": ["lora"], "k": ["1/3", "2/3"]},
+            {"method": ["lora", "vera"], "dynamic": [False]},
+            {"method": ["lora"], "k": ["0.3333333333333333"]},  # the same run as k=1/3: dropped
+        ],
+    }
+    runs = expand(load_config(_write(tmp_path, config)), tmp_path / "out")
+    assert [r.name for r in runs] == ["method=lora,k=1_3", "method=lora,k=2_3", "method=lora,dynamic=false",
+                                      "method=vera,dynamic=false"]  # fmt: skip
+    assert all(r.args.max_steps == 3 for r in runs)
+
+
+def test_method_only_flags_leave_other_methods():
+    assert to_argv({"dylora_frozen": True, "dynamic": False, "k": "1/3", "lr": 0.001}) == [
+        "--dylora-frozen", "--no-dynamic", "--k", "1/3", "--lr", "0.001"
+    ]  # fmt: skip
+    assert run_name({"k": "1/3", "seed": 2}, ["k", "seed", "method"]) == "k=1_3,seed=2"
+
+
+def test_dylora_frozen_applies_to_dylora_only(tmp_path):
+    config = {"grid": {"method": ["lora", "dylora"], "dylora_frozen": [True, False]}}
+    runs = expand(load_config(_write(tmp_path, config)), tmp_path / "out")
+    assert sorted(r.name for r in runs) == sorted([
+        "method=lora", "method=dylora,dylora_frozen=true", "method=dylora,dylora_frozen=false"
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"grid": {"rnak": [4]}}, "grid.rnak: not a `dynalora train` flag"),
+        ({"grid": {"rank": 4}}, "grid.rank = 4; allowed: a non-empty list of values"),
+        ({"grid": {"rank": []}}, "grid.rank = []; allowed: a non-empty list"),
+        ({"grid": {"method": ["lora", "nope"]}}, "run method=nope: argument --method: invalid choice: 'nope'"),
+        ({"grid": {"rank": ["eight"]}}, "argument --rank: invalid int value: 'eight'"),
+        ({"grid": {"k": ["2/0"]}}, "--k '2/0' is not a number"),
+        ({"base": {"output_dir": "x"}, "grid": {"seed": [0]}}, "base.output_dir: the sweep sets it"),
+        ({"base": {"seed": 1}, "grid": {"seed": [0]}}, "'seed' is in both base and grid"),
+        ({"grid": {"seed": [0]}, "grdi": {}}, "unknown key 'grdi'; allowed: name, description, base, grid"),
+        ({"base": {"seed": 0}}, "no 'grid'"),
+        ({"grid": {"seed": [{"a": 1}]}}, "allowed: a string, number or boolean"),
+    ],
+)
+def test_a_bad_config_is_one_line_and_exit_2(tmp_path, capsys, config, expected):
+    path = _write(tmp_path, config)
+    assert main(["sweep", str(path), "--output-dir", str(tmp_path / "out"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_yaml_and_missing_file(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid: [unclosed\n")
+    assert main(["sweep", str(bad), "--dry-run"]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert main(["sweep", str(tmp_path / "none.yaml"), "--dry-run"]) == 2
+    assert "sweep config not found" in capsys.readouterr().err
+
+
+def test_dry_run_lists_and_trains_nothing(tmp_path, capsys):
+    path = _write(tmp_path, ISSUE_EXAMPLE)
+    assert main(["sweep", str(path), "--output-dir", str(tmp_path / "out"), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 18 + 1
+    assert lines[0].split() == ["new", "method=lora,dynamic=true,k=1_3,seed=0", "--task", "rotten_tomatoes", "--epochs",
+                                "1", "--method", "lora", "--dynamic", "--k", "1/3", "--seed", "0"]  # fmt: skip
+    assert lines[-1] == "18 runs: 0 done, 0 to resume, 18 new"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["paper.yaml", "embedded.yaml", "methods.yaml"])
+def test_the_committed_experiments_expand(name, capsys):
+    path = Path(__file__).parents[1] / "experiments" / name
+    assert main(["sweep", str(path), "--output-dir", "/nonexistent/dir", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].endswith("new")
+    if name == "paper.yaml":
+        runs = expand(load_config(path), "/nonexistent")
+        assert {r.args.task for r in runs} == {"sst2", "mrpc", "cola", "qnli", "rte", "stsb"}
+        assert {r.args.model for r in runs} == {"FacebookAI/roberta-base"}
+
+
+# ------------------------------------------------------------------------------------------ real runs
+def _tiny_grid(tmp_path: Path, tiny_model: str, csv_task: dict[str, str], grid: dict) -> Path:
+    config = {
+        "name": "tiny",
+        "base": {
+            "model": tiny_model,
+            "train_file": csv_task["train"],
+            "validation_file": csv_task["validation"],
+            "test_file": csv_task["test"],
+            "max_steps": 4,
+            "batch_size": 8,
+            "max_length": 16,
+            "eval_every": 2,
+        },  # fmt: skip
+        "grid": grid,
+    }
+    return _write(tmp_path, config)
+
+
+def _sweep(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dynalora", "sweep", *argv, "--quiet"],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+
+
+def test_a_grid_runs_skips_what_finished_and_resumes_what_did_not(tmp_path, tiny_model, csv_task):
+    path = _tiny_grid(tmp_path, tiny_model, csv_task, {"dynamic": [True, False], "seed": [0, 1]})
+    out = tmp_path / "out"
+    first = _sweep(str(path), "--output-dir", str(out))
+    assert first.returncode == 0, first.stderr
+    names = ["dynamic=true,seed=0", "dynamic=true,seed=1", "dynamic=false,seed=0", "dynamic=false,seed=1"]
+    for name in names:
+        metrics = json.loads((out / name / "metrics.json").read_text())
+        assert metrics["num_steps"] == 4
+        assert (metrics["dynamic"] is not None) == name.startswith("dynamic=true")
+        assert metrics["memory"]["peak_total"] > 0
+    index = json.loads((out / "sweep.json").read_text())
+    assert [r["status"] for r in index["runs"]] == ["done"] * 4
+    stamps = {n: (out / n / "metrics.json").stat().st_mtime_ns for n in names}
+
+    # a crashed run: its metrics.json never came; the sweep starts it again with --resume
+    (out / names[1] / "metrics.json").unlink()
+    dry = _sweep(str(path), "--output-dir", str(out), "--dry-run")
+    assert dry.stdout.strip().splitlines()[-1] == "4 runs: 3 done, 1 to resume, 0 new"
+    second = _sweep(str(path), "--output-dir", str(out))
+    assert second.returncode == 0, second.stderr
+    assert (out / names[1] / "metrics.json").is_file()
+    for name in (names[0], names[2], names[3]):
+        assert (out / name / "metrics.json").stat().st_mtime_ns == stamps[name]  # not trained again
+    commands = [line for line in (out / names[1] / "sweep.log").read_text().splitlines() if line.startswith("$ ")]
+    assert len(commands) == 2 and commands[1].endswith("--resume")
+
+    # a third call trains nothing
+    third = _sweep(str(path), "--output-dir", str(out))
+    assert third.returncode == 0
+    assert all((out / n / "sweep.log").read_text().count("$ ") == (2 if n == names[1] else 1) for n in names)
+
+    # the grid changed under a finished run: refused before anything trains
+    changed = yaml.safe_load(path.read_text())
+    changed["base"]["rank"] = 4
+    path.write_text(yaml.safe_dump(changed))
+    refused = _sweep(str(path), "--output-dir", str(out))
+    assert refused.returncode == 2
+    assert "holds a finished run with --rank 8, the grid says 4" in refused.stderr
+    assert refused.stderr.count("\n") == 1
+
+
+def test_a_failing_run_does_not_stop_the_grid(tmp_path, tiny_model, csv_task):
+    path = _tiny_grid(tmp_path, tiny_model, csv_task, {"targets": ["no_such_layer", "query,value"]})
+    out = tmp_path / "out"
+    proc = _sweep(str(path), "--output-dir", str(out))
+    assert proc.returncode == 1
+    assert "1 of 2 runs failed: targets=no_such_layer" in proc.stderr
+    assert (out / "targets=query,value" / "metrics.json").is_file()
+    assert not (out / "targets=no_such_layer" / "metrics.json").exists()
+    assert "no_such_layer" in (out / "targets=no_such_layer" / "sweep.log").read_text()
+    status = {r["name"]: r["status"] for r in json.loads((out / "sweep.json").read_text())["runs"]}
+    assert status == {"targets=no_such_layer": "failed (exit 2)", "targets=query,value": "done"}
