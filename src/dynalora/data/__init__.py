@@ -24,11 +24,14 @@ from dynalora.data.common import SPLITS, UNLABELLED, TaskData, _Options
 from dynalora.data.embedded import EMBEDDED_LOADERS
 from dynalora.data.files import _load_custom
 from dynalora.data.glue import _load_glue
+from dynalora.data.instruct import CausalCollator, load_custom_causal, load_rotten_tomatoes_instruct, tokenize_causal
 from dynalora.data.tasks import GLUE_TASKS, TaskSpec, compute_metrics
 from dynalora.errors import UsageError
 
 __all__ = [
+    "DEFAULT_INSTRUCT_TASK",
     "DEFAULT_TASK",
+    "INSTRUCT_TASKS",
     "SPLITS",
     "TASKS",
     "UNLABELLED",
@@ -43,11 +46,17 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TASKS: tuple[str, ...] = (*EMBEDDED_LOADERS, *GLUE_TASKS, "custom")
+INSTRUCT_TASKS: dict[str, Callable[[str, _Options], TaskData]] = {
+    "rotten_tomatoes_instruct": load_rotten_tomatoes_instruct,
+}
+"""Embedded causal-LM tasks, the default of decoder models."""
+DEFAULT_INSTRUCT_TASK = "rotten_tomatoes_instruct"
+TASKS: tuple[str, ...] = (*EMBEDDED_LOADERS, *INSTRUCT_TASKS, *GLUE_TASKS, "custom")
 """Task names the CLI offers as ``--task`` choices; ``custom`` means local files."""
 
 _LOADERS: dict[str, Callable[[str, _Options], TaskData]] = {
     **EMBEDDED_LOADERS,
+    **INSTRUCT_TASKS,
     **dict.fromkeys(GLUE_TASKS, _load_glue),
     "custom": _load_custom,
 }
@@ -76,6 +85,9 @@ def load_task(
     regression: bool = False,
     max_train_samples: int | None = None,
     seed: int = 0,
+    prompt_column: str | None = None,
+    response_column: str | None = None,
+    causal: bool = False,
 ) -> TaskData:
     """Load a task into standard columns.
 
@@ -94,6 +106,10 @@ def load_task(
         max_train_samples: Keep this many training examples, the first of the train split shuffled by
             ``seed``.
         seed: Training seed; used only by ``max_train_samples`` (fixed splits never depend on it).
+        prompt_column: Custom causal-LM files: the instruction column (with ``response_column``).
+        response_column: Custom causal-LM files: the answer column, where the loss falls.
+        causal: Custom files are causal-LM data: instructions, or ``text_column`` alone for
+            language modelling.
 
     Returns:
         The task's spec, splits and label names.
@@ -114,7 +130,10 @@ def load_task(
         raise UsageError(f"--regression applies to --task custom only, got --task {task}")
     if glue_dir is not None and task not in GLUE_TASKS:
         logger.warning("--glue-dir is ignored for --task %s", task)
-    opts = _Options(glue_dir, files, text_column, text_pair_column, label_column, regression)
+    opts = _Options(glue_dir, files, text_column, text_pair_column, label_column, regression, prompt_column,
+                    response_column, causal)  # fmt: skip
+    if task == "custom" and causal:
+        loader = load_custom_causal
     data = loader(task, opts)
     if max_train_samples is not None:
         data.splits["train"] = _subsample(data.splits["train"], max_train_samples, seed)
@@ -140,6 +159,8 @@ def tokenize(data: TaskData, tokenizer: PreTrainedTokenizerBase, max_length: int
     Returns:
         Splits with ``input_ids``, ``attention_mask``, (``token_type_ids``) and ``labels``.
     """
+    if data.spec.kind == "causal_lm":
+        return tokenize_causal(data, tokenizer, max_length)
     if max_length < 1:
         raise UsageError(f"--max-length must be a positive integer, got {max_length}")
 
@@ -154,14 +175,19 @@ def tokenize(data: TaskData, tokenizer: PreTrainedTokenizerBase, max_length: int
     return out
 
 
-def make_collator(tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None) -> DataCollatorWithPadding:
+def make_collator(
+    tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None, *, kind: str = "classification"
+) -> DataCollatorWithPadding | CausalCollator:
     """Collator that pads each batch to its longest example.
 
     Args:
         tokenizer: The tokenizer used by :func:`tokenize`.
         pad_to_multiple_of: Optionally round the padded length up, e.g. to 8 for tensor cores.
+        kind: The task's kind; ``causal_lm`` pads labels with -100 (:class:`CausalCollator`).
 
     Returns:
-        A ``DataCollatorWithPadding`` returning PyTorch tensors.
+        A collator returning PyTorch tensors.
     """
+    if kind == "causal_lm":
+        return CausalCollator(tokenizer.pad_token_id)
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)

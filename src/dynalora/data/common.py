@@ -39,6 +39,9 @@ class _Options:
     text_pair_column: str | None = None
     label_column: str = "label"
     regression: bool = False
+    prompt_column: str | None = None  # custom causal-LM files: instruction tuning
+    response_column: str | None = None
+    causal: bool = False  # custom files are causal-LM data (prompt/response or text)
 
 
 # --------------------------------------------------------------------------- standard columns

@@ -40,13 +40,26 @@ class TaskSpec:
     """Names of the metrics :func:`compute_metrics` returns (keys of :data:`METRICS`)."""
     main_metric: str
     """The metric a results table shows; one of ``metrics``."""
+    kind: str = ""
+    """What the model learns: ``classification``, ``regression`` (both through a task head) or
+    ``causal_lm`` (next tokens: language modelling or instruction tuning, :mod:`dynalora.data.instruct`).
+    Empty: ``regression`` or ``classification``, from ``is_regression``."""
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.metrics if m not in METRICS]
+        if not self.kind:
+            object.__setattr__(self, "kind", "regression" if self.is_regression else "classification")
+        if self.kind not in KINDS:
+            raise ValueError(f"kind {self.kind!r} unknown; allowed: {', '.join(KINDS)}")
+        allowed = CAUSAL_METRICS if self.kind == "causal_lm" else tuple(METRICS)
+        unknown = [m for m in self.metrics if m not in allowed]
         if unknown:
-            raise ValueError(f"metrics {unknown} unknown; allowed: {', '.join(METRICS)}")
+            raise ValueError(f"metrics {unknown} unknown; allowed: {', '.join(allowed)}")
         if self.main_metric not in self.metrics:
             raise ValueError(f"main_metric {self.main_metric!r} must be one of metrics {self.metrics}")
+        if self.kind == "causal_lm":
+            if self.num_labels != 0 or self.is_regression:
+                raise ValueError("a causal_lm task has no labels: num_labels 0, is_regression False")
+            return
         if self.is_regression and self.num_labels != 1:
             raise ValueError(f"num_labels must be 1 for a regression task, got {self.num_labels}")
         if not self.is_regression and self.num_labels < 2:
@@ -88,6 +101,12 @@ METRICS: dict[str, MetricFn] = {
     "spearman": _spearman,
 }
 """Metric name -> function of ``(predictions, labels)``."""
+
+KINDS: tuple[str, ...] = ("classification", "regression", "causal_lm")
+CAUSAL_METRICS: tuple[str, ...] = ("exact_match", "perplexity", "loss")
+"""What a causal-LM evaluation measures (:func:`dynalora.data.instruct.evaluate_causal`): greedy
+answers equal to the reference after stripping whitespace, and the per-token loss on the labelled
+tokens and its exponential."""
 
 CLASSIFICATION_METRICS: tuple[str, ...] = ("accuracy", "f1_macro")
 """Metrics for Rotten Tomatoes and custom classification data."""

@@ -49,7 +49,7 @@ def build(model: nn.Module, opts: MethodOptions) -> Built:
         lora_alpha=opts.alpha,
         lora_dropout=opts.dropout,
         target_modules=adapter_targets(model, opts.targets),
-        task_type="SEQ_CLS",
+        task_type=opts.task_type,
     )
     return get_peft_model(model, config), None
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from dynalora.adapters import AdapterModule, find_linear_modules
+from dynalora.adapters import _LINEAR, AdapterModule, find_linear_modules
 from dynalora.errors import UsageError
 
 # Parameters of the task head, trained by every method (they are new, randomly initialised).
@@ -25,6 +25,7 @@ class MethodOptions:
     total_steps: int | None = None  # optimizer steps of the run, for methods that schedule by them (AdaLoRA)
     seed: int = 0  # for methods with their own randomness (DyLoRA's rank draws)
     dylora_frozen: bool = False  # DyLoRA: update only row/column b of the drawn rank b
+    task_type: str = "SEQ_CLS"  # PEFT's task type: SEQ_CLS (a task head) or CAUSAL_LM
 
 
 Built = tuple[nn.Module, list[AdapterModule] | None]
@@ -60,7 +61,7 @@ class Hooks:
 
 def linear_names(model: nn.Module) -> list[str]:
     """The distinct last name components of the model's linear layers (what ``--targets`` matches)."""
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, _LINEAR)}
     return sorted(names)
 
 
@@ -81,9 +82,14 @@ ALL_LINEAR = "all-linear"
 """``--targets all-linear``: every linear layer inside the transformer blocks (found by structure)."""
 
 
+DEFAULT_TARGETS = ("query", "value")
+"""LoRA's choice for BERT-style encoders; a model without both (a decoder) gets every block linear."""
+
+
 def adapter_targets(model: nn.Module, targets: tuple[str, ...] | None) -> list[str]:
+    if targets is None:
+        targets = DEFAULT_TARGETS if set(DEFAULT_TARGETS) <= set(linear_names(model)) else (ALL_LINEAR,)
     if targets == (ALL_LINEAR,):
         return [m.name for m in find_linear_modules(model)]  # full names: PEFT matches them exactly
-    targets = targets or ("query", "value")
     check_targets(model, targets)
     return list(targets)

@@ -16,14 +16,14 @@ def lora(model: nn.Module, opts: MethodOptions, *, dora: bool = False) -> Built:
         lora_dropout=opts.dropout,
         target_modules=list(targets),
         use_dora=dora,
-        task_type="SEQ_CLS",
+        task_type=opts.task_type,
     )
     return get_peft_model(model, config), None
 
 
 def vera(model: nn.Module, opts: MethodOptions) -> Built:
     targets = adapter_targets(model, opts.targets)
-    config = VeraConfig(r=opts.rank, vera_dropout=opts.dropout, target_modules=list(targets), task_type="SEQ_CLS")
+    config = VeraConfig(r=opts.rank, vera_dropout=opts.dropout, target_modules=list(targets), task_type=opts.task_type)
     return get_peft_model(model, config), None
 
 

@@ -18,11 +18,14 @@ from dynalora.config import (
     STATE_POLICIES,
     DynamicConfig,
 )
-from dynalora.data import DEFAULT_TASK, TASKS, resolve_task
+from dynalora.data import DEFAULT_INSTRUCT_TASK, DEFAULT_TASK, INSTRUCT_TASKS, TASKS, resolve_task
 from dynalora.errors import UsageError
 from dynalora.methods import ADAPTER_METHODS, METHODS, STATIC_ONLY
 
 DEFAULT_MODEL = "embedded:minilm-l6"
+OBJECTIVES = ("classification", "causal-lm")
+# Greedy decoding runs once per example: a causal-LM evaluation scores this many by default.
+DEFAULT_CAUSAL_EVAL_SAMPLES = 200
 # Peak learning rates for the embedded default. lora and dynamic full were measured (benchmarks/quality.py,
 # seeds 0-2); the others follow their papers. Full fine-tuning needs far smaller steps than adapters;
 # dynamic full fine-tuning trains each layer only part of the time and takes a larger one. Its rate was
@@ -150,6 +153,14 @@ class TrainArgs:
     text_pair_column: str | None = _opt("second text column of custom files")
     label_column: str = _opt("label column of custom files", default="label")
     regression: bool = _opt("custom labels are floats (regression)", default=False)
+    objective: str | None = _opt(
+        "classification (a task head; --regression for floats) or causal-lm (next tokens: instruction tuning "
+        "with --prompt-column/--response-column, language modelling on --text-column alone) "
+        "(default: causal-lm for decoder models and with --prompt-column, else classification)",
+        choices=OBJECTIVES,
+    )
+    prompt_column: str | None = _opt("instruction column of custom causal-LM files (with --response-column)")
+    response_column: str | None = _opt("answer column of custom causal-LM files; the loss falls on it only")
 
     def __post_init__(self) -> None:
         for name in ("rank", "batch_size", "max_length", "period", "gradient_accumulation_steps", "keep_checkpoints"):
@@ -171,6 +182,7 @@ class TrainArgs:
             raise UsageError(f"--adapter-dropout must be in [0, 1), got {self.adapter_dropout}")
         if not 0 <= self.warmup_ratio < 1:
             raise UsageError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        self._resolve_objective()
         self.task = resolve_task(self.task, self.train_file)
         if self.dylora_frozen and self.method != "dylora":
             raise UsageError(f"--dylora-frozen applies to --method dylora only, not {self.method}")
@@ -190,6 +202,37 @@ class TrainArgs:
         if self.dynamic:
             self.dynamic_config()  # validate now, before anything is loaded or written
 
+    def _resolve_objective(self) -> None:
+        """What the model learns follows from the model and the data: a decoder, or a prompt
+        column, means causal LM; a decoder with no data gets the embedded instruction task."""
+        if (self.prompt_column is None) != (self.response_column is None):
+            raise UsageError(
+                "--prompt-column and --response-column go together; give both for instruction tuning, "
+                "or neither for language modelling on --text-column"
+            )
+        if self.objective is None:
+            causal = self.prompt_column is not None or model_is_decoder(self.model)
+            self.objective = "causal-lm" if causal else "classification"
+        if self.objective == "classification":
+            if self.prompt_column is not None or self.task in INSTRUCT_TASKS:
+                what = "--prompt-column" if self.prompt_column is not None else f"--task {self.task}"
+                raise UsageError(f"{what} is causal-LM data; allowed with it: --objective causal-lm (a decoder model)")
+            return
+        if self.task is None and self.train_file is None:
+            self.task = DEFAULT_INSTRUCT_TASK
+        task = resolve_task(self.task, self.train_file)
+        if task not in INSTRUCT_TASKS and task != "custom":
+            raise UsageError(
+                f"--task {task} is a classification task; allowed with --objective causal-lm: "
+                f"{', '.join(INSTRUCT_TASKS)}, or custom files (--prompt-column/--response-column, or --text-column)"
+            )
+        if self.regression:
+            raise UsageError("--regression needs --objective classification; a causal LM predicts tokens")
+        if self.targets is None:
+            self.targets = "all-linear"  # decoders: attention and MLP, as LoRA is used on LLMs
+        if self.max_eval_samples is None:
+            self.max_eval_samples = DEFAULT_CAUSAL_EVAL_SAMPLES
+
     def dynamic_config(self) -> DynamicConfig:
         """The preset, with every dynamic flag that was given on top (each field has a flag of its name)."""
         values = {f.name: getattr(self, f.name) for f in fields(DynamicConfig)}
@@ -203,6 +246,15 @@ class TrainArgs:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def model_is_decoder(model: str) -> bool:
+    """``--model`` names a decoder-only LM (see :func:`dynalora.training.causal.is_decoder`)."""
+    from dynalora.training.causal import EMBEDDED_LLM, is_decoder
+
+    if model in (EMBEDDED_LLM, DEFAULT_MODEL):
+        return model == EMBEDDED_LLM
+    return is_decoder(model)
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:

