@@ -219,3 +219,31 @@ def test_the_embedded_llm_trains_on_the_embedded_instruction_task(tmp_path):
     assert set(metrics["test"]) == {"exact_match", "perplexity", "loss"}
     assert metrics["num_modules"] == 30 * 7
     assert (out / "model" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="needs trl (the [trl] extra)")
+def test_the_callback_drives_allocation_inside_trl_sft_trainer(tmp_path):
+    from trl import SFTConfig, SFTTrainer
+
+    from dynalora.integrations import DynamicAllocationCallback
+
+    tok = _tokenizer()
+    model, _ = METHODS["lora"](_llama(), MethodOptions(("all-linear",), 4, 8.0, 0.0, True, task_type="CAUSAL_LM"))
+    alloc = DynamicAllocator(model, DynamicConfig(allocator="random", measure="random", k=3, period=2))
+    untouched = {m.name: [p.detach().clone() for p in m.params] for m in alloc.modules}
+    opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
+    data = datasets.Dataset.from_dict({"prompt": ["review the movie was good", "review it was dull"] * 4,
+                                       "completion": ["positive", "negative"] * 4})  # fmt: skip
+    config = SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, report_to=[],
+                       save_strategy="no", logging_steps=1, use_cpu=True, max_length=32, lr_scheduler_type="constant",
+                       dataloader_num_workers=0)  # fmt: skip
+    trainer = SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok,
+                         optimizers=(opt, alloc.create_scheduler(opt, "constant", num_training_steps=4)),
+                         callbacks=[DynamicAllocationCallback(alloc)])  # fmt: skip
+    trainer.train()
+    steps = alloc.active_steps
+    assert sum(steps.values()) == 4 * 3  # one allocator step per optimizer step, 3 modules each
+    assert len(alloc.history) >= 2  # reallocated at step 2
+    for m in alloc.modules:
+        changed = any(not torch.equal(p, q) for p, q in zip(m.params, untouched[m.name], strict=True))
+        assert changed == (steps[m.name] > 0), m.name  # only modules that were active ever moved

@@ -21,11 +21,12 @@ MODULES = [f"bert.encoder.layer.{i}.attention.self.{t}" for i in range(2) for t 
 
 def make_run(root: Path, name: str, *, task: str = "rt", seed: int = 0, score: float = 0.8, method: str = "lora",
              dynamic: dict | None = None, val_losses: tuple[float, ...] = (0.7, 0.6), targets: str | None = None,
-             saved: int = 2**20, active_steps: dict | None = None) -> Path:  # fmt: skip
+             saved: int = 2**20, active_steps: dict | None = None, epochs: float = 1.0) -> Path:  # fmt: skip
     folder = root / name
     folder.mkdir(parents=True)
     config = {"model": "tiny", "task": task, "method": method, "seed": seed, "targets": targets, "lr": 2e-3,
-              "dynamic": dynamic is not None, "output_dir": str(folder), "period": None, "k": None}  # fmt: skip
+              "dynamic": dynamic is not None, "output_dir": str(folder), "period": None, "k": None,
+              "epochs": epochs}  # fmt: skip
     dyn = None
     if dynamic is not None:
         dyn = {"measure": "gradient", "allocator": "discounted_stochastic", "k": 0.5, "period": 10,
@@ -50,10 +51,13 @@ def make_run(root: Path, name: str, *, task: str = "rt", seed: int = 0, score: f
 def test_table1_means_and_sample_stds_over_seeds(tmp_path):
     for seed, (a, b) in enumerate([(0.80, 0.70), (0.81, 0.72), (0.82, 0.74)]):
         make_run(tmp_path, f"lora-rt-{seed}", seed=seed, score=a)
-        make_run(tmp_path, f"lora-pol-{seed}", seed=seed, score=b, task="pol")
+        make_run(tmp_path, f"lora-pol-{seed}", seed=seed, score=b, task="pol", epochs=2.5)
     make_run(tmp_path, "dyn-rt-0", dynamic={}, score=0.79)
     configs = load_grid(tmp_path)
-    assert [len(c.runs) for c in configs] == [1, 6]  # sorted folders: dyn-rt-0 first
+    # sorted folders: dyn-rt-0 first; pol's own epochs belong to the task and split no configuration
+    assert [len(c.runs) for c in configs] == [1, 6]
+    runs = [r for c in configs for r in c.runs]
+    assert grid_report.task_settings(runs) == {"pol": {"epochs": 2.5}, "rt": {"epochs": 1.0}}
     table = table1(configs)
     lines = table.splitlines()
     assert lines[0] == "| Configuration | Trainable params | Mean active params | pol | rt | Mean |"

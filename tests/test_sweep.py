@@ -169,6 +169,7 @@ def test_a_grid_runs_skips_what_finished_and_resumes_what_did_not(tmp_path, tiny
         assert metrics["memory"]["peak_total"] > 0
     index = json.loads((out / "sweep.json").read_text())
     assert [r["status"] for r in index["runs"]] == ["done"] * 4
+    assert all(r["seconds"] > 0 for r in index["runs"])
     stamps = {n: (out / n / "metrics.json").stat().st_mtime_ns for n in names}
 
     # a crashed run: its metrics.json never came; the sweep starts it again with --resume

@@ -90,13 +90,23 @@ def settings_of(run: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_grid(root: str | os.PathLike[str]) -> list[Config]:
-    """Every finished run under ``root``, grouped into configurations (in first-seen order)."""
-    groups: dict[str, Config] = {}
+    """Every finished run under ``root``, grouped into configurations (in first-seen order).
+
+    A setting that every run of a task shares, but that differs between tasks (the epochs or the
+    subset of a task's recipe, and the steps that follow from them), belongs to the task: it does
+    not split a configuration (:func:`task_settings` lists them).
+    """
+    runs = []
     for folder in _run_dirs(Path(root)):
         run = load_run(folder)
         config_path = folder / "config.json"
         run["config"] = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        settings = settings_of(run)
+        runs.append(run)
+    per_task = task_settings(runs)
+    recipe = {k for settings in per_task.values() for k in settings}
+    groups: dict[str, Config] = {}
+    for run in runs:
+        settings = {k: v for k, v in settings_of(run).items() if k not in recipe}
         key = json.dumps(settings, sort_keys=True, default=str)
         groups.setdefault(key, Config(settings)).runs.append(run)
     configs = list(groups.values())
@@ -104,20 +114,36 @@ def load_grid(root: str | os.PathLike[str]) -> list[Config]:
     return configs
 
 
+def task_settings(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{task: {setting: value}}`` for the settings fixed per task that differ between tasks."""
+    by_task: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        flat = settings_of(run) | {"num_steps": run.get("num_steps")}
+        by_task.setdefault(str(run.get("task")), []).append(flat)
+    if len(by_task) < 2:
+        return {}
+    keys = {k for rows in by_task.values() for row in rows for k in row}
+    fixed = {}
+    for key in sorted(keys):
+        values = {t: {json.dumps(r.get(key), default=str) for r in rows} for t, rows in by_task.items()}
+        if all(len(v) == 1 for v in values.values()) and len({next(iter(v)) for v in values.values()}) > 1:
+            fixed[key] = {t: json.loads(next(iter(v))) for t, v in values.items()}
+    return {t: {k: fixed[k][t] for k in fixed} for t in sorted(by_task)}
+
+
 def _name(configs: list[Config]) -> None:
-    """``run_label`` plus every other setting that differs from the most common value."""
-    keys = sorted({k for c in configs for k in c.settings} - _IN_LABEL)
-    common = {}
-    for key in keys:
-        values = Counter(json.dumps(c.settings.get(key), default=str) for c in configs for _ in c.runs)
-        if len(values) > 1:
-            common[key] = values.most_common(1)[0][0]
+    """``run_label`` plus every other setting that differs from its most common value among the
+    configurations of the same method (dynamic settings: among the dynamic ones)."""
     for config in configs:
-        extras = [
-            f"{k}={config.settings.get(k)}"
-            for k, mode in common.items()
-            if json.dumps(config.settings.get(k), default=str) != mode and (config.dynamic or k not in _DYNAMIC_KEYS)
-        ]
+        peers = [c for c in configs if c.get("method") == config.get("method")]
+        extras = []
+        for key in sorted(set(config.settings) - _IN_LABEL):
+            if key in _DYNAMIC_KEYS and not config.dynamic:
+                continue
+            pool = [c for c in peers if c.dynamic] if key in _DYNAMIC_KEYS else peers
+            counts = Counter(json.dumps(c.settings.get(key), default=str) for c in pool for _ in c.runs)
+            if len(counts) > 1 and json.dumps(config.settings.get(key), default=str) != counts.most_common(1)[0][0]:
+                extras.append(f"{key}={config.settings.get(key)}")
         base = run_label(config.runs[0])
         config.label = f"{base} [{', '.join(extras)}]" if extras else base
 
@@ -163,6 +189,10 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
         return math.nan, math.nan
     arr = np.asarray(values, dtype=float)
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else math.nan
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed" if n == 1 else f"{n} seeds"
 
 
 def _errorbar(ax: Any, xs: Sequence[float], stats: Sequence[tuple[float, float]], **kw: Any) -> None:
@@ -251,7 +281,7 @@ def figure_loss(configs: Sequence[Config], out: Path) -> Made:
             steps = sorted(set.intersection(*(set(cv) for cv in curves)))
             values = np.array([[cv[s] for s in steps] for cv in curves])
             mean, std = values.mean(0), values.std(0, ddof=1) if len(values) > 1 else np.zeros(len(steps))
-            ax.plot(steps, mean, "o-", ms=3, color=f"C{i}", label=f"{name} ({len(curves)} seeds)")
+            ax.plot(steps, mean, "o-", ms=3, color=f"C{i}", label=f"{name} ({_seeds(len(curves))})")
             if len(curves) > 1:
                 ax.fill_between(steps, mean - std, mean + std, color=f"C{i}", alpha=0.15)
         ax.set_title(task)
@@ -417,7 +447,7 @@ def figure_activity(configs: Sequence[Config], out: Path) -> Made:
     mean = {n: float(np.mean([r["module_active_steps"].get(n, 0) for r in runs])) for n in names}
     steps = int(np.mean([r["num_steps"] for r in runs]))
     fig = module_activity_figure(mean, total_steps=steps, title=f"{task}: share of {steps} steps each module trained "
-                                 f"(mean of {len(runs)} seeds)")  # fmt: skip
+                                 f"(mean of {_seeds(len(runs))})")  # fmt: skip
     save_figure(fig, out / "fig5_module_activity.png")
     return Made(title, "fig5_module_activity.png", f"Configuration: {c.label}, task {task}.", fig)
 
@@ -447,6 +477,12 @@ def write_report(root: str | os.PathLike[str], report_dir: str | os.PathLike[str
     pending = [r["name"] for r in index.get("runs", []) if r.get("status") != "done"]
     lines.append(f"{n_runs} finished runs in {len(configs)} configurations under `{root}`"
                  + (f"; {len(pending)} of the grid not finished." if pending else "."))  # fmt: skip
+    per_task = task_settings([r for c in configs for r in c.runs])
+    if per_task:
+        keys = list(next(iter(per_task.values())))
+        lines += ["", "Settings of each task's recipe (shared by every run of the task):", "",
+                  render_table(["Task", *keys], [[t, *(str(v[k]) for k in keys)] for t, v in per_task.items()],
+                               fmt="markdown")]  # fmt: skip
     lines += ["", "Generated by `dynalora report`. Scores are the main metric in percent, mean ± std over seeds "
               "(the number of seeds in brackets), on test where the task has test labels, else validation.", "",
               "## Table 1", "", table1(configs), ""]  # fmt: skip

@@ -384,8 +384,9 @@ class Sweep:
                     "flags": dict(r.flags),
                     "status": _state_of(self.root / r.name, self.outcomes.get(r.name)),
                 }
+                | ({"seconds": round(self.outcomes[r.name].seconds, 1)} if r.name in self.outcomes else {})
                 for r in self.runs
-            ],  # fmt: skip
+            ],
         }
         tmp = self.root / "sweep.json.tmp"
         tmp.write_text(json.dumps(index, indent=2) + "\n")

@@ -141,13 +141,20 @@ def load_trained(folder: str | Path, device: str | torch.device = "cpu") -> nn.M
 
     folder = Path(folder)
     info = json.loads((folder / INFO_FILE).read_text())
-    model = AutoModelForSequenceClassification.from_pretrained(
-        info["base_model"], num_labels=info["num_labels"], problem_type=info["problem_type"],
-        ignore_mismatched_sizes=True,
-    )  # fmt: skip
+    if info["problem_type"] == "causal_lm":
+        from dynalora.training.causal import load_causal_model
+
+        _, model = load_causal_model(info["base_model"], torch.device("cpu"))
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            info["base_model"], num_labels=info["num_labels"], problem_type=info["problem_type"],
+            ignore_mismatched_sizes=True,
+        )  # fmt: skip
+    task_type = "CAUSAL_LM" if info["problem_type"] == "causal_lm" else "SEQ_CLS"
     options = MethodOptions(
-        tuple(info["targets"]) if info["targets"] else None, info["rank"], info["alpha"], 0.0, False
-    )
+        tuple(info["targets"]) if info["targets"] else None, info["rank"], info["alpha"], 0.0, False,
+        task_type=task_type,
+    )  # fmt: skip
     model, _ = METHODS[info["method"]](model, options)
     saved = load_file(str(folder / ADAPTER_FILE))
     for name, layer in model.named_modules():

@@ -66,9 +66,15 @@ def _opt(help: str, **kw: Any) -> Any:
 class TrainArgs:
     """Everything ``dynalora train`` takes; each field is one ``--flag`` (underscores become dashes)."""
 
-    model: str = _opt("Hugging Face model id or local directory", default=DEFAULT_MODEL)
+    model: str = _opt(
+        "Hugging Face model id, local folder or .gguf file; embedded:minilm-l6 (an encoder) or "
+        "embedded:smollm2-135m (a decoder LLM)",
+        default=DEFAULT_MODEL,
+    )
     task: str | None = _opt(
-        f"task to fine-tune on (default: custom when --train-file is given, else {DEFAULT_TASK})", choices=TASKS
+        f"task to fine-tune on (default: custom when --train-file is given, else {DEFAULT_TASK}; "
+        f"{DEFAULT_INSTRUCT_TASK} for decoder models)",
+        choices=TASKS,
     )
     method: str = _opt("fine-tuning method", default="lora", choices=tuple(METHODS))
     targets: str | None = _opt(

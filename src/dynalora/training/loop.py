@@ -757,9 +757,13 @@ def _finish(job: Job, out: Path, records: list[dict[str, Any]], costs: dict[str,
     (out / "predictions.json").write_text(json.dumps(predictions) + "\n")
     info = {"method": args.method, "base_model": job.model_path, "targets": args.targets and args.targets.split(","),
             "rank": args.rank, "alpha": args.alpha, "num_labels": job.spec.num_labels,
-            "problem_type": "regression" if job.spec.is_regression else "single_label_classification"}  # fmt: skip
+            "problem_type": _PROBLEM_TYPES[job.spec.kind]}  # fmt: skip
     _write_outputs(out, model, job.tokenizer, alloc, records, metrics, info)  # metrics.json last: the run is done
     return metrics
+
+
+# what a saved model/ folder was trained for (methods.load_trained rebuilds the model from it)
+_PROBLEM_TYPES = {"classification": "single_label_classification", "regression": "regression", "causal_lm": "causal_lm"}
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
