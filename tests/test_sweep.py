@@ -118,7 +118,7 @@ def test_dry_run_lists_and_trains_nothing(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name", ["paper.yaml", "embedded.yaml", "methods.yaml"])
+@pytest.mark.parametrize("name", ["paper.yaml", "embedded.yaml", "methods.yaml", "llm.yaml"])
 def test_the_committed_experiments_expand(name, capsys):
     path = Path(__file__).parents[1] / "experiments" / name
     assert main(["sweep", str(path), "--output-dir", "/nonexistent/dir", "--dry-run"]) == 0

@@ -8,6 +8,7 @@ that package; it finds the file through ``importlib.metadata``. transformers rea
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import json
 import logging
@@ -43,6 +44,7 @@ def embedded_llm_path() -> str:
     return str(path)
 
 
+@functools.lru_cache(maxsize=64)  # a sweep asks once per run; a Hub lookup is a network round trip
 def is_decoder(path: str) -> bool:
     """Whether the model at ``path`` (a folder, a GGUF file or a Hub id) is a decoder-only LM.
 
