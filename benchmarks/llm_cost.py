@@ -30,7 +30,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from cost import MiB, Setup, Spec, count_run  # noqa: E402  (benchmarks/cost.py)
+from cost import MiB, Setup, Spec, count_run, train_step  # noqa: E402  (benchmarks/cost.py)
 
 from dynalora import DynamicAllocator, DynamicConfig  # noqa: E402
 from dynalora.data import load_task, tokenize  # noqa: E402
@@ -91,12 +91,7 @@ def time_steps(setups: list[Setup], batch, steps: int) -> dict[str, list[float]]
     for i in range(steps):
         for s in setups:
             t0 = time.perf_counter()
-            loss = s.model(**batch).loss
-            loss.backward()
-            s.optimizer.step()
-            s.optimizer.zero_grad(set_to_none=True)
-            if s.allocator is not None:
-                s.allocator.step()
+            train_step(s, batch)
             out[s.spec.name].append((time.perf_counter() - t0) * 1e3)
         print(f"  timed step {i + 1}/{steps}", file=sys.stderr, flush=True)
     return out
