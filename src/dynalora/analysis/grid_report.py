@@ -359,7 +359,7 @@ def figure_memory(configs: Sequence[Config], out: Path) -> Made:
         handles = ax.get_legend_handles_labels()
         twin_handles = twin.get_legend_handles_labels()
         ax.legend(handles[0] + twin_handles[0], handles[1] + twin_handles[1], fontsize=7, loc="lower right")
-    _title(fig, f"{title} (bars: saved activations + gradients + optimizer state, the highest step; line: mean ± std)")
+    _title(fig, f"{title} (bars: the peak of each kind over the run, stacked, mean over seeds; line: mean ± std)")
     save_figure(fig, out / "fig2_memory.png")
     return Made(title, "fig2_memory.png", f"Configurations: {'; '.join(c.label for _, c in points)}.", fig)
 
