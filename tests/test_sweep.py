@@ -210,3 +210,37 @@ def test_a_failing_run_does_not_stop_the_grid(tmp_path, tiny_model, csv_task):
     assert "no_such_layer" in (out / "targets=no_such_layer" / "sweep.log").read_text()
     status = {r["name"]: r["status"] for r in json.loads((out / "sweep.json").read_text())["runs"]}
     assert status == {"targets=no_such_layer": "failed (exit 2)", "targets=query,value": "done"}
+
+
+def test_ctrl_c_stops_at_a_checkpoint_and_the_same_command_continues(tmp_path, tiny_model, csv_task):
+    import signal
+    import time
+
+    path = _tiny_grid(tmp_path, tiny_model, csv_task, {"seed": [0, 1]})
+    config = yaml.safe_load(path.read_text())
+    config["base"]["max_steps"] = 1000  # long enough to be inside training when the signal comes
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "dynalora", "sweep", str(path), "--output-dir", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "seed=0" / "config.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.5)  # into the training steps (config.json is written just before the first)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "sweep stopped; run the same command again to continue" in err
+    assert list((out / "seed=0" / "checkpoints").glob("step-*")), "the running training checkpointed"
+    assert not (out / "seed=1").exists()  # never started
+    assert not (out / "seed=0" / "metrics.json").exists()
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    assert again.returncode == 0, again.stderr
+    metrics = json.loads((out / "seed=0" / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] > 0  # continued from its checkpoint, not from step 0
+    assert (out / "seed=1" / "metrics.json").is_file()

@@ -270,7 +270,8 @@ def figure_loss(configs: Sequence[Config], out: Path) -> Made:
     if len(present) < 2 or all(not c.dynamic for _, c in present):
         return Made(title, None, "skipped: needs plain LoRA runs and dynamic LoRA runs with `forward` or "
                     "`gradient` importance, each with validation records in `log.jsonl`.")  # fmt: skip
-    tasks = sorted({t for _, c in present for t in c.tasks()})
+    # tasks where a dynamic line has something to be compared with
+    tasks = sorted(t for t in {t for _, c in present for t in c.tasks()} if sum(t in c.tasks() for _, c in present) > 1)
     fig, axes = _task_axes(tasks)
     for ax, task in zip(axes, tasks, strict=True):
         for i, (name, c) in enumerate(present):
@@ -315,7 +316,16 @@ def figure_memory(configs: Sequence[Config], out: Path) -> Made:
     if not families:
         return Made(title, None, "skipped: needs dynamic LoRA runs (allocator other than cutoff or threshold) "
                     "at two or more numbers of active modules, with counted memory in `metrics.json`.")  # fmt: skip
-    family = max(families, key=lambda f: (len({c.get("k_modules") for c in f}), sum(len(c.runs) for c in f)))
+    ref = _reference(by_k)
+
+    def rank(f: list[Config]) -> tuple[int, int, int]:  # most numbers of modules, then most runs, then typical
+        return (
+            len({c.get("k_modules") for c in f}),
+            sum(len(c.runs) for c in f),
+            -_distance(f[0].settings, ref, ("k", "k_modules")),
+        )
+
+    family = max(families, key=rank)
     family = sorted(family, key=lambda c: c.get("k_modules"))
     plain = _closest([c for c in configs if c.get("method") == "lora" and not c.dynamic and
                       all((r.get("memory") or {}) for r in c.runs)], family[0].settings,
@@ -325,7 +335,7 @@ def figure_memory(configs: Sequence[Config], out: Path) -> Made:
         n_modules = next((r.get("num_modules") for c in family for r in c.runs if r.get("num_modules")), None)
         if n_modules:
             points.append((int(n_modules), plain))
-    tasks = sorted({t for _, c in points for t in c.tasks()})
+    tasks = sorted({t for c in family for t in c.tasks()})  # where the family ran, not only the baseline
     metric = _metric_name([c for _, c in points])
     fig, axes = _task_axes(tasks, width=4.6)
     kinds = (("saved_activations", "saved activations"), ("gradients", "gradients"),
