@@ -247,3 +247,38 @@ def test_the_callback_drives_allocation_inside_trl_sft_trainer(tmp_path):
     for m in alloc.modules:
         changed = any(not torch.equal(p, q) for p, q in zip(m.params, untouched[m.name], strict=True))
         assert changed == (steps[m.name] > 0), m.name  # only modules that were active ever moved
+
+
+def test_an_own_method_on_a_decoder_loads_back_and_scores_the_same(tmp_path, tiny_llama, capsys):
+    from torch.utils.data import DataLoader
+
+    from dynalora.data import load_task
+    from dynalora.methods import load_trained, merge
+    from dynalora.training.causal import evaluate_causal
+
+    files = _files(tmp_path)
+    out = tmp_path / "hydra"
+    code = main(["train", "--model", tiny_llama, "--train-file", files["train"], "--validation-file",
+                 files["validation"], "--prompt-column", "q", "--response-column", "a", "--max-steps", "3",
+                 "--batch-size", "4", "--method", "hydra", "--lr", "5e-2", "--output-dir", str(out),
+                 "--quiet"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    saved = json.loads((out / "metrics.json").read_text())["validation"]
+    model = load_trained(out / "model")
+    tok = _tokenizer()
+    data = load_task("custom", train_file=files["train"], validation_file=files["validation"], prompt_column="q",
+                     response_column="a", causal=True)  # fmt: skip
+    loader = DataLoader(
+        tokenize(data, tok, 64)["validation"], batch_size=8, collate_fn=make_collator(tok, kind="causal_lm")
+    )
+    again = evaluate_causal(model, loader, data.spec, torch.device("cpu"), _no_autocast, tok)
+    assert again["metrics"]["loss"] == pytest.approx(saved["loss"], rel=1e-5)
+    assert again["metrics"]["exact_match"] == saved["exact_match"]
+    merged = evaluate_causal(merge(model), loader, data.spec, torch.device("cpu"), _no_autocast, tok)
+    assert merged["metrics"]["loss"] == pytest.approx(saved["loss"], rel=1e-4)
+
+
+def _no_autocast():
+    import contextlib
+
+    return contextlib.nullcontext()
