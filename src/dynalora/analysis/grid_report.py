@@ -17,7 +17,7 @@ import os
 import textwrap
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from dynalora.analysis.plots import module_activity_figure, read_jsonl, save_figure
-from dynalora.analysis.report import load_run, main_result, render_table, run_label
+from dynalora.analysis.report import _mean_std, load_run, main_result, render_table, run_label
+from dynalora.config import DynamicConfig
 from dynalora.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -148,8 +149,8 @@ def _name(configs: list[Config]) -> None:
         config.label = f"{base} [{', '.join(extras)}]" if extras else base
 
 
-_DYNAMIC_KEYS = frozenset({"measure", "allocator", "k", "threshold", "budget", "budget_schedule", "memory_cap",
-                           "coverage", "schedule", "period", "optimizer", "state_policy", "k_modules"})  # fmt: skip
+# the dynamic settings (DynamicConfig's fields) and the module count they resolve to
+_DYNAMIC_KEYS = frozenset({f.name for f in fields(DynamicConfig)} - {"seed"} | {"k_modules"})
 
 
 def _distance(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = ()) -> int:
@@ -182,13 +183,6 @@ def _families(configs: Sequence[Config], vary: Sequence[str]) -> list[list[Confi
         rest = {k: v for k, v in c.settings.items() if k not in vary}
         groups.setdefault(json.dumps(rest, sort_keys=True, default=str), []).append(c)
     return list(groups.values())
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    arr = np.asarray(values, dtype=float)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else math.nan
 
 
 def _seeds(n: int) -> str:
