@@ -29,7 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from dynalora import DynamicAllocator, DynamicConfig  # noqa: E402
 from dynalora.analysis.memory import PeakMemory, step_memory_breakdown  # noqa: E402
 from dynalora.analysis.plots import parse_module_name  # noqa: E402
 from dynalora.cost import FIXED_SHARE  # noqa: E402
-from dynalora.methods import METHODS, MethodOptions  # noqa: E402
+from dynalora.methods import METHODS, Hooks, MethodOptions  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 MiB = 2**20
@@ -66,6 +66,8 @@ class Setup:
     model: nn.Module
     optimizer: Any
     allocator: DynamicAllocator | None
+    hooks: Hooks = field(default_factory=Hooks)  # what the method needs from the loop (methods_cost.py)
+    steps_done: int = 0
 
 
 def specs(quick: bool, device: torch.device) -> list[Spec]:
@@ -178,9 +180,12 @@ def train_step(s: Setup, batch: dict[str, torch.Tensor]) -> float:
     loss = s.model(**batch).loss
     loss.backward()
     s.optimizer.step()
+    if s.hooks.on_optimizer_step is not None:  # as the training loop: after step(), before zero_grad()
+        s.hooks.on_optimizer_step(s.model, s.steps_done, s.optimizer)
     s.optimizer.zero_grad(set_to_none=True)
     if s.allocator is not None:
         s.allocator.step()
+    s.steps_done += 1
     return loss.detach().item()  # a sync point on CUDA: the step's time is real, not queued
 
 

@@ -123,6 +123,22 @@ def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def method_options(args: TrainArgs, num_steps: int, kind: str = "classification") -> MethodOptions:
+    """What ``args`` asks of the method's builder, for a run of ``num_steps`` optimizer steps on a task of ``kind``."""
+    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else None
+    return MethodOptions(
+        targets,
+        args.rank,
+        args.alpha,
+        args.adapter_dropout,
+        bool(args.dynamic),
+        num_steps,
+        args.seed,
+        args.dylora_frozen,
+        "CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS",
+    )
+
+
 def _adamw(model: torch.nn.Module, options: MethodOptions, lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(trainable_params(model), lr=lr, weight_decay=weight_decay)
 
@@ -279,18 +295,7 @@ def prepare(args: TrainArgs) -> Job:
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     num_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     tokenizer, model = load_model(model_path, data.spec, device)
-    targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else None
-    options = MethodOptions(
-        targets,
-        args.rank,
-        args.alpha,
-        args.adapter_dropout,
-        bool(args.dynamic),
-        num_steps,
-        args.seed,
-        args.dylora_frozen,
-        "CAUSAL_LM" if data.spec.kind == "causal_lm" else "SEQ_CLS",
-    )
+    options = method_options(args, num_steps, data.spec.kind)
     model, modules = METHODS[args.method](model, options)
     hooks = HOOKS.get(args.method, Hooks())
     model.to(device)
