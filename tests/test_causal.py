@@ -249,7 +249,8 @@ def test_the_callback_drives_allocation_inside_trl_sft_trainer(tmp_path):
         assert changed == (steps[m.name] > 0), m.name  # only modules that were active ever moved
 
 
-def test_an_own_method_on_a_decoder_loads_back_and_scores_the_same(tmp_path, tiny_llama, capsys):
+@pytest.mark.parametrize("method", ["hydra", "dvora", "dylora", "l1ra"])
+def test_an_own_method_on_a_decoder_loads_back_and_scores_the_same(method, tmp_path, tiny_llama, capsys):
     from torch.utils.data import DataLoader
 
     from dynalora.data import load_task
@@ -257,10 +258,10 @@ def test_an_own_method_on_a_decoder_loads_back_and_scores_the_same(tmp_path, tin
     from dynalora.training.causal import evaluate_causal
 
     files = _files(tmp_path)
-    out = tmp_path / "hydra"
+    out = tmp_path / method
     code = main(["train", "--model", tiny_llama, "--train-file", files["train"], "--validation-file",
                  files["validation"], "--prompt-column", "q", "--response-column", "a", "--max-steps", "3",
-                 "--batch-size", "4", "--method", "hydra", "--lr", "5e-2", "--output-dir", str(out),
+                 "--batch-size", "4", "--method", method, "--lr", "5e-2", "--output-dir", str(out),
                  "--quiet"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     saved = json.loads((out / "metrics.json").read_text())["validation"]
