@@ -34,9 +34,9 @@ from torch import nn
 
 from dynalora import DynamicAllocator
 from dynalora.analysis.memory import step_memory_breakdown
-from dynalora.methods import ADAPTER_METHODS, HOOKS, METHODS, STATIC_ONLY, Hooks
+from dynalora.methods import HOOKS, METHODS, STATIC_ONLY, Hooks
 from dynalora.training import TrainArgs
-from dynalora.training.loop import method_options, trainable_params
+from dynalora.training.loop import _adamw, method_options, trainable_params
 
 MiB = 2**20
 # one epoch of the embedded task (8,530 reviews, batch 32): AdaLoRA's and L1RA's schedules are
@@ -66,10 +66,8 @@ def build(method: str, dynamic: bool, base: nn.Module, period: int) -> cost.Setu
         allocator = DynamicAllocator(model, config, modules=modules)
         optimizer = allocator.create_optimizer(torch.optim.AdamW, lr=args.lr, weight_decay=args.weight_decay)
         spec = replace(spec, dynamic=config)
-    elif hooks.make_optimizer is not None:
-        optimizer = hooks.make_optimizer(model, options, args.lr, args.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(trainable_params(model), lr=args.lr, weight_decay=args.weight_decay)
+    else:  # the training loop's rule: the method's own optimizer, else AdamW
+        optimizer = (hooks.make_optimizer or _adamw)(model, options, args.lr, args.weight_decay)
     model.train()
     return cost.Setup(spec, model, optimizer, allocator, hooks)
 
@@ -184,7 +182,6 @@ def main() -> None:
         "steps": args.steps,
         "period": args.period,
         "memory_steps": args.memory_steps,
-        "adapter_methods": list(ADAPTER_METHODS),
     }
     out = Path("runs/bench-methods-cost-quick") if args.quick else cost.RESULTS
     out.mkdir(parents=True, exist_ok=True)
