@@ -203,7 +203,17 @@ def _kill(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def test_sigterm_checkpoints_and_resume_finishes_the_same_run(tiny_model, csv_task, tmp_path):
+@pytest.fixture
+def one_thread():
+    """This process on one torch thread, as the launched ones (OMP_NUM_THREADS=1): on some CPUs the
+    kernels split float sums by thread count, and a bitwise comparison across processes needs them equal."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_sigterm_checkpoints_and_resume_finishes_the_same_run(tiny_model, csv_task, tmp_path, one_thread):
     recipe = ("--max-steps", "150", "--eval-every", "0", "--period", "4")
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     args = [a for a in cli_args(tiny_model, csv_task, stopped, *recipe) if a != "--quiet"]  # the bar tells the step
@@ -240,6 +250,23 @@ def test_a_checkpoint_missing_its_rng_state_is_refused(tiny_model, csv_task, tmp
     assert main(cli_args(tiny_model, csv_task, out, "--save-every", "2", "--resume")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "rng-0.safetensors is missing" in err
+
+
+def test_a_resume_on_another_thread_count_says_it_may_not_be_bitwise(
+    tiny_model, csv_task, tmp_path, monkeypatch, caplog
+):
+    out = tmp_path / "run"
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _crashed_run(monkeypatch, cli_args(tiny_model, csv_task, out, "--save-every", "2"), 3)
+        torch.set_num_threads(2)
+        with caplog.at_level("WARNING", logger="dynalora.training.loop"):
+            assert main(cli_args(tiny_model, csv_task, out, "--save-every", "2", "--resume")) == 0
+    finally:
+        torch.set_num_threads(before)
+    warned = [r.getMessage() for r in caplog.records if "torch threads" in r.getMessage()]
+    assert len(warned) == 1 and "resuming with 2 torch threads" in warned[0] and "written with 1" in warned[0]
 
 
 @pytest.mark.parametrize(("method", "state"), [("adalora", "ranks"), ("dylora", "per_rank"), ("l1ra", "ranks")])

@@ -364,7 +364,11 @@ class Progress:
     SAVED = ("step", "epoch", "batches", "records", "step_ms", "active_params", "counted")  # in progress.json
 
     def to_json(self, world_size: int) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.SAVED} | {"world_size": world_size}
+        # the thread count changes how CPU kernels split their sums: a resume on another count is not bitwise
+        return {name: getattr(self, name) for name in self.SAVED} | {
+            "world_size": world_size,
+            "torch_threads": torch.get_num_threads(),
+        }
 
 
 class StopRequest:
@@ -622,6 +626,13 @@ def restore_checkpoint(job: Job, folder: Path) -> Progress:
     if acc.scaler is not None and state["scaler"] is not None:
         acc.scaler.load_state_dict(state["scaler"])
     checkpoint.set_rng_state(rng)  # last: nothing above may draw from it
+    threads = saved.get("torch_threads")
+    if threads is not None and threads != torch.get_num_threads():
+        logger.warning(
+            "resuming with %d torch threads; %s was written with %d: training goes on, but float sums may "
+            "split differently, so the result can differ from an uninterrupted run in the last bits",
+            torch.get_num_threads(), folder, threads,
+        )  # fmt: skip
     return Progress(
         **{k: saved[k] for k in Progress.SAVED if k in saved},  # "counted" came later: older ones lack it
         epoch_start=rng["loader_epoch_start"],
