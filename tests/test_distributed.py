@@ -67,32 +67,35 @@ def _in_group(rank: int, world: int, port: int, body, *args) -> None:
         assert not leaked, "a DistributedDataParallel wrapper outlived its worker: it can deadlock teardown"
 
 
-def _worker(rank: int, out: str, synced: bool) -> None:
-    model = tiny.peft_bert()
-    alloc = DynamicAllocator(model, DynamicConfig(k=2, period=2, measure="forward", allocator="topk"))
-    if not synced:  # what the authors' code did: every rank decides alone
-        distributed._active = lambda: False
-    opt = alloc.create_optimizer(torch.optim.SGD, lr=0.0)
-    tiny.train(model, alloc, opt, None, tiny.batches(6, seed=100 + rank))  # each rank its own shard
-    with open(f"{out}.{rank}", "w") as f:
-        json.dump({"active": [h["active"] for h in alloc.history], "scores": alloc.history[-1]["scores"]}, f)
+def _worker(rank: int, out: str) -> None:
+    """Both runs in one group (one spawn): synchronised, then as the authors' code did it."""
+    for synced in (True, False):
+        model = tiny.peft_bert()
+        alloc = DynamicAllocator(model, DynamicConfig(k=2, period=2, measure="forward", allocator="topk"))
+        if not synced:  # every rank decides alone
+            distributed._active = lambda: False
+        opt = alloc.create_optimizer(torch.optim.SGD, lr=0.0)
+        tiny.train(model, alloc, opt, None, tiny.batches(6, seed=100 + rank))  # each rank its own shard
+        with open(f"{out}.{synced}.{rank}", "w") as f:
+            json.dump({"active": [h["active"] for h in alloc.history], "scores": alloc.history[-1]["scores"]}, f)
 
 
-def _run(tmp_path, synced: bool):
-    out = str(tmp_path / "rank")
-    _spawn(_worker, out, synced)
-    return [json.load(open(f"{out}.{r}")) for r in range(2)]
+@pytest.fixture(scope="module")
+def selections(tmp_path_factory) -> dict[bool, list[dict]]:
+    out = str(tmp_path_factory.mktemp("select") / "rank")
+    _spawn(_worker, out)
+    return {synced: [json.load(open(f"{out}.{synced}.{r}")) for r in range(2)] for synced in (True, False)}
 
 
-def test_every_rank_selects_the_same_modules(tmp_path):
-    r0, r1 = _run(tmp_path, synced=True)
+def test_every_rank_selects_the_same_modules(selections):
+    r0, r1 = selections[True]
     assert r0["active"] == r1["active"]
     assert r0["scores"] == r1["scores"]  # averaged over ranks
 
 
-def test_without_sync_ranks_would_disagree(tmp_path):
+def test_without_sync_ranks_would_disagree(selections):
     """Guards the test above: with these shards, unsynchronised ranks do choose differently."""
-    r0, r1 = _run(tmp_path, synced=False)
+    r0, r1 = selections[False]
     assert r0["scores"] != r1["scores"]
     assert r0["active"] != r1["active"]
 
@@ -158,26 +161,32 @@ def _train_halves(model, rank: int, world: int, optimizer: str) -> DynamicAlloca
     return alloc
 
 
-def _fsdp_worker(rank: int, out: str, optimizer: str) -> None:
+def _fsdp_worker(rank: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    model = _still_bert()
-    for layer in model.base_model.model.bert.encoder.layer:
-        fully_shard(layer)
-    fully_shard(model)  # before the allocator: fully_shard replaces every parameter with a sharded one
-    alloc = _train_halves(model, rank, 2, optimizer)
-    full = {n: p.full_tensor().detach() for n, p in model.named_parameters()}  # a collective: every rank
-    if rank == 0:
-        torch.save({"weights": full, "active": [h["active"] for h in alloc.history]}, out)
+    for optimizer in ("global", "local"):  # both in one group (one spawn)
+        model = _still_bert()
+        for layer in model.base_model.model.bert.encoder.layer:
+            fully_shard(layer)
+        fully_shard(model)  # before the allocator: fully_shard replaces every parameter with a sharded one
+        alloc = _train_halves(model, rank, 2, optimizer)
+        full = {n: p.full_tensor().detach() for n, p in model.named_parameters()}  # a collective: every rank
+        if rank == 0:
+            torch.save({"weights": full, "active": [h["active"] for h in alloc.history]}, f"{out}.{optimizer}")
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("fsdp") / "fsdp.pt")
+    _spawn(_fsdp_worker, out)
+    return out
 
 
 @pytest.mark.parametrize("optimizer", ["global", "local"])
-def test_fsdp2_trains_as_one_process_across_reallocations(tmp_path, optimizer):
+def test_fsdp2_trains_as_one_process_across_reallocations(sharded_runs, optimizer):
     """fully_shard (FSDP2) on gloo: frozen and unfrozen modules change under sharding, and the run
     ends where one process with the whole batch ends."""
-    out = str(tmp_path / "fsdp.pt")
-    _spawn(_fsdp_worker, out, optimizer)
-    sharded = torch.load(out, weights_only=True)
+    sharded = torch.load(f"{sharded_runs}.{optimizer}", weights_only=True)
     model = _still_bert()
     alloc = _train_halves(model, 0, 1, optimizer)
     assert sharded["active"] == [h["active"] for h in alloc.history]

@@ -132,7 +132,7 @@ def test_any_flag_combination_is_accepted_or_refused_in_one_line(
         assert len(err.splitlines()) == 1 and err.startswith("dynalora"), err
 
 
-@settings(SHARED, max_examples=12)
+@settings(SHARED, max_examples=8)
 @given(_flags(max_flags=4, values=GOOD, switches=["--dynamic", "--no-dynamic", "--resume"]))
 def test_real_tiny_runs_finish_or_refuse_in_one_line(tiny_model, csv_task, tmp_path_factory, capsys, flags):
     pairs, switches = flags

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -149,62 +150,61 @@ def _tiny_grid(tmp_path: Path, tiny_model: str, csv_task: dict[str, str], grid: 
     return _write(tmp_path, config)
 
 
-def _sweep(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dynalora", "sweep", *argv, "--quiet"],
-        capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+def _sweep_here(capsys, *argv: str) -> tuple[int, str, str]:
+    """``dynalora sweep`` in this process (its runs are still processes of their own)."""
+    capsys.readouterr()
+    code = main(["sweep", *argv, "--quiet"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
 
 
-def test_a_grid_runs_skips_what_finished_and_resumes_what_did_not(tmp_path, tiny_model, csv_task):
-    path = _tiny_grid(tmp_path, tiny_model, csv_task, {"dynamic": [True, False], "seed": [0, 1]})
+def test_a_grid_runs_skips_what_finished_and_resumes_what_did_not(tmp_path, tiny_model, csv_task, capsys):
+    path = _tiny_grid(tmp_path, tiny_model, csv_task, {"dynamic": [True, False]})
     out = tmp_path / "out"
-    first = _sweep(str(path), "--output-dir", str(out))
-    assert first.returncode == 0, first.stderr
-    names = ["dynamic=true,seed=0", "dynamic=true,seed=1", "dynamic=false,seed=0", "dynamic=false,seed=1"]
+    code, _, err = _sweep_here(capsys, str(path), "--output-dir", str(out))
+    assert code == 0, err
+    names = ["dynamic=true", "dynamic=false"]
     for name in names:
         metrics = json.loads((out / name / "metrics.json").read_text())
         assert metrics["num_steps"] == 4
-        assert (metrics["dynamic"] is not None) == name.startswith("dynamic=true")
+        assert (metrics["dynamic"] is not None) == (name == "dynamic=true")
         assert metrics["memory"]["peak_total"] > 0
     index = json.loads((out / "sweep.json").read_text())
-    assert [r["status"] for r in index["runs"]] == ["done"] * 4
+    assert [r["status"] for r in index["runs"]] == ["done"] * 2
     assert all(r["seconds"] > 0 for r in index["runs"])
-    stamps = {n: (out / n / "metrics.json").stat().st_mtime_ns for n in names}
+    stamp = (out / names[1] / "metrics.json").stat().st_mtime_ns
 
     # a crashed run: its metrics.json never came; the sweep starts it again with --resume
-    (out / names[1] / "metrics.json").unlink()
-    dry = _sweep(str(path), "--output-dir", str(out), "--dry-run")
-    assert dry.stdout.strip().splitlines()[-1] == "4 runs: 3 done, 1 to resume, 0 new"
-    second = _sweep(str(path), "--output-dir", str(out))
-    assert second.returncode == 0, second.stderr
-    assert (out / names[1] / "metrics.json").is_file()
-    for name in (names[0], names[2], names[3]):
-        assert (out / name / "metrics.json").stat().st_mtime_ns == stamps[name]  # not trained again
-    commands = [line for line in (out / names[1] / "sweep.log").read_text().splitlines() if line.startswith("$ ")]
+    (out / names[0] / "metrics.json").unlink()
+    code, dry, _ = _sweep_here(capsys, str(path), "--output-dir", str(out), "--dry-run")
+    assert code == 0 and dry.strip().splitlines()[-1] == "2 runs: 1 done, 1 to resume, 0 new"
+    code, _, err = _sweep_here(capsys, str(path), "--output-dir", str(out))
+    assert code == 0, err
+    assert (out / names[0] / "metrics.json").is_file()
+    assert (out / names[1] / "metrics.json").stat().st_mtime_ns == stamp  # not trained again
+    commands = [line for line in (out / names[0] / "sweep.log").read_text().splitlines() if line.startswith("$ ")]
     assert len(commands) == 2 and commands[1].endswith("--resume")
 
     # a third call trains nothing
-    third = _sweep(str(path), "--output-dir", str(out))
-    assert third.returncode == 0
-    assert all((out / n / "sweep.log").read_text().count("$ ") == (2 if n == names[1] else 1) for n in names)
+    assert _sweep_here(capsys, str(path), "--output-dir", str(out))[0] == 0
+    assert [(out / n / "sweep.log").read_text().count("$ ") for n in names] == [2, 1]
 
     # the grid changed under a finished run: refused before anything trains
     changed = yaml.safe_load(path.read_text())
     changed["base"]["rank"] = 4
     path.write_text(yaml.safe_dump(changed))
-    refused = _sweep(str(path), "--output-dir", str(out))
-    assert refused.returncode == 2
-    assert "holds a finished run with --rank 8, the grid says 4" in refused.stderr
-    assert refused.stderr.count("\n") == 1
+    code, _, err = _sweep_here(capsys, str(path), "--output-dir", str(out))
+    assert code == 2
+    assert "holds a finished run with --rank 8, the grid says 4" in err
+    assert err.count("\n") == 1
 
 
-def test_a_failing_run_does_not_stop_the_grid(tmp_path, tiny_model, csv_task):
+def test_a_failing_run_does_not_stop_the_grid(tmp_path, tiny_model, csv_task, capsys):
     path = _tiny_grid(tmp_path, tiny_model, csv_task, {"targets": ["no_such_layer", "query,value"]})
     out = tmp_path / "out"
-    proc = _sweep(str(path), "--output-dir", str(out))
-    assert proc.returncode == 1
-    assert "1 of 2 runs failed: targets=no_such_layer" in proc.stderr
+    code, _, err = _sweep_here(capsys, str(path), "--output-dir", str(out))
+    assert code == 1
+    assert "1 of 2 runs failed: targets=no_such_layer" in err
     assert (out / "targets=query,value" / "metrics.json").is_file()
     assert not (out / "targets=no_such_layer" / "metrics.json").exists()
     assert "no_such_layer" in (out / "targets=no_such_layer" / "sweep.log").read_text()
@@ -216,31 +216,35 @@ def test_ctrl_c_stops_at_a_checkpoint_and_the_same_command_continues(tmp_path, t
     import signal
     import time
 
+    from dynalora.training import checkpoint
+
     path = _tiny_grid(tmp_path, tiny_model, csv_task, {"seed": [0, 1]})
     config = yaml.safe_load(path.read_text())
-    config["base"]["max_steps"] = 1000  # long enough to be inside training when the signal comes
+    # long enough to be inside training when the signal comes; a checkpoint every 20 steps shows it began
+    config["base"] |= {"max_steps": 200, "eval_every": 0, "save_every": 20}
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "dynalora", "sweep", str(path), "--output-dir", str(out), "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not (out / "seed=0" / "config.json").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        time.sleep(1.5)  # into the training steps (config.json is written just before the first)
+        while not (out / "seed=0" / "checkpoints" / "step-000020").is_dir():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 128 + signal.SIGINT, err
     assert "sweep stopped; run the same command again to continue" in err
-    assert list((out / "seed=0" / "checkpoints").glob("step-*")), "the running training checkpointed"
+    stopped_at = int(checkpoint.latest_checkpoint(out / "seed=0").name.split("-")[1])
+    assert 20 < stopped_at < 200, "the running training checkpointed where the signal stopped it"
     assert not (out / "seed=1").exists()  # never started
     assert not (out / "seed=0" / "metrics.json").exists()
 
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
-    assert again.returncode == 0, again.stderr
+    assert main(cmd[3:]) == 0  # the same command (here in this process) continues
     metrics = json.loads((out / "seed=0" / "metrics.json").read_text())
-    assert metrics["resumed_from_step"] > 0  # continued from its checkpoint, not from step 0
+    assert metrics["resumed_from_step"] == stopped_at  # continued from its checkpoint, not from step 0
     assert (out / "seed=1" / "metrics.json").is_file()
