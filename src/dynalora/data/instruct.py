@@ -43,20 +43,38 @@ def lm_spec(name: str, text_column: str = "text") -> TaskSpec:
 # ------------------------------------------------------------------------------------------ data
 RT_PROMPT = "Review: {text}\nIs this movie review positive or negative? Answer with one word."
 RT_ANSWERS = ("negative", "positive")  # rotten (0), fresh (1)
+DRUG_PROMPT = "Review: {text}\nIs this drug review negative, neutral or positive? Answer with one word."
+DRUG_ANSWERS = ("negative", "neutral", "positive")  # the embedded task's classes, in its label order
 
 
-def load_rotten_tomatoes_instruct(task: str, opts: _Options) -> TaskData:
-    """The embedded default task as instructions: the same fixed splits, the label as a word."""
-    from dynalora.data.embedded import _load_rotten_tomatoes
-
-    data = _load_rotten_tomatoes("rotten_tomatoes", opts)
+def _as_instructions(task: str, data: TaskData, template: str, answers: Sequence[str]) -> TaskData:
+    """An embedded classification task as instructions: the same fixed splits, the label as a word."""
     splits = datasets.DatasetDict()
     for split, ds in data.splits.items():
         splits[split] = datasets.Dataset.from_dict({
-            "prompt": [RT_PROMPT.format(text=t) for t in ds["text"]],
-            "response": [RT_ANSWERS[int(y)] for y in ds["label"]],
+            "prompt": [template.format(text=t) for t in ds["text"]],
+            "response": [answers[int(y)] for y in ds["label"]],
         })  # fmt: skip
-    return TaskData(instruct_spec(task), splits, list(RT_ANSWERS), True)
+    return TaskData(instruct_spec(task), splits, list(answers), True)
+
+
+def load_rotten_tomatoes_instruct(task: str, opts: _Options) -> TaskData:
+    """Rotten Tomatoes (the embedded default task) as instructions."""
+    from dynalora.data.embedded import _load_rotten_tomatoes
+
+    return _as_instructions(task, _load_rotten_tomatoes("rotten_tomatoes", opts), RT_PROMPT, RT_ANSWERS)
+
+
+def load_drugreview_instruct(task: str, opts: _Options) -> TaskData:
+    """The embedded drug reviews (three classes) as instructions: a second instruction task.
+
+    Reviews are long (a median of about 90 words): at a short ``--max-length`` the prompt loses
+    the start of the review, never the question or the answer (:func:`fit`).
+    """
+    from dynalora.data.embedded import _DRUG_LABELS, _load_drugreview
+
+    assert tuple(_DRUG_LABELS) == DRUG_ANSWERS
+    return _as_instructions(task, _load_drugreview("drugreview", opts), DRUG_PROMPT, DRUG_ANSWERS)
 
 
 def load_custom_causal(task: str, opts: _Options) -> TaskData:
