@@ -177,6 +177,19 @@ def test_instruction_tuning_from_files(tmp_path, tiny_llama, capsys):
     assert metrics["dynamic"] is not None and metrics["num_modules"] == 14  # 7 linears x 2 blocks
 
 
+def test_decoders_default_to_a_cpu_sized_batch_and_rarer_evaluation(tiny_llama):
+    from dynalora.training.args import TrainArgs
+
+    sizes = ("batch_size", "max_length", "eval_every")
+    assert [getattr(TrainArgs(model=tiny_llama), n) for n in sizes] == [8, 96, 200]
+    assert [getattr(TrainArgs(), n) for n in sizes] == [32, 64, 50]  # the encoder default is unchanged
+    given = TrainArgs(model=tiny_llama, batch_size=2, max_length=300, eval_every=0)
+    assert [getattr(given, n) for n in sizes] == [2, 300, 0]  # what is given wins
+    # a task head on a decoder is classification, with classification's sizes
+    head = TrainArgs(model=tiny_llama, objective="classification")
+    assert [getattr(head, n) for n in sizes] == [32, 64, 50]
+
+
 def test_language_modelling_on_text_alone(tmp_path, tiny_llama, capsys):
     files = _files(tmp_path)
     code = main(["train", "--model", tiny_llama, "--train-file", files["train"], "--validation-file",

@@ -68,8 +68,9 @@ def load_rotten_tomatoes_instruct(task: str, opts: _Options) -> TaskData:
 def load_drugreview_instruct(task: str, opts: _Options) -> TaskData:
     """The embedded drug reviews (three classes) as instructions: a second instruction task.
 
-    Reviews are long (a median of about 90 words): at a short ``--max-length`` the prompt loses
-    the start of the review, never the question or the answer (:func:`fit`).
+    Reviews are long (a median of 87 words, 155 tokens with SmolLM2's chat template): at a short
+    ``--max-length`` the prompt loses the start of the review, never the question or the answer
+    (:func:`fit`).
     """
     from dynalora.data.embedded import _DRUG_LABELS, _load_drugreview
 
