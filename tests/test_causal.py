@@ -177,7 +177,7 @@ def test_instruction_tuning_from_files(tmp_path, tiny_llama, capsys):
     assert metrics["dynamic"] is not None and metrics["num_modules"] == 14  # 7 linears x 2 blocks
 
 
-def test_decoders_default_to_a_cpu_sized_batch_and_rarer_evaluation(tiny_llama):
+def test_decoders_default_to_a_cpu_sized_batch_rarer_evaluation_and_their_own_lr(tiny_llama):
     from dynalora.training.args import TrainArgs
 
     sizes = ("batch_size", "max_length", "eval_every")
@@ -188,6 +188,10 @@ def test_decoders_default_to_a_cpu_sized_batch_and_rarer_evaluation(tiny_llama):
     # a task head on a decoder is classification, with classification's sizes
     head = TrainArgs(model=tiny_llama, objective="classification")
     assert [getattr(head, n) for n in sizes] == [32, 64, 50]
+    # learning rates: LoRA's family at the rate chosen on decoders, the others as on encoders
+    assert TrainArgs(model=tiny_llama).lr == 5e-4 and TrainArgs().lr == 2e-3 and head.lr == 2e-3
+    assert TrainArgs(model=tiny_llama, method="vera").lr == TrainArgs(method="vera").lr == 3e-2
+    assert TrainArgs(model=tiny_llama, lr=1e-3).lr == 1e-3
 
 
 def test_language_modelling_on_text_alone(tmp_path, tiny_llama, capsys):

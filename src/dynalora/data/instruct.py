@@ -44,7 +44,6 @@ def lm_spec(name: str, text_column: str = "text") -> TaskSpec:
 RT_PROMPT = "Review: {text}\nIs this movie review positive or negative? Answer with one word."
 RT_ANSWERS = ("negative", "positive")  # rotten (0), fresh (1)
 DRUG_PROMPT = "Review: {text}\nIs this drug review negative, neutral or positive? Answer with one word."
-DRUG_ANSWERS = ("negative", "neutral", "positive")  # the embedded task's classes, in its label order
 
 
 def _as_instructions(task: str, data: TaskData, template: str, answers: Sequence[str]) -> TaskData:
@@ -74,8 +73,7 @@ def load_drugreview_instruct(task: str, opts: _Options) -> TaskData:
     """
     from dynalora.data.embedded import _DRUG_LABELS, _load_drugreview
 
-    assert tuple(_DRUG_LABELS) == DRUG_ANSWERS
-    return _as_instructions(task, _load_drugreview("drugreview", opts), DRUG_PROMPT, DRUG_ANSWERS)
+    return _as_instructions(task, _load_drugreview("drugreview", opts), DRUG_PROMPT, _DRUG_LABELS)
 
 
 def load_custom_causal(task: str, opts: _Options) -> TaskData:
