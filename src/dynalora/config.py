@@ -13,6 +13,7 @@ SCHEDULES = ("periodic", "once")
 BUDGET_SCHEDULES = ("constant", "linear")
 OPTIMIZERS = ("global", "local")
 STATE_POLICIES = ("keep", "reset", "offload")
+CAP_MODES = ("exclude", "recompute")
 
 
 def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -74,8 +75,14 @@ class DynamicConfig:
     :meth:`~dynalora.DynamicAllocator.set_total_steps`)."""
 
     memory_cap: float | None = None
-    """``cutoff``: hard cap on any step's saved activations, as a share of training every module,
-    in (0, 1]; blocks whose training would exceed it never train. ``None``: no cap."""
+    """Hard cap on any step's saved activations in the transformer blocks, as a share of training every
+    module, in (0, 1]; ``None``: no cap. What keeps a step under it is ``cap_mode``."""
+
+    cap_mode: str = "exclude"
+    """How ``memory_cap`` is kept: ``exclude`` (``cutoff`` only): blocks whose training would exceed the
+    cap never train; ``recompute`` (any allocator): every block trains as the allocator chooses, and
+    on the steps a selection would exceed the cap, its lowest trained blocks are checkpointed
+    (recomputed in backward) until the rest fit (:class:`dynalora.checkpointing.BlockGuard`)."""
 
     coverage: float = 0.2
     """``cutoff``: the lowest probability with which any block within the cap trains at a
@@ -109,6 +116,7 @@ class DynamicConfig:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("state_policy", self.state_policy, STATE_POLICIES)
         _check_choice("budget_schedule", self.budget_schedule, BUDGET_SCHEDULES)
+        _check_choice("cap_mode", self.cap_mode, CAP_MODES)
         k = self.k
         if isinstance(k, bool) or not isinstance(k, (int, float)):
             raise ValueError(f"k={k!r} is not supported; allowed: an int >= 1 or a float in (0, 1]")
@@ -122,6 +130,13 @@ class DynamicConfig:
         if self.memory_cap is not None:
             _check_share("memory_cap", self.memory_cap, extra=" or None")
         _check_share("coverage", self.coverage, zero_ok=True)
+        if self.cap_mode != "exclude" and self.memory_cap is None:
+            raise ValueError(f"cap_mode={self.cap_mode!r} needs a memory_cap; allowed: set memory_cap in (0, 1]")
+        if self.memory_cap is not None and self.cap_mode == "exclude" and self.allocator != "cutoff":
+            raise ValueError(
+                f"memory_cap={self.memory_cap!r} with cap_mode='exclude' is read only by allocator='cutoff', not "
+                f"{self.allocator!r}; allowed: allocator='cutoff', or cap_mode='recompute'"
+            )
         if isinstance(self.period, bool) or not isinstance(self.period, int) or self.period < 1:
             raise ValueError(f"period={self.period!r} is out of range; allowed: an int >= 1")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

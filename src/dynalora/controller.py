@@ -14,8 +14,9 @@ from torch.utils.hooks import RemovableHandle
 from dynalora import distributed
 from dynalora.adapters import AdapterModule, find_adapter_modules, other_trainable_params, set_trainable
 from dynalora.allocators import ALLOCATORS, COST_AWARE, AllocationRequest, initial_count, normalize, paced_budget
+from dynalora.checkpointing import BlockGuard
 from dynalora.config import DynamicConfig
-from dynalora.cost import CostModel
+from dynalora.cost import CHECKPOINT_KEEP, CostModel
 from dynalora.importance import MEASURES
 from dynalora.optim import STATE_POLICIES, LocalOptimizer, LocalScheduler
 from dynalora.schedules import SCHEDULES
@@ -61,6 +62,18 @@ class DynamicAllocator:
         ignores_k = config.allocator == "threshold" or config.allocator in COST_AWARE
         self.k = min(config.resolve_k_unchecked(num), num) if ignores_k else config.resolve_k(num)
         self.cost = CostModel.from_model(model, self.modules)
+        # exclude: the allocator keeps the cap; recompute: the guard checkpoints blocks to keep it
+        self._recompute_cap = config.memory_cap if config.cap_mode == "recompute" else None
+        if self._recompute_cap is not None and self._recompute_cap < CHECKPOINT_KEEP:
+            raise ValueError(
+                f"memory_cap={self._recompute_cap!r} is below what checkpointed blocks keep (their inputs, about "
+                f"{CHECKPOINT_KEEP:g} of the activations); allowed with cap_mode='recompute': [{CHECKPOINT_KEEP:g}, 1]"
+            )
+        self._exclude_cap = config.memory_cap if config.cap_mode == "exclude" else None
+        # Keeps backward (and recomputation under checkpointing) out of blocks below the lowest trained one.
+        self._guard = BlockGuard(
+            model, self.modules, self._extra, self.cost.blocks.tolist(), recompute=self._recompute_cap is not None
+        )
         self._state_policy = STATE_POLICIES[config.state_policy]
         if config.state_policy == "offload" and any(p.device.type != "cuda" for m in self.modules for p in m.params):
             raise ValueError("state_policy='offload' needs CUDA parameters; allowed on CPU: keep, reset")
@@ -102,6 +115,13 @@ class DynamicAllocator:
     def active_mask(self) -> torch.Tensor:
         """Bool mask over :attr:`module_names`, shape ``(M,)``."""
         return self._mask
+
+    @property
+    def cut(self) -> int | None:
+        """The lowest transformer block that trains now: blocks below it run forward only, with no
+        backward and, under activation checkpointing, no recomputation. ``None``: backward runs
+        through every block (something below the blocks trains, or no block list was found)."""
+        return self._guard.cut
 
     @property
     def num_params(self) -> int:
@@ -211,7 +231,7 @@ class DynamicAllocator:
             generator=self._generator,
             cost=self.cost,
             budget=self._budget(),
-            memory_cap=self.config.memory_cap,
+            memory_cap=self._exclude_cap,
             coverage=self.config.coverage,
             round=len(self.history),
         )
@@ -256,7 +276,7 @@ class DynamicAllocator:
     def _record(self, mask: torch.Tensor, raw: torch.Tensor | None = None) -> None:
         """Make ``mask`` the selection and log it in the history, without touching the tensors."""
         self._select(mask)
-        cost = self.cost.estimate(mask)
+        cost = self.cost.estimate(mask, self._guard.recompute)
         self.history.append(
             {
                 "step": self._step,
@@ -265,6 +285,8 @@ class DynamicAllocator:
                 "depth": cost.depth,
                 "backward_share": cost.backward_share,
                 "step_ratio": cost.step_ratio,
+                "activation_share": cost.activation_share,
+                "recompute": sorted(self._guard.recompute),
             }
         )
         logger.debug("step %d: %d of %d modules active", self._step, len(self._active_names), len(self.modules))
@@ -274,6 +296,7 @@ class DynamicAllocator:
         on = mask.tolist()
         self._active_names = frozenset(m.name for m, a in zip(self.modules, on, strict=True) if a)
         self._num_active_params = sum(m.num_params for m, a in zip(self.modules, on, strict=True) if a)
+        self._guard.update(mask, self.cost.recompute_blocks(mask, self._recompute_cap))
 
     # ----------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -313,6 +336,7 @@ class DynamicAllocator:
     def close(self) -> None:
         """Remove every hook this allocator installed. Trainability stays as it is."""
         self._measure.close()
+        self._guard.close()
         if self._deferred is not None:
             self._deferred.remove()
             self._deferred = None

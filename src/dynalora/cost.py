@@ -12,7 +12,9 @@ above it train (adapters are tiny next to the frozen path backward runs through 
 - ``step_ratio``: predicted step time over a step that trains every module,
   ``fixed_share + (1 - fixed_share) * backward_share``: forward, head, optimizer and data do not
   depend on the selection;
-- ``activation_share``: predicted saved activations over training every module (the backward share);
+- ``activation_share``: predicted saved activations over training every module (the backward share,
+  less the blocks a recompute cap checkpoints);
+- ``recompute_share``: the share of the blocks' work whose forward a recompute cap runs twice;
 - gradient and optimizer-state bytes of the active modules' tensors, counted exactly.
 
 ``benchmarks/cost.py`` checks the predictions against measured step times and counted bytes.
@@ -33,6 +35,14 @@ FIXED_SHARE = 0.6
 ``benchmarks/results/cost.md`` (MiniLM-L6 on 2 CPU cores, batch 32 x 64): training only blocks
 >= d takes 0.93, 0.86, 0.80, 0.73, 0.67 of the d = 0 step for d = 1..5, and 0.6 + 0.4 (6 - d) / 6
 gives 0.93, 0.87, 0.80, 0.73, 0.67. Other hardware has its own share: pass ``fixed_share``."""
+
+RECOMPUTE_COST = 0.5
+"""A block's recomputed forward over its backward (backward runs about two forwards' work)."""
+
+CHECKPOINT_KEEP = 0.1
+"""Share of a block's saved activations that it still keeps when checkpointed: its input hidden
+state (and position tensors). Counted with saved-tensor hooks: 0.07 on a tiny llama (hidden 32);
+the more tensors a block saves per hidden state, the less (``tests/test_checkpointing.py``)."""
 
 
 def module_blocks(model: nn.Module, modules: Sequence[AdapterModule]) -> tuple[list[int], list[float]]:
@@ -77,6 +87,8 @@ class SelectionCost:
     gradient_bytes: int
     optimizer_bytes: int
     """Optimizer state of the active modules' tensors (AdamW: two moments per element)."""
+    recompute_share: float = 0.0
+    """Share of the blocks' work checkpointed (forward run twice) by a recompute cap."""
 
 
 class CostModel:
@@ -135,19 +147,39 @@ class CostModel:
     def step_ratio(self, mask: torch.Tensor) -> float:
         return self._ratio(self.backward_share(mask))
 
-    def _ratio(self, backward_share: float) -> float:
-        return self.fixed_share + (1.0 - self.fixed_share) * backward_share
+    def _ratio(self, backward_share: float, recompute_share: float = 0.0) -> float:
+        return self.fixed_share + (1.0 - self.fixed_share) * (backward_share + RECOMPUTE_COST * recompute_share)
 
-    def estimate(self, mask: torch.Tensor) -> SelectionCost:
-        """Everything predicted for ``mask`` (bool, shape ``(M,)``)."""
+    def recompute_blocks(self, mask: torch.Tensor, memory_cap: float | None) -> list[int]:
+        """Blocks to checkpoint so that the saved activations, those of the blocks that keep theirs plus
+        the inputs the checkpointed ones keep (:data:`CHECKPOINT_KEEP`), are at most ``memory_cap`` of
+        training every block: the lowest trained blocks, upwards (their recomputation comes last in
+        backward, when the activations above are already freed). Empty without a cap or when the
+        selection fits; every trained block when even that does not fit."""
+        depth = self.depth(mask)
+        if memory_cap is None:
+            return []
+        top = depth
+        while top < self.num_blocks and self._kept(depth, top) > memory_cap + 1e-9:
+            top += 1
+        return list(range(depth, top))
+
+    def _kept(self, depth: int, top: int) -> float:
+        """Saved share when blocks ``depth..top-1`` are checkpointed and blocks ``top..`` are not."""
+        return float(self.above[top]) + CHECKPOINT_KEEP * float(self.above[depth] - self.above[top])
+
+    def estimate(self, mask: torch.Tensor, recompute: Sequence[int] = ()) -> SelectionCost:
+        """Everything predicted for ``mask`` (bool, shape ``(M,)``), with ``recompute`` blocks checkpointed."""
         depth = self.depth(mask)
         share = float(self.above[depth])
+        again = float(self.block_share[list(recompute)].sum()) if len(recompute) else 0.0
         grads = int(self.module_bytes[mask].sum())
         return SelectionCost(
             depth=depth,
             backward_share=share,
-            step_ratio=self._ratio(share),
-            activation_share=share,
+            step_ratio=self._ratio(share, again),
+            activation_share=share - (1.0 - CHECKPOINT_KEEP) * again,
             gradient_bytes=grads,
             optimizer_bytes=self.states_per_element * grads,
+            recompute_share=again,
         )

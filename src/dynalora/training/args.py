@@ -11,6 +11,7 @@ from typing import Any
 from dynalora.config import (
     ALLOCATORS,
     BUDGET_SCHEDULES,
+    CAP_MODES,
     MEASURES,
     OPTIMIZERS,
     PRESETS,
@@ -114,7 +115,13 @@ class TrainArgs:
         f"(default: {_DEFAULTS.budget})"
     )
     memory_cap: float | None = _opt(
-        "cutoff allocator: saved activations of any step at most this share of LoRA's, in (0, 1] (default: no cap)"
+        "saved activations in the blocks of any step at most this share of training every module, in (0, 1] "
+        "(default: no cap; see --cap-mode)"
+    )
+    cap_mode: str | None = _opt(
+        "how --memory-cap is kept: exclude (cutoff allocator: blocks over the cap never train) or recompute (any "
+        f"allocator: every block trains; the lowest trained blocks are checkpointed) (default: {_DEFAULTS.cap_mode})",
+        choices=CAP_MODES,
     )
     budget_schedule: str | None = _opt(
         "cutoff allocator: spend the budget evenly (constant) or where the learning rate is high (linear) "
@@ -166,6 +173,11 @@ class TrainArgs:
     output_dir: str = _opt("folder for config, metrics, logs, plots and the trained weights", default="runs/train")
     overwrite: bool = _opt("write over a run already in --output-dir", default=False)
     quiet: bool = _opt("no progress bar", default=False)
+    gradient_checkpointing: bool = _opt(
+        "activation checkpointing of the transformer blocks (non-reentrant); with --dynamic, blocks below the "
+        "lowest trained one are neither checkpointed nor run backward",
+        default=False,
+    )
     bf16: bool = _opt("bfloat16 autocast (CUDA)", default=False)
     fp16: bool = _opt("float16 autocast with loss scaling (CUDA)", default=False)
     device: str | None = _opt("cpu or cuda (default: cuda when available)")

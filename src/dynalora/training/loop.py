@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from dynalora.analysis.memory import PeakMemory, SavedActivations, gradient_bytes, optimizer_state_bytes
+from dynalora.checkpointing import enable_checkpointing
 from dynalora.controller import DynamicAllocator
 from dynalora.data import TaskData, load_task, make_collator, tokenize
 from dynalora.data.tasks import TaskSpec, compute_metrics
@@ -299,6 +300,11 @@ def prepare(args: TrainArgs) -> Job:
     model, modules = METHODS[args.method](model, options)
     hooks = HOOKS.get(args.method, Hooks())
     model.to(device)
+    if args.gradient_checkpointing:
+        try:
+            enable_checkpointing(model)
+        except ValueError as err:
+            raise UsageError(f"--gradient-checkpointing: {err}") from None
     saved = frozenset(n for n, p in model.named_parameters() if p.requires_grad)  # before any module is frozen
     allocator = None
     if args.dynamic:
@@ -681,7 +687,9 @@ def _start_output(out: Path, args: TrainArgs, job: Job, resume: Path | None) -> 
         return
     clear_run(out)  # --overwrite (or a --resume with nothing saved yet): the old files go first
     resolved = {"model_path": job.model_path, "num_steps": job.num_steps, "resolved_device": str(job.device),
-                "num_processes": job.accelerator.num_processes}  # fmt: skip
+                "num_processes": job.accelerator.num_processes,
+                # what ran, after the preset and every flag: the allocator's own config
+                "resolved_dynamic": job.allocator.config.to_dict() if job.allocator else None}  # fmt: skip
     config = {**args.to_dict(), **resolved}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     logger.info(
