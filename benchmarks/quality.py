@@ -117,6 +117,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         {"allocator": "cutoff", "budget": 0.5, "memory_cap": 0.5},
         "cutoff allocator under a memory cap of 0.5: the top half of the blocks only",
     ),  # fmt: skip
+    "recompute-cap-0.5": (
+        {"memory_cap": 0.5, "cap_mode": "recompute"},
+        "the default under a memory cap of 0.5 kept by recomputation: every block trains",
+    ),  # fmt: skip
     "dynamic-full-cutoff-0.35": (
         {
             "method": "full",

@@ -11,15 +11,19 @@ import torch
 from transformers import BertForSequenceClassification
 
 from dynalora.cli import main
+from dynalora.methods import ADAPTER_METHODS
 from tests.tiny import write_csv
 
 
 def cli_args(tiny_model, csv_task, out, *extra):
+    """A short run on the tiny model; dynamic runs reallocate every 2 steps (a static run refuses --period)."""
+    method = extra[extra.index("--method") + 1] if "--method" in extra else "lora"
+    static = "--no-dynamic" in extra or ("--dynamic" not in extra and method not in ADAPTER_METHODS)
     return [
         "train", "--model", tiny_model, "--task", "custom", "--train-file", csv_task["train"],
         "--validation-file", csv_task["validation"], "--test-file", csv_task["test"], "--batch-size", "8",
-        "--max-steps", "6", "--eval-every", "3", "--period", "2", "--lr", "1e-2", "--output-dir", str(out), "--quiet",
-        *extra,
+        "--max-steps", "6", "--eval-every", "3", *([] if static else ["--period", "2"]), "--lr", "1e-2",
+        "--output-dir", str(out), "--quiet", *extra,
     ]  # fmt: skip
 
 
@@ -29,7 +33,7 @@ def read_jsonl(path):
 
 def test_dynamic_lora_run_writes_every_output(tiny_model, csv_task, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(cli_args(tiny_model, csv_task, out, "--k", "2")) == 0
+    assert main(cli_args(tiny_model, csv_task, out, "--allocator", "topk", "--k", "2")) == 0
     assert "DynaLoRA" in capsys.readouterr().out
     for name in ("config.json", "metrics.json", "log.jsonl", "allocations.jsonl", "loss.png", "module_activity.png"):
         assert (out / name).stat().st_size > 0, name
@@ -110,7 +114,7 @@ def test_baselines_train_what_they_should(tiny_model, csv_task, tmp_path, flags,
 @pytest.mark.parametrize("method", ["vera", "dora"])
 def test_other_adapters_run_dynamic(tiny_model, csv_task, tmp_path, method):
     out = tmp_path / method
-    assert main(cli_args(tiny_model, csv_task, out, "--method", method, "--k", "0.5")) == 0
+    assert main(cli_args(tiny_model, csv_task, out, "--method", method, "--allocator", "topk", "--k", "0.5")) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["method"] == method and m["dynamic"]["k_modules"] == 2
     assert sum(m["module_active_steps"].values()) == 12

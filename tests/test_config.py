@@ -53,10 +53,10 @@ def test_config_round_trips_through_dict():
     assert DynamicConfig(**cfg.to_dict()) == cfg
 
 
-def test_threshold_ignores_k():
-    alloc = DynamicAllocator(
-        tiny.peft_bert(), DynamicConfig(allocator="threshold", k=20, threshold=0.5, optimizer="global")
-    )
+def test_threshold_refuses_k_and_starts_from_its_own_count():
+    with pytest.raises(ValueError, match="k=20 is not read by allocator='threshold'"):
+        DynamicConfig(allocator="threshold", k=20, threshold=0.5)
+    alloc = DynamicAllocator(tiny.peft_bert(), DynamicConfig(allocator="threshold", threshold=0.5, optimizer="global"))
     assert len(alloc.active) == 2  # ceil(0.5 * 4) at the start
 
 

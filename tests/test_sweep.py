@@ -17,7 +17,13 @@ from dynalora.cli import main
 ISSUE_EXAMPLE = {
     "name": "embedded",
     "base": {"task": "rotten_tomatoes", "epochs": 1},
-    "grid": {"method": ["lora", "vera"], "dynamic": [True, False], "k": ["1/3", "2/3"], "seed": [0, 1, 2]},
+    "grid": {
+        "method": ["lora", "vera"],
+        "dynamic": [True, False],
+        "allocator": ["topk"],
+        "k": ["1/3", "2/3"],
+        "seed": [0, 1, 2],
+    },
 }
 
 
@@ -46,7 +52,7 @@ def test_the_issue_example_expands_without_duplicating_plain_runs(tmp_path):
 def test_dashes_and_a_list_of_grids(tmp_path):
     config = {
         "name": "two",
-        "base": {"max-steps": 3},
+        "base": {"max-steps": 3, "allocator": "topk"},
         "grid": [
             {"method": ["lora"], "k": ["1/3", "2/3"]},
             {"method": ["lora", "vera"], "dynamic": [False]},
@@ -114,7 +120,8 @@ def test_dry_run_lists_and_trains_nothing(tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 18 + 1
     assert lines[0].split() == ["new", "method=lora,dynamic=true,k=1_3,seed=0", "--task", "rotten_tomatoes", "--epochs",
-                                "1", "--method", "lora", "--dynamic", "--k", "1/3", "--seed", "0"]  # fmt: skip
+                                "1", "--method", "lora", "--dynamic", "--allocator", "topk", "--k", "1/3",
+                                "--seed", "0"]  # fmt: skip
     assert lines[-1] == "18 runs: 0 done, 0 to resume, 18 new"
     assert not (tmp_path / "out").exists()
 

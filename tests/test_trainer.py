@@ -66,7 +66,7 @@ def test_trainer_reallocates_on_schedule(tmp_path, optimizer):
 
 def test_trainer_built_optimizer_that_misses_frozen_modules_is_refused(tmp_path):
     model = tiny.peft_bert()
-    alloc = DynamicAllocator(model, DynamicConfig(k=1))
+    alloc = DynamicAllocator(model, DynamicConfig(allocator="topk", k=1))
     t = Trainer(
         model=model,
         args=args(tmp_path, 2),

@@ -32,6 +32,7 @@ class AllocationRequest:
         memory_cap: ``cutoff``: largest saved-activation share of any step, or ``None``.
         coverage: ``cutoff``: the lowest probability with which any block within the cap trains.
         round: how many selections were made before this one (0 for the first).
+        offset: ``cutoff``: the seed's shift of its low-discrepancy sequence (:func:`seed_offset`).
     """
 
     importance: torch.Tensor
@@ -44,6 +45,7 @@ class AllocationRequest:
     memory_cap: float | None = None
     coverage: float = 0.0
     round: int = 0
+    offset: float = 0.0
 
 
 def normalize(scores: torch.Tensor) -> torch.Tensor:
@@ -226,6 +228,15 @@ def paced_budget(budget: float, floor: float, progress: float) -> float:
 
 
 _GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+_SILVER = math.sqrt(2.0) - 1.0
+
+
+def seed_offset(seed: int) -> float:
+    """The shift of the ``cutoff`` allocator's sequence for a seed: ``frac(seed * (sqrt(2) - 1))``.
+
+    A shifted Kronecker sequence ``frac(t * 0.618... + offset)`` is as evenly spread as the unshifted
+    one, so every seed keeps the low-discrepancy property; seed 0 has no shift."""
+    return (seed * _SILVER) % 1.0
 
 
 def cutoff(req: AllocationRequest) -> torch.Tensor:
@@ -235,10 +246,10 @@ def cutoff(req: AllocationRequest) -> torch.Tensor:
     Candidate cutoffs are the blocks that hold modules. Block importance is the mean normalised
     importance of its modules; :func:`training_profile` turns it into ``p_i``, how often candidate
     i trains, with each candidate weighted by the backward share it adds. The cutoff of round t is
-    the lowest candidate with ``p_i > u_t``, where ``u_t = frac(t * 0.618...)`` is a low-discrepancy
-    sequence: over a run the cutoffs hit the profile's frequencies closely, with no seed. Round 0
-    has ``u = 0``, so the first selection reaches as low as the cap allows (every module, without a
-    cap), and every module is measured before importance is trusted.
+    the lowest candidate with ``p_i > u_t``, where ``u_t = frac(t * 0.618... + offset)`` is a
+    low-discrepancy sequence shifted by the seed (:func:`seed_offset`): over a run the cutoffs hit the
+    profile's frequencies closely. Round 0 reaches as low as the cap allows (every module, without a
+    cap) on any model, whatever the budget, so every module is measured before importance is trusted.
     """
     if req.cost is None:
         raise ValueError("the cutoff allocator needs a cost model (AllocationRequest.cost)")
@@ -251,8 +262,10 @@ def cutoff(req: AllocationRequest) -> torch.Tensor:
     sums = torch.zeros(occupied.numel(), dtype=torch.float64).index_add_(0, position, importance)
     counts = torch.zeros(occupied.numel(), dtype=torch.float64).index_add_(0, position, torch.ones_like(importance))
     lowest = lowest_allowed(depth_share, req.memory_cap)
+    if req.round == 0:
+        return blocks >= int(occupied[lowest])
     p = training_profile(sums / counts, added, req.budget, req.coverage, lowest)
-    u = (req.round * _GOLDEN) % 1.0
+    u = (req.round * _GOLDEN + req.offset) % 1.0
     depth = int(occupied[int((p > u).nonzero().flatten().min())])
     return blocks >= depth
 

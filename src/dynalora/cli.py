@@ -112,12 +112,15 @@ def _compare_variants(ns: argparse.Namespace) -> list[tuple[bool, str, str]]:
 
 def _cmd_compare(ns: argparse.Namespace) -> int:
     from dynalora.analysis.report import compare_table, load_run
+    from dynalora.analysis.sweep import dynamic_only
     from dynalora.training import RUN_FILES, run
 
     root = Path(ns.output_dir)
+    # The dynamic settings go to the dynamic variants only: a plain run refuses them.
+    plain = {**vars(ns), **dict.fromkeys(dynamic_only() & vars(ns).keys())}
     # Each variant resolves its own defaults (e.g. the learning rate of each method, dynamic or plain).
     variants = [
-        _train_args(argparse.Namespace(**{**vars(ns), "method": method, "dynamic": dynamic,
+        _train_args(argparse.Namespace(**{**(vars(ns) if dynamic else plain), "method": method, "dynamic": dynamic,
                                           "output_dir": str(root / name)}))
         for dynamic, method, name in _compare_variants(ns)
     ]  # fmt: skip

@@ -21,6 +21,16 @@ def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{field}={value!r} is not supported; allowed: {', '.join(allowed)}")
 
 
+# Which allocator reads which field; any other allocator refuses a non-default value (trap 8).
+READ_BY: dict[str, frozenset[str]] = {
+    "k": frozenset({"topk", "stochastic", "discounted_stochastic", "random"}),
+    "threshold": frozenset({"threshold"}),
+    "budget": frozenset({"cutoff"}),
+    "budget_schedule": frozenset({"cutoff"}),
+    "coverage": frozenset({"cutoff"}),
+}
+
+
 def _check_share(field: str, value: Any, *, zero_ok: bool = False, extra: str = "") -> None:
     """A number in (0, 1], or [0, 1] with ``zero_ok``; ``extra`` adds to what the message allows."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -56,11 +66,12 @@ class DynamicConfig:
 
     k: int | float = 2 / 3
     """Number of active modules: an int >= 1, or a float in (0, 1] meaning that fraction of the modules
-    (rounded, at least 1). Not used by the ``threshold`` allocator."""
+    (rounded, at least 1). Read by ``topk``, ``stochastic``, ``discounted_stochastic`` and ``random``;
+    the others refuse a value other than the default."""
 
     threshold: float = 0.9
     """p of the ``threshold`` allocator, in (0, 1]: the fewest most important modules whose normalised
-    importance (eq. 2) sums to at least p."""
+    importance (eq. 2) sums to at least p. Read by ``threshold`` only."""
 
     budget: float = 0.5
     """``cutoff``: expected share of the transformer blocks' work that backward runs through per step,
@@ -130,6 +141,19 @@ class DynamicConfig:
         if self.memory_cap is not None:
             _check_share("memory_cap", self.memory_cap, extra=" or None")
         _check_share("coverage", self.coverage, zero_ok=True)
+        defaults = DynamicConfig.__dataclass_fields__
+        for name, readers in READ_BY.items():
+            value = getattr(self, name)
+            if self.allocator not in readers and value != defaults[name].default:
+                raise ValueError(
+                    f"{name}={value!r} is not read by allocator={self.allocator!r}; allowed: leave {name} at its "
+                    f"default, or an allocator that reads it ({', '.join(sorted(readers))})"
+                )
+        if self.allocator == "cutoff" and self.schedule == "once":
+            raise ValueError(
+                "schedule='once' is not supported with allocator='cutoff' (one draw would train every module for "
+                "good, whatever the budget); allowed: schedule='periodic', or another allocator"
+            )
         if self.cap_mode != "exclude" and self.memory_cap is None:
             raise ValueError(f"cap_mode={self.cap_mode!r} needs a memory_cap; allowed: set memory_cap in (0, 1]")
         if self.memory_cap is not None and self.cap_mode == "exclude" and self.allocator != "cutoff":
@@ -165,7 +189,12 @@ class DynamicConfig:
     def from_preset(cls, name: str, **overrides: Any) -> DynamicConfig:
         """A preset of :data:`PRESETS` with some fields replaced, e.g. ``from_preset("paper", k=16)``."""
         _check_choice("preset", name, tuple(PRESETS))
-        return cls(**(PRESETS[name] | overrides))
+        values = PRESETS[name] | overrides
+        allocator = values.get("allocator", cls.__dataclass_fields__["allocator"].default)
+        for field_name, readers in READ_BY.items():  # a preset's k does not follow it to an allocator that ignores k
+            if field_name in PRESETS[name] and field_name not in overrides and allocator not in readers:
+                del values[field_name]
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

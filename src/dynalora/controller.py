@@ -13,7 +13,15 @@ from torch.utils.hooks import RemovableHandle
 
 from dynalora import distributed
 from dynalora.adapters import AdapterModule, find_adapter_modules, other_trainable_params, set_trainable
-from dynalora.allocators import ALLOCATORS, COST_AWARE, AllocationRequest, initial_count, normalize, paced_budget
+from dynalora.allocators import (
+    ALLOCATORS,
+    COST_AWARE,
+    AllocationRequest,
+    initial_count,
+    normalize,
+    paced_budget,
+    seed_offset,
+)
 from dynalora.checkpointing import BlockGuard
 from dynalora.config import DynamicConfig
 from dynalora.cost import CHECKPOINT_KEEP, CostModel
@@ -234,6 +242,7 @@ class DynamicAllocator:
             memory_cap=self._exclude_cap,
             coverage=self.config.coverage,
             round=len(self.history),
+            offset=seed_offset(self.config.seed),
         )
 
     def set_active(self, names: Iterable[str]) -> None:

@@ -36,8 +36,11 @@ FIXED_SHARE = 0.6
 >= d takes 0.93, 0.86, 0.80, 0.73, 0.67 of the d = 0 step for d = 1..5, and 0.6 + 0.4 (6 - d) / 6
 gives 0.93, 0.87, 0.80, 0.73, 0.67. Other hardware has its own share: pass ``fixed_share``."""
 
-RECOMPUTE_COST = 0.5
-"""A block's recomputed forward over its backward (backward runs about two forwards' work)."""
+RECOMPUTE_COST = 1.0
+"""A block's recomputed forward over its backward. Adapters leave the frozen weights without
+gradients, so backward does about one forward's work. Measured on 2 CPU cores as checkpointed
+LoRA's extra time over the blocks' backward share: 1.05 on SmolLM2-135M, 1.6 on MiniLM-L6
+(``benchmarks/results/checkpointing.md``)."""
 
 CHECKPOINT_KEEP = 0.1
 """Share of a block's saved activations that it still keeps when checkpointed: its input hidden

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from dynalora.config import DynamicConfig
 from dynalora.errors import UsageError
+from dynalora.methods import ADAPTER_METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -201,12 +202,13 @@ def expand(config: Mapping[str, Any], output_dir: str | os.PathLike[str]) -> lis
         flags = {k: v for k, v in point.items() if v is not None}
         method = flags.get("method", default_method)
         flags = {k: v for k, v in flags.items() if k not in METHOD_ONLY or method in METHOD_ONLY[k]}
+        # a static run (dynamic false, or a method that is static by default) drops the grid's dynamic keys,
+        # which `dynalora train` would refuse for it
+        static = flags.get("dynamic") is False or ("dynamic" not in flags and method not in ADAPTER_METHODS)
+        if static:
+            flags = {k: v for k, v in flags.items() if k not in only_dynamic}
         name = run_name(flags, varying)
         args = _parse(parser, TrainArgs, flags, Path(output_dir) / name, name)
-        if not args.dynamic and only_dynamic & flags.keys():
-            flags = {k: v for k, v in flags.items() if k not in only_dynamic}
-            name = run_name(flags, varying)
-            args = _parse(parser, TrainArgs, flags, Path(output_dir) / name, name)
         run = Run(name, flags, args)
         if run.identity() in seen:
             continue

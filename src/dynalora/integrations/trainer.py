@@ -3,7 +3,7 @@
 Build the optimizer with the allocator (``Trainer`` would build one from whatever has
 ``requires_grad`` when training starts and leave every frozen module out for good)::
 
-    alloc = DynamicAllocator(model, DynamicConfig(k=16))
+    alloc = DynamicAllocator(model, DynamicConfig(allocator="topk", k=16))
     opt = alloc.create_optimizer(torch.optim.AdamW, lr=2e-3)
     sched = alloc.create_scheduler(opt, "linear", num_warmup_steps=60, num_training_steps=1000)
     trainer = Trainer(model, args, ..., optimizers=(opt, sched),

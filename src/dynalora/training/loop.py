@@ -321,7 +321,8 @@ def prepare(args: TrainArgs) -> Job:
     )
     eval_loaders = {  # only the main process evaluates, on the whole split
         split: DataLoader(
-            _head(tokenized[split], args.max_eval_samples),
+            # each split has its own cap: --max-eval-samples never shrinks the test split
+            _sample(tokenized[split], args.max_eval_samples if split == "validation" else args.max_test_samples),
             batch_size=2 * args.batch_size,
             collate_fn=collator,
             # without its own generator, every pass over the loader draws from the global RNG, and
@@ -760,6 +761,8 @@ def _finish(job: Job, out: Path, records: list[dict[str, Any]], costs: dict[str,
         "dynamic": alloc.config.to_dict() | {"k_modules": alloc.k} if alloc else None,
         "validation": final["validation"].get("metrics", {}),
         "test": test,
+        # how many examples each figure comes from, so that a sampled split cannot pass for a whole one
+        "examples": {split: len(loader.dataset) for split, loader in job.eval_loaders.items()},
         "main_metric": job.spec.main_metric,
         "trainable_params": job.num_trainable,
         **costs,
@@ -796,8 +799,13 @@ def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
             f.write(json.dumps(record) + "\n")
 
 
-def _head(dataset, n: int | None):
-    return dataset if n is None else dataset.select(range(min(n, len(dataset))))
+def _sample(dataset, n: int | None):
+    """``n`` examples drawn at random (seed 0, the same every run), or the whole split. Not the first
+    ``n``: a split stored by class would give one class (the political speeches' test split did)."""
+    if n is None or n >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n]
+    return dataset.select(sorted(order.tolist()))
 
 
 def _postfix(loss: float, last_eval: dict[str, Any], spec: TaskSpec, allocator) -> dict[str, str]:

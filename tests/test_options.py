@@ -1,0 +1,115 @@
+"""Every option does what it says or is refused; the cutoff allocator keeps its promises on any model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dynalora import DynamicAllocator, DynamicConfig
+from dynalora.allocators import AllocationRequest, cutoff, seed_offset
+from dynalora.config import ALLOCATORS, READ_BY
+from dynalora.cost import CostModel
+from tests.tiny import peft_bert
+
+NON_DEFAULT = {"k": 3, "threshold": 0.5, "budget": 0.3, "budget_schedule": "linear", "coverage": 0.5}
+
+
+@pytest.mark.parametrize("allocator", ALLOCATORS)
+@pytest.mark.parametrize("field", sorted(NON_DEFAULT))
+def test_a_field_the_allocator_does_not_read_is_refused_unless_at_its_default(allocator, field):
+    value = NON_DEFAULT[field]
+    if allocator in READ_BY[field]:
+        assert getattr(DynamicConfig(allocator=allocator, **{field: value}), field) == value
+    else:
+        with pytest.raises(ValueError, match=f"{field}={value!r} is not read by allocator={allocator!r}"):
+            DynamicConfig(allocator=allocator, **{field: value})
+    DynamicConfig(allocator=allocator)  # every default is accepted by every allocator
+
+
+def test_k_larger_than_the_model_is_refused_under_the_default():
+    with pytest.raises(ValueError, match="k=99 is not read by allocator='cutoff'"):
+        DynamicConfig(k=99)
+
+
+def test_cutoff_with_schedule_once_is_refused():
+    with pytest.raises(ValueError, match="schedule='once' is not supported with allocator='cutoff'"):
+        DynamicConfig(schedule="once")
+
+
+def test_a_preset_k_does_not_follow_it_to_an_allocator_that_ignores_k():
+    config = DynamicConfig.from_preset("full", allocator="cutoff", memory_cap=0.6)
+    assert config.k == DynamicConfig().k and config.memory_cap == 0.6 and config.state_policy == "reset"
+    with pytest.raises(ValueError, match="memory_cap=0.6 with cap_mode='exclude' is read only by"):
+        DynamicConfig.from_preset("full", memory_cap=0.6)  # discounted_stochastic cannot keep it by exclusion
+
+
+# ----------------------------------------------------------------------------------- cutoff's promises
+def _request(cost, importance, round_, budget, coverage=0.2, cap=None, offset=0.0):
+    m = cost.blocks.numel()
+    imp = torch.as_tensor(importance, dtype=torch.float64)
+    imp = imp / imp.sum() if imp.sum() > 0 else torch.full((m,), 1.0 / m, dtype=torch.float64)
+    return AllocationRequest(imp, 1, 0.9, torch.zeros(m, dtype=torch.int64), torch.Generator(), cost=cost,
+                             budget=budget, memory_cap=cap, coverage=coverage, round=round_, offset=offset)  # fmt: skip
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_round_0_trains_every_module_on_shallow_models(layers):
+    alloc = DynamicAllocator(peft_bert("lora", layers=layers), DynamicConfig(budget=0.1))
+    assert alloc.active_mask.all()
+    assert alloc.history[0]["depth"] == 0
+
+
+def test_round_0_trains_every_module_with_layers_to_transform():
+    from peft import LoraConfig, get_peft_model
+
+    from tests.tiny import bert
+
+    config = LoraConfig(r=4, target_modules=["query", "value"], layers_to_transform=[4, 5], task_type="SEQ_CLS")
+    alloc = DynamicAllocator(get_peft_model(bert(layers=6), config), DynamicConfig(budget=0.2))
+    assert alloc.active_mask.all() and len(alloc.modules) == 4
+
+
+def test_the_seed_changes_the_cutoff_sequence_and_seed_0_keeps_it():
+    assert seed_offset(0) == 0.0
+    sequences = []
+    for seed in (0, 1, 2):
+        # no training: gradient importance stays zero (uniform), so only the seed's shift can differ
+        alloc = DynamicAllocator(peft_bert("lora", layers=6), DynamicConfig(period=1, seed=seed))
+        for _ in range(12):
+            alloc.step()
+        sequences.append([h["depth"] for h in alloc.history])
+    assert sequences[0] != sequences[1] and sequences[1] != sequences[2]
+    assert all(s[0] == 0 for s in sequences)  # round 0 trains everything whatever the seed
+
+
+@settings(max_examples=60, derandomize=True, deadline=None)
+@given(
+    blocks=st.integers(1, 8),
+    per_block=st.integers(1, 3),
+    budget=st.floats(0.05, 1.0),
+    coverage=st.floats(0.0, 1.0),
+    seed=st.integers(0, 50),
+    importance=st.lists(st.sampled_from([0.0, 0.0, 1.0, 1.0, 2.0, 5.0]), min_size=24, max_size=24),
+    capped=st.booleans(),
+)
+def test_cutoff_properties(blocks, per_block, budget, coverage, seed, importance, capped):
+    """Non-empty selections, no NaN, every module in round 0 (within the cap), the budget kept on average."""
+    share = [1.0 / blocks] * blocks
+    cost = CostModel([b for b in range(blocks) for _ in range(per_block)], share, [1] * (blocks * per_block))
+    imp = importance[: blocks * per_block]
+    cap = 0.5 if capped and blocks > 1 else None
+    offset = seed_offset(seed)
+    masks = [cutoff(_request(cost, imp, t, budget, coverage, cap, offset)) for t in range(200)]
+    assert all(bool(m.any()) for m in masks)
+    lowest = 0 if cap is None else min(b for b in range(blocks) if float(cost.above[b]) <= cap + 1e-9)
+    assert torch.equal(masks[0], cost.blocks >= lowest)
+    shares = [cost.backward_share(m) for m in masks[1:]]
+    assert all(math.isfinite(s) for s in shares)
+    top, ceiling = 1.0 / blocks, float(cost.above[lowest])
+    # the budget is kept within 0.05 where it is reachable, between the top block alone and the cap
+    reachable = min(max(budget, top), ceiling)
+    assert sum(shares) / len(shares) == pytest.approx(reachable, abs=0.05)
