@@ -74,9 +74,14 @@ def test_local_schedules_advance_only_when_their_module_trains(order):
     model, alloc, opt, sched = make(DynamicConfig(k=2, period=3, optimizer="local", allocator="random"))
     assert isinstance(opt, LocalOptimizer) and isinstance(sched, LocalScheduler)
     tiny.train(model, alloc, opt, sched, tiny.batches(9), step_before_zero_grad=order == "before_zero_grad")
-    for name, module_sched, module_opt in zip(alloc.module_names, sched.schedulers, opt.optimizers, strict=True):
+    for i, (name, module_sched, module_opt) in enumerate(
+        zip(alloc.module_names, sched.schedulers, opt.optimizers, strict=True)
+    ):
         trained = alloc.active_steps[name]
-        assert module_sched.last_epoch == trained
+        assert int(sched.trained[i]) == trained
+        # a part-time module moves further per trained step, so that it ends near the schedule's end
+        assert module_sched.last_epoch == pytest.approx(float(sched.position[i]))
+        assert (trained <= sched.position[i] <= 20) if trained else sched.position[i] == 0
         state_steps = [s["step"] for s in module_opt.state.values()]
         assert all(float(s) == trained for s in state_steps) if trained else not state_steps
     assert sched.extra.last_epoch == 9  # the classifier head trains every step

@@ -149,16 +149,21 @@ def _still_bert() -> torch.nn.Module:
     return model
 
 
-def _train_halves(model, rank: int, world: int, optimizer: str) -> DynamicAllocator:
+def _train_halves(model, rank: int, world: int, optimizer: str, ddp: bool = False) -> DynamicAllocator:
     config = DynamicConfig(k=2, period=2, measure="gradient", allocator="topk", optimizer=optimizer)
     alloc = DynamicAllocator(model, config)
+    wrapped = DistributedDataParallel(model, find_unused_parameters=True) if ddp else model
     opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
     for batch in tiny.batches(6, seed=100, batch=4):
-        model(**{k: v.chunk(world)[rank] for k, v in batch.items()}).loss.backward()
+        wrapped(**{k: v.chunk(world)[rank] for k, v in batch.items()}).loss.backward()
         opt.step()
         opt.zero_grad()
         alloc.step()
     return alloc
+
+
+def _scores(alloc: DynamicAllocator) -> list[dict[str, float]]:
+    return [h["scores"] for h in alloc.history if h["scores"]]
 
 
 def _fsdp_worker(rank: int, out: str) -> None:
@@ -172,7 +177,12 @@ def _fsdp_worker(rank: int, out: str) -> None:
         alloc = _train_halves(model, rank, 2, optimizer)
         full = {n: p.full_tensor().detach() for n, p in model.named_parameters()}  # a collective: every rank
         if rank == 0:
-            torch.save({"weights": full, "active": [h["active"] for h in alloc.history]}, f"{out}.{optimizer}")
+            torch.save({"weights": full, "active": [h["active"] for h in alloc.history], "scores": _scores(alloc)},
+                       f"{out}.{optimizer}")  # fmt: skip
+    # DDP on the same halves, in the same group: gradient importance of the averaged gradient
+    alloc = _train_halves(_still_bert(), rank, 2, "global", ddp=True)
+    torch.save({"active": [h["active"] for h in alloc.history], "scores": _scores(alloc)}, f"{out}.ddp.{rank}")
+    del alloc
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +190,24 @@ def sharded_runs(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("fsdp") / "fsdp.pt")
     _spawn(_fsdp_worker, out)
     return out
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "ddp"])
+def test_gradient_importance_is_the_same_on_one_and_two_processes(sharded_runs, engine):
+    """Scores are norms of the gradient the optimizer sees (averaged over processes; for FSDP2 the
+    shards' squares summed), so two processes on halves of a batch score as one on the whole."""
+    runs = [torch.load(f"{sharded_runs}.ddp.{r}", weights_only=True) for r in range(2)] if engine == "ddp" else [
+        torch.load(f"{sharded_runs}.global", weights_only=True)]  # fmt: skip
+    alloc = _train_halves(_still_bert(), 0, 1, "global")
+    single = _scores(alloc)
+    assert len(single) >= 2
+    for run in runs:
+        assert run["active"] == [h["active"] for h in alloc.history]
+        assert len(run["scores"]) == len(single)
+        for got, want in zip(run["scores"], single, strict=True):
+            assert got.keys() == want.keys()
+            for name in want:
+                assert got[name] == pytest.approx(want[name], rel=1e-5, abs=1e-7), name
 
 
 @pytest.mark.parametrize("optimizer", ["global", "local"])

@@ -265,3 +265,37 @@ def test_set_active_rejects_unknown_or_empty():
         alloc.set_active(["nope"])
     with pytest.raises(ValueError, match="at least one"):
         alloc.set_active([])
+
+
+def test_local_schedules_anneal_part_time_modules_to_the_end_value():
+    """Every module that trained on at least a tenth of the steps ends near the global run's final
+    rate (0 for linear), though most train far fewer steps than the run has."""
+    model = tiny.peft_bert(layers=6)
+    alloc = DynamicAllocator(model, DynamicConfig())  # cutoff, local: the default
+    opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
+    sched = alloc.create_scheduler(opt, "linear", num_warmup_steps=0, num_training_steps=60)
+    tiny.train(model, alloc, opt, sched, tiny.batches(60))
+    steps = list(alloc.active_steps.values())
+    assert min(steps) < 40  # part-time modules exist: the check below is not vacuous
+    for trained, inner in zip(steps, opt.optimizers, strict=True):
+        if trained >= 6:
+            assert inner.param_groups[0]["lr"] <= 0.1 * 1e-2 + 1e-12, trained
+
+
+def test_a_module_trained_at_every_step_follows_the_global_schedule():
+    rates = []
+    for optimizer in ("global", "local"):
+        model = tiny.peft_bert()
+        alloc = DynamicAllocator(model, DynamicConfig(allocator="topk", k=4, optimizer=optimizer))  # all 4
+        opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
+        sched = alloc.create_scheduler(opt, "linear", num_warmup_steps=3, num_training_steps=10)
+        seen = []
+        for batch in tiny.batches(7):
+            model(**batch).loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            alloc.step()
+            seen.append(sched.get_last_lr()[-1])
+        rates.append(seen)
+    assert rates[0] == pytest.approx(rates[1], rel=1e-12)

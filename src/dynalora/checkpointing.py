@@ -126,7 +126,11 @@ class BlockGuard:
                     if id(owner) in inside:
                         self._floor = None if self._floor is None else min(self._floor, inside[id(owner)])
                     elif order[id(owner)] < position:
-                        logger.info("%s trains at every step below the blocks: backward runs through all", name)
+                        logger.warning(
+                            "%s trains at every step below the transformer blocks, so backward runs through every "
+                            "block whatever the selection; freeze it to get the saving",
+                            name,
+                        )
                         self._floor = None
         self._paused: set[int] = set()  # blocks whose checkpointing is off for the current forward
         for index, block in enumerate(self.blocks):

@@ -180,15 +180,17 @@ class DynamicAllocator:
         """An LR schedule from ``transformers.get_scheduler`` (e.g. ``num_warmup_steps``, ``num_training_steps``).
 
         For ``local`` optimisation, one schedule per module that advances only on the steps the
-        module is trained: with k of M modules active, a module's schedule covers about k/M of
-        ``num_training_steps``.
+        module is trained and spans the steps it is expected to train, so that every module ends
+        near the schedule's end value (:class:`~dynalora.optim.LocalScheduler`; needs
+        ``num_training_steps``).
         """
         from transformers import get_scheduler
 
         if kwargs.get("num_training_steps"):
             self.set_total_steps(int(kwargs["num_training_steps"]))
         if isinstance(optimizer, LocalOptimizer):
-            return LocalScheduler(optimizer, lambda opt: get_scheduler(name, opt, **kwargs))
+            total = kwargs.get("num_training_steps")
+            return LocalScheduler(optimizer, lambda opt: get_scheduler(name, opt, **kwargs), total)
         return get_scheduler(name, optimizer, **kwargs)
 
     def set_total_steps(self, total: int) -> None:

@@ -41,6 +41,15 @@ def mean_over_ranks(scores: torch.Tensor) -> torch.Tensor:
     return (buf / dist.get_world_size()).cpu()
 
 
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks, returned on its own device and dtype (a no-op outside torch.distributed)."""
+    if not _active():
+        return values
+    buf = values.to(_comm_device(), torch.float64)
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.to(values.device, values.dtype)
+
+
 def broadcast_mask(mask: torch.Tensor) -> torch.Tensor:
     """Rank 0's bool mask on every rank (a no-op outside torch.distributed)."""
     if not _active():

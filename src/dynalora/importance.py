@@ -16,6 +16,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
+from dynalora import distributed
 from dynalora.adapters import AdapterModule
 
 
@@ -167,9 +168,13 @@ class AdapterNorm(_Accumulating):
 class GradientNorm(_Accumulating):
     """L2 norm of the module's adapter-weight gradients, one measurement per optimizer step it trained.
 
-    The norm is read when the gradient is accumulated into ``.grad`` (a post-accumulate-grad hook),
-    so it does not matter whether ``zero_grad`` runs before or after :meth:`end_step`; with
-    gradient accumulation the last micro-batch's hook sees the full accumulated gradient.
+    The norm is that of the gradient the optimizer sees: a post-accumulate-grad hook keeps a
+    reference to each ``.grad`` (with gradient accumulation, the one tensor all micro-batches add
+    into), and :meth:`end_step` reads it after backward, when DDP has written the gradient averaged
+    over processes into it. Under FSDP2 each process holds a shard of the averaged gradient; the
+    squared norms of the shards are summed over processes. Either way the score does not depend on
+    the number of processes. ``zero_grad()`` (``set_to_none=True``, torch's default) may run before
+    :meth:`end_step`: the reference keeps the values; ``zero_grad(set_to_none=False)`` must not.
 
     A module that is not trained gets no gradient, so there is nothing to measure. Its score is
     the **mean gradient norm over the steps it was trained** (summing, as eq. 1 does for forward
@@ -184,8 +189,7 @@ class GradientNorm(_Accumulating):
         self.counts = [torch.zeros((), dtype=torch.int64, device=_device(m)) for m in self.modules]
         # Squared norms of the current step, one slot per tensor of the module; overwritten (not
         # added) by each accumulation, so the slot ends up holding the accumulated gradient's.
-        self.squares = [torch.zeros(len(m.params), dtype=torch.float32, device=_device(m)) for m in self.modules]
-        self.seen = [False] * len(self.modules)
+        self.grads: list[dict[int, torch.Tensor]] = [{} for _ in self.modules]  # this step's .grad tensors
         for i, module in enumerate(self.modules):
             for j, param in enumerate(module.params):
                 self.handles.append(param.register_post_accumulate_grad_hook(self._hook(i, j, module.layer)))
@@ -193,23 +197,30 @@ class GradientNorm(_Accumulating):
     def _hook(self, i: int, j: int, layer: torch.nn.Module):
         def hook(param):
             if layer.training:
-                grad = param.grad
-                if isinstance(grad, DTensor):  # FSDP2: this process's shard; ranks average the scores
-                    grad = grad.to_local()
-                self.squares[i][j] = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
-                self.seen[i] = True
+                self.grads[i][j] = param.grad
 
         return hook
 
     def end_step(self) -> None:
-        for i, seen in enumerate(self.seen):
-            if seen:
-                norm = self.squares[i].sum().sqrt()
-                ok = torch.isfinite(norm)  # an overflowed (fp16) step is not a measurement
-                self.totals[i].add_(torch.where(ok, norm, torch.zeros_like(norm)))
-                self.counts[i].add_(ok)
-                self.squares[i].zero_()
-                self.seen[i] = False
+        seen = [i for i, grads in enumerate(self.grads) if grads]
+        if not seen:
+            return
+        squares, sharded = [], False
+        for i in seen:
+            parts = []
+            for grad in self.grads[i].values():
+                if isinstance(grad, DTensor):  # FSDP2: this process's shard of the averaged gradient
+                    grad, sharded = grad.to_local(), True
+                parts.append(torch.linalg.vector_norm(grad, dtype=torch.float32).square())
+            squares.append(torch.stack(parts).sum())
+            self.grads[i] = {}
+        if sharded:
+            squares = distributed.sum_over_ranks(torch.stack(squares)).unbind()
+        for i, square in zip(seen, squares, strict=True):
+            norm = square.to(self.totals[i].device).sqrt()
+            ok = torch.isfinite(norm)  # an overflowed (fp16) step is not a measurement
+            self.totals[i].add_(torch.where(ok, norm, torch.zeros_like(norm)))
+            self.counts[i].add_(ok)
 
     def scores(self) -> torch.Tensor:
         totals, counts = _to_cpu(self.totals), _to_cpu(self.counts)

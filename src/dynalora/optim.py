@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
 
 ActiveMask = Callable[[], torch.Tensor]
 
@@ -101,21 +102,50 @@ class LocalOptimizer:
 
 
 class LocalScheduler:
-    """One LR schedule per module; each advances only on the steps its module was trained.
+    """One LR schedule per module; each advances only on the steps its module was trained, and spans
+    the steps the module is expected to train, so that every module ends its run near the schedule's
+    end value, however rarely it trains.
+
+    With the run's length ``T`` known, module m's place on its schedule moves, on each step t it
+    trains, by ``(T - v_m) / (f_m (T - t + 1))``: what is left of its schedule over the steps it can
+    still expect to train, where ``f_m`` is the share of the steps so far that it trained (its
+    expected share, re-estimated at every step, so reallocations re-scale it). A module trained at
+    every step moves by exactly 1, as the global schedule does. This needs closed-form schedules
+    (``LambdaLR``: every ``transformers.get_scheduler`` type but ``reduce_lr_on_plateau``); other
+    schedulers, or an unknown ``T``, advance by one per trained step.
 
     Args:
         optimizer: the :class:`LocalOptimizer` whose inner optimizers are scheduled.
         make: builds a torch LR scheduler for one torch optimizer.
+        total_steps: the run's length ``T`` in optimizer steps, or ``None``.
     """
 
-    def __init__(self, optimizer: LocalOptimizer, make: Callable[[Optimizer], Any]) -> None:
+    def __init__(
+        self, optimizer: LocalOptimizer, make: Callable[[Optimizer], Any], total_steps: int | None = None
+    ) -> None:
         self.optimizer = optimizer
         self.schedulers = [make(opt) for opt in optimizer.optimizers]
         self.extra = make(optimizer.extra) if optimizer.extra is not None else None
+        self.total_steps = total_steps
+        self.steps = 0  # optimizer steps of the run so far
+        self.trained = torch.zeros(len(self.schedulers), dtype=torch.int64)  # steps each module trained
+        self.position = torch.zeros(len(self.schedulers), dtype=torch.float64)  # v_m: place on its schedule
 
     def step(self) -> None:
+        self.steps += 1
         for i in self.optimizer.last_stepped.nonzero().flatten().tolist():
-            self.schedulers[i].step()
+            self.trained[i] += 1
+            scheduler = self.schedulers[i]
+            if self.total_steps is None or not isinstance(scheduler, LambdaLR):
+                self.position[i] += 1
+                scheduler.step()
+                continue
+            share = float(self.trained[i]) / self.steps
+            left = max(self.total_steps - self.steps + 1, 1)
+            move = (self.total_steps - float(self.position[i])) / (share * left)
+            self.position[i] = min(float(self.position[i]) + max(move, 0.0), float(self.total_steps))
+            scheduler.last_epoch = float(self.position[i]) - 1  # step() adds the 1 back and sets the rate
+            scheduler.step()
         # Consumed: if the next optimizer step is skipped (fp16 overflow), no module schedule moves.
         self.optimizer.last_stepped = torch.zeros_like(self.optimizer.last_stepped)
         if self.extra is not None:
@@ -130,6 +160,9 @@ class LocalScheduler:
         return {
             "modules": [s.state_dict() for s in self.schedulers],
             "extra": self.extra.state_dict() if self.extra is not None else None,
+            "steps": self.steps,
+            "trained": self.trained.clone(),
+            "position": self.position.clone(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -137,6 +170,10 @@ class LocalScheduler:
             s.load_state_dict(sd)
         if self.extra is not None and state["extra"] is not None:
             self.extra.load_state_dict(state["extra"])
+        if "position" in state:  # saved before v0.4: one step per trained step, as then
+            self.steps = int(state["steps"])
+            self.trained = state["trained"].clone()
+            self.position = state["position"].clone().to(torch.float64)
 
 
 # ------------------------------------------------------------------------------------------ state policies
