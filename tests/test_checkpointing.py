@@ -424,3 +424,36 @@ def test_the_default_config_keeps_its_saving_under_sft_trainer_with_its_default_
     assert _blocks(model)[0].gradient_checkpointing
     assert len(probe.records) == 30
     _check_steps(probe.records, recomputed=True)
+
+
+# ----------------------------------------------------------------------------------- dynalora train
+def test_dynalora_train_gradient_checkpointing_saves_activations_and_the_run_folder_says_what_ran(
+    tiny_model, csv_task, tmp_path
+):
+    import json
+
+    from dynalora.cli import main
+    from tests.test_cli import cli_args
+
+    saved = {}
+    for flag in ("--gradient-checkpointing", "--no-gradient-checkpointing"):
+        out = tmp_path / flag
+        extra = ("--memory-cap", "0.5", "--cap-mode", "recompute", flag)
+        assert main(cli_args(tiny_model, csv_task, out, *extra)) == 0
+        config = json.loads((out / "config.json").read_text())
+        assert config["gradient_checkpointing"] == (flag == "--gradient-checkpointing")
+        assert config["resolved_dynamic"]["cap_mode"] == "recompute"
+        assert config["resolved_dynamic"]["allocator"] == "cutoff"
+        saved[flag] = json.loads((out / "metrics.json").read_text())["memory"]["peak_saved_activations"]
+    assert saved["--gradient-checkpointing"] < saved["--no-gradient-checkpointing"]
+
+
+def test_dynalora_train_refuses_k_under_the_default_allocator_in_one_line(tiny_model, csv_task, tmp_path, capsys):
+    from dynalora.cli import main
+    from tests.test_cli import cli_args
+
+    out = tmp_path / "run"
+    assert main(cli_args(tiny_model, csv_task, out, "--k", "500")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--k=500 is not read by allocator='cutoff'" in err
+    assert not out.exists()
