@@ -156,6 +156,22 @@ def test_active_gradients_match_the_step_without_checkpointing(kind, mode):
 
 
 @pytest.mark.parametrize("mode", ["reentrant", "non-reentrant"])
+def test_bf16_autocast_keeps_the_saving(mode):
+    model = _peft("llama")
+    _enable(model.get_base_model(), mode)
+    alloc = DynamicAllocator(model, DynamicConfig(allocator="topk", k=1))
+    alloc.set_active(alloc.module_names[6:8])  # block 3
+    calls = Calls(_blocks(model))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**_batch("llama")).loss
+    loss.backward()
+    assert calls.backward == [0, 0, 0, 1, 1, 1]
+    assert calls.forward == [1, 1, 1, 2, 2, 2]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for m in alloc.modules[6:8] for p in m.params)
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non-reentrant"])
 def test_inactive_modules_stay_bitwise_unchanged_under_checkpointing(mode):
     model = _peft("llama")
     _enable(model.get_base_model(), mode)

@@ -183,6 +183,31 @@ def _fsdp_worker(rank: int, out: str) -> None:
     alloc = _train_halves(_still_bert(), rank, 2, "global", ddp=True)
     torch.save({"active": [h["active"] for h in alloc.history], "scores": _scores(alloc)}, f"{out}.ddp.{rank}")
     del alloc
+    _checkpointed_ddp(rank, out)
+
+
+def _checkpointed_ddp(rank: int, out: str) -> None:
+    """DDP over a model with activation checkpointing: backward calls per block, below and above the cut."""
+    model = tiny.peft_bert(layers=4)
+    model.get_base_model().activation_checkpointing_enable({"use_reentrant": False})
+    alloc = DynamicAllocator(model, DynamicConfig(allocator="random", k=2, measure="random", period=1, seed=5))
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)
+    opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
+    calls = [0] * 4
+    for i, layer in enumerate(model.get_base_model().bert.encoder.layer):
+        layer.intermediate.register_full_backward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+    records = []
+    for batch in tiny.batches(8, seed=300 + rank):
+        calls[:] = [0] * 4
+        cut = alloc.cut
+        ddp(**batch).loss.backward()
+        records.append((cut, list(calls)))
+        opt.step()
+        opt.zero_grad()
+        alloc.step()
+    weights = {n: p.detach() for n, p in model.named_parameters()}
+    torch.save({"records": records, "weights": weights}, f"{out}.ckpt-ddp.{rank}")
+    del ddp
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +215,17 @@ def sharded_runs(tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("fsdp") / "fsdp.pt")
     _spawn(_fsdp_worker, out)
     return out
+
+
+def test_ddp_with_checkpointing_keeps_backward_out_of_blocks_below_the_cut(sharded_runs):
+    runs = [torch.load(f"{sharded_runs}.ckpt-ddp.{r}", weights_only=True) for r in range(2)]
+    assert runs[0]["records"] == runs[1]["records"]
+    cuts = {cut for cut, _ in runs[0]["records"]}
+    assert len(cuts) >= 2 and max(cuts) > 0
+    for cut, calls in runs[0]["records"]:
+        assert calls == [0] * cut + [1] * (4 - cut), (cut, calls)
+    for name, w in runs[0]["weights"].items():
+        assert torch.equal(w, runs[1]["weights"][name]), name  # DDP kept the ranks identical
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "ddp"])
