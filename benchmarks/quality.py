@@ -117,6 +117,14 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         {"allocator": "cutoff", "budget": 0.5, "memory_cap": 0.5},
         "cutoff allocator under a memory cap of 0.5: the top half of the blocks only",
     ),  # fmt: skip
+    "local-run": (
+        {"local_schedule": "run"},
+        "the default with local schedules that span each module's expected steps (end at the end value)",
+    ),  # fmt: skip
+    "recompute-cap-0.5-run": (
+        {"memory_cap": 0.5, "cap_mode": "recompute", "local_schedule": "run"},
+        "local-run under a memory cap of 0.5 kept by recomputation: every block trains",
+    ),  # fmt: skip
     "recompute-cap-0.5": (
         {"memory_cap": 0.5, "cap_mode": "recompute"},
         "the default under a memory cap of 0.5 kept by recomputation: every block trains",

@@ -113,3 +113,9 @@ def test_cutoff_properties(blocks, per_block, budget, coverage, seed, importance
     # the budget is kept within 0.05 where it is reachable, between the top block alone and the cap
     reachable = min(max(budget, top), ceiling)
     assert sum(shares) / len(shares) == pytest.approx(reachable, abs=0.05)
+
+
+def test_local_schedule_is_refused_under_the_global_optimizer():
+    with pytest.raises(ValueError, match="local_schedule='run' is read only with optimizer='local'"):
+        DynamicConfig(optimizer="global", local_schedule="run")
+    assert DynamicConfig(local_schedule="run").local_schedule == "run"

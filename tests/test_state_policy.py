@@ -271,7 +271,7 @@ def test_local_schedules_anneal_part_time_modules_to_the_end_value():
     """Every module that trained on at least a tenth of the steps ends near the global run's final
     rate (0 for linear), though most train far fewer steps than the run has."""
     model = tiny.peft_bert(layers=6)
-    alloc = DynamicAllocator(model, DynamicConfig())  # cutoff, local: the default
+    alloc = DynamicAllocator(model, DynamicConfig(local_schedule="run"))  # cutoff, local
     opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
     sched = alloc.create_scheduler(opt, "linear", num_warmup_steps=0, num_training_steps=60)
     tiny.train(model, alloc, opt, sched, tiny.batches(60))
@@ -286,7 +286,8 @@ def test_a_module_trained_at_every_step_follows_the_global_schedule():
     rates = []
     for optimizer in ("global", "local"):
         model = tiny.peft_bert()
-        alloc = DynamicAllocator(model, DynamicConfig(allocator="topk", k=4, optimizer=optimizer))  # all 4
+        local = {"local_schedule": "run"} if optimizer == "local" else {}
+        alloc = DynamicAllocator(model, DynamicConfig(allocator="topk", k=4, optimizer=optimizer, **local))  # all 4
         opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
         sched = alloc.create_scheduler(opt, "linear", num_warmup_steps=3, num_training_steps=10)
         seen = []

@@ -180,16 +180,16 @@ class DynamicAllocator:
         """An LR schedule from ``transformers.get_scheduler`` (e.g. ``num_warmup_steps``, ``num_training_steps``).
 
         For ``local`` optimisation, one schedule per module that advances only on the steps the
-        module is trained and spans the steps it is expected to train, so that every module ends
-        near the schedule's end value (:class:`~dynalora.optim.LocalScheduler`; needs
-        ``num_training_steps``).
+        module is trained: by one each (``local_schedule="steps"``), or spanning the steps it is
+        expected to train, so that every module ends near the schedule's end value
+        (``local_schedule="run"``; needs ``num_training_steps``; :class:`~dynalora.optim.LocalScheduler`).
         """
         from transformers import get_scheduler
 
         if kwargs.get("num_training_steps"):
             self.set_total_steps(int(kwargs["num_training_steps"]))
         if isinstance(optimizer, LocalOptimizer):
-            total = kwargs.get("num_training_steps")
+            total = kwargs.get("num_training_steps") if self.config.local_schedule == "run" else None
             return LocalScheduler(optimizer, lambda opt: get_scheduler(name, opt, **kwargs), total)
         return get_scheduler(name, optimizer, **kwargs)
 

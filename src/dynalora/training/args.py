@@ -12,6 +12,7 @@ from dynalora.config import (
     ALLOCATORS,
     BUDGET_SCHEDULES,
     CAP_MODES,
+    LOCAL_SCHEDULES,
     MEASURES,
     OPTIMIZERS,
     PRESETS,
@@ -146,6 +147,11 @@ class TrainArgs:
         "optimizer state of deactivated modules: keep, reset, or offload to host memory (CUDA) "
         f"(default: {_DEFAULTS.state_policy})",
         choices=STATE_POLICIES,
+    )
+    local_schedule: str | None = _opt(
+        "local optimizer: a module's LR schedule advances one step per step it trains (steps), or spans the "
+        f"steps it is expected to train and ends at the end value (run) (default: {_DEFAULTS.local_schedule})",
+        choices=LOCAL_SCHEDULES,
     )
     lr: float | None = _opt(
         "peak learning rate of AdamW (default: by method, see DEFAULT_LR; 5e-4 for LoRA on decoders)"
