@@ -119,9 +119,10 @@ class BlockGuard:
             position = order[id(found[1])]
             inside = {id(sub): b for b, block in enumerate(self.blocks) for sub in block.modules()}
             self._before = [id(m.layer) not in inside and order[id(m.layer)] < position for m in modules]
+            always = {id(p) for p in extra}
             for name, owner in model.named_modules():
                 for p in owner.parameters(recurse=False):
-                    if not any(p is q for q in extra):
+                    if id(p) not in always:
                         continue
                     if id(owner) in inside:
                         self._floor = None if self._floor is None else min(self._floor, inside[id(owner)])
