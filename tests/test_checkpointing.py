@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from dynalora import DynamicAllocator, DynamicConfig
 from dynalora.analysis.memory import SavedActivations
-from tests.tiny import VOCAB, bert
+from tests.tiny import VOCAB, bert, train
 
 LAYERS = 6
 MODES = ["plain", "input-grads", "reentrant", "non-reentrant"]
@@ -180,12 +180,7 @@ def test_inactive_modules_stay_bitwise_unchanged_under_checkpointing(mode):
     names = [m.name for m in alloc.modules]
     alloc.set_active(names[4:6])  # block 2
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model.train()
-    for step in range(3):
-        model(**_batch("llama", step)).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        alloc.step()
+    train(model, alloc, opt, None, [_batch("llama", step) for step in range(3)])
     for n, p in model.named_parameters():
         moved = not torch.equal(p, before[n])
         assert moved == ("lora_" in n and ".layers.2." in n), n
@@ -305,12 +300,7 @@ def test_recompute_cap_under_the_default_allocator_trains_every_block():
     model = _peft("llama")
     alloc = DynamicAllocator(model, DynamicConfig(memory_cap=0.5, cap_mode="recompute", period=1))
     opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
-    model.train()
-    for step in range(12):
-        model(**_batch("llama", step)).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        alloc.step()
+    train(model, alloc, opt, None, [_batch("llama", step) for step in range(12)])
     assert all(h["activation_share"] <= 0.5 + 1e-9 for h in alloc.history)
     assert min(h["depth"] for h in alloc.history) == 0
     assert all(n > 0 for n in alloc.active_steps.values())
@@ -323,12 +313,7 @@ def test_the_recompute_cap_trains_exactly_as_the_uncapped_run():
         model = _peft("llama")
         alloc = DynamicAllocator(model, config)
         opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
-        model.train()
-        for step in range(10):
-            model(**_batch("llama", step)).loss.backward()
-            opt.step()
-            opt.zero_grad()
-            alloc.step()
+        train(model, alloc, opt, None, [_batch("llama", step) for step in range(10)])
         runs.append((model, alloc))
     (plain, a), (capped, b) = runs
     assert [h["active"] for h in a.history] == [h["active"] for h in b.history]
