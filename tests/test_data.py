@@ -375,7 +375,7 @@ def test_glue_from_hub_standardises_columns(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_task_names() -> None:
-    embedded = ("rotten_tomatoes", "political", "debates", "drugreview")
+    embedded = ("rotten_tomatoes", "political", "debates", "speakers", "drugreview")
     glue = ("sst2", "mrpc", "cola", "qnli", "rte", "stsb", "mnli", "qqp")
     assert (*embedded, "rotten_tomatoes_instruct", "drugreview_instruct", *glue, "custom") == TASKS
 

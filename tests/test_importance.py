@@ -257,3 +257,59 @@ def test_measuring_adds_no_host_reads_to_a_training_step(measure):
     )
     opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-3)
     assert _host_reads_of_a_step(model, opt, alloc, batch) == expected
+
+
+def test_gradient_ema_weighs_late_measurements_more():
+    model = tiny.peft_bert("lora")
+    beta = 0.5
+    alloc = DynamicAllocator(
+        model, DynamicConfig(k=4, allocator="random", period=1000, optimizer="global", importance_ema=beta)
+    )
+    opt = alloc.create_optimizer(torch.optim.SGD, lr=0.1)  # weights move, so the norms differ by step
+    norms = {name: [] for name in alloc.module_names}
+    for batch in tiny.batches(4):
+        model(**batch).loss.backward()
+        for m in alloc.modules:
+            if m.name in alloc.active:
+                norms[m.name].append(float(torch.sqrt(sum(p.grad.pow(2).sum() for p in m.params))))
+        opt.step()
+        opt.zero_grad()
+        alloc.step()
+    scores = alloc.scores()
+    for name in alloc.active:
+        g = norms[name]
+        weights = [beta ** (len(g) - 1 - i) for i in range(len(g))]  # the newest weighs 1
+        expected = sum(w * v for w, v in zip(weights, g, strict=True)) / sum(weights)
+        assert scores[name] == pytest.approx(expected, rel=1e-5)
+        assert scores[name] != pytest.approx(sum(g) / len(g), rel=1e-4)  # not the plain mean
+
+
+def test_type_groups_and_normalisation_within_types():
+    from dynalora.importance import normalize_within, type_groups
+
+    names = ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.value",
+             "bert.encoder.layer.11.attention.self.query", "bert.encoder.layer.11.attention.self.value",
+             "model.layers.3.mlp.down_proj"]  # fmt: skip
+    groups = type_groups(names)
+    assert groups.tolist() == [0, 1, 0, 1, 2]
+    scores = torch.tensor([1.0, 10.0, 3.0, 30.0, 0.0])
+    # query mean 2, value mean 20: both types become 0.5 and 1.5; a type measured at 0 stays 0
+    assert normalize_within(scores, groups).tolist() == [0.5, 0.5, 1.5, 1.5, 0.0]
+
+
+def test_normalize_types_hands_the_allocator_type_normalised_scores(monkeypatch):
+    from dynalora import allocators, controller
+
+    model = tiny.peft_bert("lora")
+    alloc = DynamicAllocator(model, DynamicConfig(k=2, allocator="topk", period=1, optimizer="global",
+                                                  normalize_types=True))  # fmt: skip
+    seen = []
+    real = allocators.topk
+    monkeypatch.setattr(alloc, "_allocate", lambda req: seen.append(req.importance) or real(req))
+    raw = torch.tensor([float(i + 1) * (10 if "value" in n else 1) for i, n in enumerate(alloc.module_names)])
+    monkeypatch.setattr(alloc._measure, "scores", lambda: raw.clone())
+    alloc.reallocate()
+    groups = controller.type_groups(alloc.module_names)
+    expected = allocators.normalize(controller.normalize_within(raw, groups))
+    assert torch.allclose(seen[-1], expected)
+    assert not torch.allclose(seen[-1], allocators.normalize(raw))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -119,3 +120,18 @@ def test_local_schedule_is_refused_under_the_global_optimizer():
     with pytest.raises(ValueError, match="local_schedule='run' is read only with optimizer='local'"):
         DynamicConfig(optimizer="global", local_schedule="run")
     assert DynamicConfig(local_schedule="run").local_schedule == "run"
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        ({"importance_ema": 0.8, "measure": "forward"}, "read only by measure='gradient'"),
+        ({"importance_ema": 1.0}, "allowed: a number in (0, 1) or None"),
+        ({"importance_ema": 0.0}, "allowed: a number in (0, 1) or None"),
+        ({"normalize_types": True, "measure": "random"}, "not read by measure='random'"),
+        ({"normalize_types": 1}, "allowed: True or False"),
+    ],
+)
+def test_importance_options_refused_where_not_read(fields, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        DynamicConfig(**fields)

@@ -128,6 +128,18 @@ class DynamicConfig:
     ``reset`` (dropped; the module restarts fresh when selected again) or ``offload`` (moved to host
     memory while inactive; CUDA only). Only ``reset`` and ``offload`` give memory back."""
 
+    importance_ema: float | None = None
+    """``gradient`` measure only: ``None`` (the default) scores a module by the mean gradient norm over
+    every step it trained; a number beta in (0, 1) by an exponential moving average over those steps
+    (each measurement weighs beta times the next one), so that late measurements count more. Not
+    adopted as the default: see the README's quality table (variant ``importance-ema-0.8``)."""
+
+    normalize_types: bool = False
+    """Divide each module's raw importance by the mean of the modules of its type (the same layer in
+    every block, e.g. every ``value`` projection) before normalising (eq. 2), so that one projection
+    type does not outrank another for reasons of scale. Any measure but ``random``. Not adopted as
+    the default: see the README's quality table (variant ``normalize-types``)."""
+
     seed: int = 0
     """Seed of the allocator's own ``torch.Generator`` (stochastic/random choices, initial selection)."""
 
@@ -180,6 +192,22 @@ class DynamicConfig:
             )
         if isinstance(self.period, bool) or not isinstance(self.period, int) or self.period < 1:
             raise ValueError(f"period={self.period!r} is out of range; allowed: an int >= 1")
+        if self.importance_ema is not None:
+            ema = self.importance_ema
+            if isinstance(ema, bool) or not isinstance(ema, (int, float)) or not 0.0 < ema < 1.0:
+                raise ValueError(f"importance_ema={ema!r} is out of range; allowed: a number in (0, 1) or None")
+            if self.measure != "gradient":
+                raise ValueError(
+                    f"importance_ema={ema!r} is read only by measure='gradient', not {self.measure!r}; allowed: "
+                    "measure='gradient', or importance_ema=None"
+                )
+        if not isinstance(self.normalize_types, bool):
+            raise ValueError(f"normalize_types={self.normalize_types!r} is not supported; allowed: True or False")
+        if self.normalize_types and self.measure == "random":
+            raise ValueError(
+                "normalize_types=True is not read by measure='random' (its scores are drawn, not measured); "
+                "allowed: another measure, or normalize_types=False"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"seed={self.seed!r} is not supported; allowed: an int")
 

@@ -25,7 +25,7 @@ from dynalora.allocators import (
 from dynalora.checkpointing import BlockGuard
 from dynalora.config import DynamicConfig
 from dynalora.cost import CHECKPOINT_KEEP, CostModel
-from dynalora.importance import MEASURES
+from dynalora.importance import MEASURES, GradientNorm, normalize_within, type_groups
 from dynalora.optim import STATE_POLICIES, LocalOptimizer, LocalScheduler
 from dynalora.schedules import SCHEDULES
 
@@ -86,7 +86,11 @@ class DynamicAllocator:
         if config.state_policy == "offload" and any(p.device.type != "cuda" for m in self.modules for p in m.params):
             raise ValueError("state_policy='offload' needs CUDA parameters; allowed on CPU: keep, reset")
         self._generator = torch.Generator().manual_seed(config.seed)
-        self._measure = MEASURES[config.measure](self.modules, self._generator)
+        if config.importance_ema is not None:
+            self._measure = GradientNorm(self.modules, self._generator, ema=config.importance_ema)
+        else:
+            self._measure = MEASURES[config.measure](self.modules, self._generator)
+        self._types = type_groups(self.module_names) if config.normalize_types else None
         self._schedule = SCHEDULES[config.schedule](config.period)
         self._allocate = ALLOCATORS[config.allocator]
         self._optimizer: Optimizer | LocalOptimizer | None = None  # set by create_optimizer, for the state policy
@@ -226,7 +230,8 @@ class DynamicAllocator:
         broadcast, so every rank trains the same modules.
         """
         raw = distributed.mean_over_ranks(self._measure.scores())
-        mask = distributed.broadcast_mask(self._allocate(self._request(raw)))
+        scores = raw if self._types is None else normalize_within(raw, self._types)
+        mask = distributed.broadcast_mask(self._allocate(self._request(scores)))
         self._measure.after_reallocation()
         self._apply(mask, raw)
         if self._schedule.finished(self._step):

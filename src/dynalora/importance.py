@@ -8,6 +8,7 @@ count. All accumulation stays on the module's device; nothing synchronises with 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -177,16 +178,20 @@ class GradientNorm(_Accumulating):
     :meth:`end_step`: the reference keeps the values; ``zero_grad(set_to_none=False)`` must not.
 
     A module that is not trained gets no gradient, so there is nothing to measure. Its score is
-    the **mean gradient norm over the steps it was trained** (summing, as eq. 1 does for forward
+    the **mean gradient norm over the steps it was trained** (with ``ema``, a moving average over them) (summing, as eq. 1 does for forward
     activations, would punish modules for having been inactive): a module inactive lately keeps
     the mean it had when last trained, and a module never trained scores the mean of the trained
     ones (neutral, so that every allocator can still pick it).
     """
 
-    def __init__(self, modules: Sequence[AdapterModule], generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, modules: Sequence[AdapterModule], generator: torch.Generator | None = None, ema: float | None = None
+    ) -> None:
         super().__init__(modules)
-        # Steps measured per module, on the module's device like the totals (no host sync per step).
-        self.counts = [torch.zeros((), dtype=torch.int64, device=_device(m)) for m in self.modules]
+        self.ema = ema
+        # Steps measured per module (with ``ema``: their decayed weight), on the module's device like
+        # the totals (no host sync per step).
+        self.counts = [torch.zeros((), dtype=torch.float64, device=_device(m)) for m in self.modules]
         # Squared norms of the current step, one slot per tensor of the module; overwritten (not
         # added) by each accumulation, so the slot ends up holding the accumulated gradient's.
         self.grads: list[dict[int, torch.Tensor]] = [{} for _ in self.modules]  # this step's .grad tensors
@@ -219,6 +224,10 @@ class GradientNorm(_Accumulating):
         for i, square in zip(seen, squares, strict=True):
             norm = square.to(self.totals[i].device).sqrt()
             ok = torch.isfinite(norm)  # an overflowed (fp16) step is not a measurement
+            if self.ema is not None:  # older measurements fade: weight beta**age
+                decay = torch.where(ok, torch.full_like(norm, self.ema), torch.ones_like(norm)).double()
+                self.totals[i].mul_(decay)
+                self.counts[i].mul_(decay)
             self.totals[i].add_(torch.where(ok, norm, torch.zeros_like(norm)))
             self.counts[i].add_(ok)
 
@@ -271,6 +280,24 @@ class RandomScores:
 
     def close(self) -> None:
         pass
+
+
+def type_groups(names: Sequence[str]) -> torch.Tensor:
+    """Per module, the index of its type: its name with the block number taken out, so that
+    ``encoder.layer.3.attention.self.value`` and ``encoder.layer.5.attention.self.value`` share one."""
+    keys = [re.sub(r"\.\d+(?=\.|$)", ".#", name, count=1) for name in names]
+    index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+    return torch.tensor([index[key] for key in keys], dtype=torch.int64)
+
+
+def normalize_within(scores: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Each score divided by the mean score of its group (a group whose mean is 0 keeps its zeros)."""
+    scores = scores.to(torch.float64)
+    n = int(groups.max()) + 1
+    sums = torch.zeros(n, dtype=torch.float64).index_add_(0, groups, scores)
+    counts = torch.zeros(n, dtype=torch.float64).index_add_(0, groups, torch.ones_like(scores))
+    means = (sums / counts)[groups]
+    return torch.where(means > 0, scores / means.clamp_min(torch.finfo(torch.float64).tiny), scores)
 
 
 MEASURES: dict[str, type[ImportanceMeasure]] = {

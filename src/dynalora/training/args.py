@@ -153,6 +153,14 @@ class TrainArgs:
         f"steps it is expected to train and ends at the end value (run) (default: {_DEFAULTS.local_schedule})",
         choices=LOCAL_SCHEDULES,
     )
+    importance_ema: float | None = _opt(
+        "gradient measure: score a module by a moving average of its gradient norms with this beta in (0, 1) "
+        "instead of their mean (default: the mean)"
+    )
+    normalize_types: bool | None = _opt(
+        "divide each module's importance by the mean of its type (the same layer in every block) before "
+        "selection (default: off)"
+    )
     lr: float | None = _opt(
         "peak learning rate of AdamW (default: by method, see DEFAULT_LR; 5e-4 for LoRA on decoders)"
     )
