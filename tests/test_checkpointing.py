@@ -427,6 +427,39 @@ def test_the_default_config_keeps_its_saving_under_sft_trainer_with_its_default_
     _check_steps(probe.records, recomputed=True)
 
 
+def test_attach_on_sft_trainer_with_peft_config_keeps_the_saving(tmp_path):
+    """TRL's own route: SFTTrainer builds the PeftModel from peft_config=, dynalora.attach() after it,
+    the optimizer and schedule come from SFTConfig, checkpointing is TRL's default."""
+    pytest.importorskip("trl")
+    import datasets
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    import dynalora
+    from tests.test_causal import WORDS, _tokenizer
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
+                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    )  # fmt: skip
+    data = datasets.Dataset.from_dict({"prompt": ["review the movie was good", "review it was dull"] * 30,
+                                       "completion": ["positive", "negative"] * 30})  # fmt: skip
+    config = SFTConfig(output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=2, report_to=[],
+                       save_strategy="no", use_cpu=True, max_length=32, dataloader_num_workers=0,
+                       disable_tqdm=True, learning_rate=1e-2)  # fmt: skip
+    trainer = SFTTrainer(model=base, args=config, train_dataset=data, processing_class=_tokenizer(),
+                         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))  # fmt: skip
+    alloc = dynalora.attach(trainer)
+    probe = BelowTheCut(alloc, Calls(_blocks(trainer.model)))
+    trainer.add_callback(probe.callback)
+    trainer.train()
+    assert _blocks(trainer.model)[0].gradient_checkpointing
+    assert len(probe.records) == 30
+    _check_steps(probe.records, recomputed=True)
+    assert len(alloc.modules) == 2 * LAYERS and alloc.step_count == 30
+
+
 # ----------------------------------------------------------------------------------- dynalora train
 def test_dynalora_train_gradient_checkpointing_saves_activations_and_the_run_folder_says_what_ran(
     tiny_model, csv_task, tmp_path

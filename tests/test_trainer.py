@@ -121,3 +121,62 @@ def test_adalora_callback_reallocates_once_per_optimizer_step(tmp_path, monkeypa
     assert calls == list(range(6))  # optimizer steps, not the 12 micro-batches
     kept = sum(int((p != 0).sum()) for n, p in model.named_parameters() if n.endswith("lora_E.default"))
     assert kept == 4 * 4  # pruned from 6 to the budget: target_r x modules
+
+
+# ------------------------------------------------------------------------------ dynalora.attach
+def _attached(tmp_path, max_steps, config=None, **kw):
+    import dynalora
+
+    model = tiny.peft_bert()
+    t = Trainer(model=model, args=args(tmp_path, max_steps, **kw), train_dataset=dataset())
+    return t, dynalora.attach(t, config)
+
+
+def test_attach_trains_the_default_config_with_the_trainers_own_rate_and_schedule(tmp_path):
+    """The untouched DynamicConfig() (cutoff, local) under Trainer: every module in the optimizer,
+    each module's rate follows TrainingArguments (cosine, 2 warm-up steps, lr 3e-3) on its own steps."""
+    t, alloc = _attached(tmp_path, 12, learning_rate=3e-3, lr_scheduler_type="cosine", warmup_steps=2,
+                         weight_decay=0.05, adam_beta2=0.99)  # fmt: skip
+    before = {m.name: [p.detach().clone() for p in m.params] for m in alloc.modules}
+    t.train()
+    assert alloc.step_count == 12 and alloc.config == DynamicConfig()
+    assert getattr(t.optimizer, "optimizer", t.optimizer) is alloc._optimizer  # accelerate may wrap it
+    inner = alloc._optimizer.optimizers[0]
+    assert inner.defaults["weight_decay"] == 0.05 and inner.defaults["betas"] == (0.9, 0.99)
+    for i, m in enumerate(alloc.modules):
+        trained = alloc.active_steps[m.name]
+        changed = any(not torch.equal(a, p) for a, p in zip(before[m.name], m.params, strict=True))
+        assert changed == (trained > 0)
+        # cosine with 2 warm-up steps over 12, evaluated after the module's own `trained` steps
+        import math
+
+        expected = 3e-3 * (trained / 2 if trained < 2 else 0.5 * (1 + math.cos(math.pi * (trained - 2) / 10)))
+        assert alloc._optimizer.optimizers[i].param_groups[0]["lr"] == pytest.approx(expected, abs=1e-12)
+    assert any(alloc.active_steps[n] < 12 for n in alloc.module_names)  # something was left out: a saving
+
+
+def test_attach_refuses_what_it_cannot_build(tmp_path):
+    import dynalora
+
+    model = tiny.peft_bert()
+    t = Trainer(model=model, args=args(tmp_path, 2, optim="adafactor"), train_dataset=dataset())
+    with pytest.raises(ValueError, match="optim='adafactor' is not supported by dynalora.attach; allowed: adamw_torch"):
+        dynalora.attach(t)
+    opt = torch.optim.AdamW(model.parameters())
+    t = Trainer(model=model, args=args(tmp_path, 2), train_dataset=dataset(), optimizers=(opt, None))
+    with pytest.raises(ValueError, match="builds the optimizer itself"):
+        dynalora.attach(t)
+
+
+def test_attach_resumes_bitwise(tmp_path):
+    config = DynamicConfig(period=3)
+    full, alloc_full = _attached(tmp_path / "full", 8, config)
+    full.train()
+    first, _ = _attached(tmp_path / "part", 8, config, save_strategy="steps", save_steps=4)
+    first.train()
+    resumed, alloc = _attached(tmp_path / "part", 8, config, save_strategy="steps", save_steps=4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-4"))
+    assert [h["active"] for h in alloc.history] == [h["active"] for h in alloc_full.history]
+    ours, theirs = tiny.weights(resumed.model), tiny.weights(full.model)
+    for name, tensor in theirs.items():
+        assert torch.equal(ours[name], tensor), name

@@ -10,9 +10,18 @@ from dynalora.controller import DynamicAllocator
 
 __all__ = [
     "AdapterModule",
+    "attach",
     "DynamicAllocator",
     "DynamicConfig",
     "find_adapter_modules",
     "find_linear_modules",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # attach needs transformers' Trainer: imported on first use only
+    if name == "attach":
+        from dynalora.integrations.trainer import attach
+
+        return attach
+    raise AttributeError(f"module 'dynalora' has no attribute {name!r}")

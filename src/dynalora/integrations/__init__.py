@@ -1,5 +1,5 @@
 """Thin adapters that drive :class:`dynalora.DynamicAllocator` (and AdaLoRA) from other training loops."""
 
-from dynalora.integrations.trainer import AdaLoraCallback, DynamicAllocationCallback
+from dynalora.integrations.trainer import AdaLoraCallback, DynamicAllocationCallback, attach
 
-__all__ = ["AdaLoraCallback", "DynamicAllocationCallback"]
+__all__ = ["AdaLoraCallback", "DynamicAllocationCallback", "attach"]

@@ -1,6 +1,19 @@
-"""Dynamic allocation inside a Hugging Face ``Trainer``.
+"""Dynamic allocation inside a Hugging Face ``Trainer`` or TRL ``SFTTrainer``.
 
-Build the optimizer with the allocator (``Trainer`` would build one from whatever has
+One call, after the trainer is built (so TRL's ``peft_config=`` route works: the trainer wraps the
+model first)::
+
+    trainer = SFTTrainer(model=model_id, args=SFTConfig(...), train_dataset=data, peft_config=LoraConfig(...))
+    alloc = dynalora.attach(trainer)  # DynamicConfig() unless given
+    trainer.train()
+
+:func:`attach` builds the allocator's optimizer and LR schedule from the trainer's own
+``TrainingArguments`` (learning rate, ``optim``, Adam betas and epsilon, weight decay, scheduler
+type and its kwargs, warm-up) when training starts, and drives the allocator with
+:class:`DynamicAllocationCallback`; ``max_grad_norm``, gradient accumulation, mixed precision,
+checkpointing and resume stay Trainer's.
+
+By hand, build the optimizer with the allocator (``Trainer`` would build one from whatever has
 ``requires_grad`` when training starts and leave every frozen module out for good)::
 
     alloc = DynamicAllocator(model, DynamicConfig(allocator="topk", k=16))
@@ -14,11 +27,14 @@ from __future__ import annotations
 
 import logging
 import os
+import types
+from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from dynalora.config import DynamicConfig
 from dynalora.controller import DynamicAllocator
 
 logger = logging.getLogger(__name__)
@@ -29,6 +45,66 @@ STATE_FILE = "dynalora_allocator.pt"
 def state_file(rank: int) -> str:
     """Each process keeps its own file: importance is measured on its part of the batch."""
     return STATE_FILE if rank == 0 else f"dynalora_allocator-{rank}.pt"
+
+
+SUPPORTED_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD, torch.optim.Adagrad, torch.optim.RMSprop)
+"""``TrainingArguments.optim`` choices :func:`attach` can build (one per module under ``local``):
+torch's own optimizers, whose state is per parameter."""
+
+
+def attach(
+    trainer: Any, config: DynamicConfig | None = None, *, resume_from: str | None = None
+) -> DynamicAllocator:
+    """Train only the most important adapter modules inside ``trainer`` (a ``Trainer`` or a subclass).
+
+    Builds a :class:`DynamicAllocator` over ``trainer.model`` (which must hold the adapters: a
+    ``PeftModel``, or the model TRL built from ``peft_config=``), makes the trainer build its
+    optimizer with :meth:`DynamicAllocator.create_optimizer` and its schedule with
+    :meth:`DynamicAllocator.create_scheduler` from ``trainer.args``, and adds the callback that
+    steps the allocator and saves its state in every checkpoint.
+
+    Weight decay applies to every trained tensor (Trainer exempts biases and norms; adapters have
+    neither). ``resume_from``: see :class:`DynamicAllocationCallback`.
+
+    Raises:
+        ValueError: the trainer already has an optimizer (``optimizers=`` was given), or
+            ``args.optim`` names an optimizer outside :data:`SUPPORTED_OPTIMIZERS`.
+    """
+    if getattr(trainer, "optimizer", None) is not None:
+        raise ValueError(
+            "attach() builds the optimizer itself; allowed: a Trainer built without optimizers=(...), or "
+            "DynamicAllocationCallback with allocator.create_optimizer(...) by hand"
+        )
+    args = trainer.args
+    model = trainer.model
+    optimizer_cls, kwargs = trainer.get_optimizer_cls_and_kwargs(args, model)
+    if optimizer_cls not in SUPPORTED_OPTIMIZERS:
+        allowed = "adamw_torch, adamw_torch_fused, sgd, adagrad, rmsprop"
+        name = getattr(args.optim, "value", args.optim)
+        raise ValueError(f"optim={name!r} is not supported by dynalora.attach; allowed: {allowed}")
+    allocator = DynamicAllocator(model, config or DynamicConfig())
+
+    def create_optimizer(self: Any, model: Any = None) -> Any:
+        if self.optimizer is None:
+            self.optimizer = allocator.create_optimizer(optimizer_cls, weight_decay=args.weight_decay, **kwargs)
+        return self.optimizer
+
+    def create_scheduler(self: Any, num_training_steps: int, optimizer: Any = None) -> Any:
+        if self.lr_scheduler is None:
+            self.lr_scheduler = allocator.create_scheduler(
+                optimizer if optimizer is not None else self.optimizer,
+                args.lr_scheduler_type,
+                num_warmup_steps=args.get_warmup_steps(num_training_steps),
+                num_training_steps=num_training_steps,
+                scheduler_specific_kwargs=args.lr_scheduler_kwargs or {},
+            )
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    trainer.create_optimizer = types.MethodType(create_optimizer, trainer)
+    trainer.create_scheduler = types.MethodType(create_scheduler, trainer)
+    trainer.add_callback(DynamicAllocationCallback(allocator, resume_from=resume_from))
+    return allocator
 
 
 class DynamicAllocationCallback(TrainerCallback):
