@@ -5,7 +5,9 @@ Every block linear weight (found by structure, as for dynamic full fine-tuning) 
 parameter: its gradient G is projected onto the top-``rank`` singular vectors of G (renewed every
 ``update_proj_gap`` steps), Adam runs on the projection, and the update is projected back and
 multiplied by ``scale``. Everything else trains with plain AdamW. Defaults follow the paper's GLUE
-fine-tuning: rank = ``--rank``, scale 4, and galore-torch's projection gap of 200 steps.
+fine-tuning: rank = ``--rank``, scale 4, and galore-torch's projection gap of 200 steps, shortened
+to a quarter of the run on runs under 800 steps (:func:`projection_gap`), so that the subspace is
+renewed at least three times in any run.
 
 Two defects of galore-torch 1.0, worked around here rather than copying the package:
 
@@ -22,6 +24,7 @@ accumulation, both of which the layer-wise mode refuses (GaLore #55).
 from __future__ import annotations
 
 import importlib
+import math
 import importlib.util
 import sys
 import types
@@ -36,6 +39,18 @@ from dynalora.methods.common import Built, Hooks, MethodOptions, is_head
 
 SCALE = 4.0
 UPDATE_PROJ_GAP = 200
+FIXED_GAP: int | None = None
+"""When set, the projection gap of every run (benchmarks/short_runs.py compares it with the default)."""
+
+
+def projection_gap(total_steps: int | None) -> int:
+    """galore-torch's 200, or a quarter of a shorter run: with 200 on a 100-step run, the projection
+    of the first step's gradient would hold for the whole run."""
+    if FIXED_GAP is not None:
+        return FIXED_GAP
+    if not total_steps:
+        return UPDATE_PROJ_GAP
+    return max(1, min(UPDATE_PROJ_GAP, math.ceil(total_steps / 4)))
 _PROJECTOR_FIELDS = ("rank", "update_proj_gap", "scale", "proj_type")
 
 
@@ -108,7 +123,8 @@ def make_optimizer(model: nn.Module, opts: MethodOptions, lr: float, weight_deca
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in projected]
     groups = [
         {"params": rest},
-        {"params": galore, "rank": opts.rank, "update_proj_gap": UPDATE_PROJ_GAP, "scale": SCALE, "proj_type": "std"},
+        {"params": galore, "rank": opts.rank, "update_proj_gap": projection_gap(opts.total_steps), "scale": SCALE,
+         "proj_type": "std"},  # fmt: skip
     ]
     return _optimizer_class()(groups, lr=lr, weight_decay=weight_decay, no_deprecation_warning=True)
 
