@@ -8,7 +8,7 @@ pruning, GaLore's optimizer). The whole runs are interleaved step by step in one
 a short period so that the steps cover several selections. Counted bytes (saved activations,
 gradients, optimizer state) come from a second, untimed pass on fresh copies.
 
-The accuracy of the same methods is ``quality.py --name methods``; the README's table of methods
+The accuracy of the same methods is ``quality.py --name methods``; the table of methods in docs/results.md
 joins the two.
 
     .venv/bin/python benchmarks/methods_cost.py           # ~15 min on 2 CPU cores; run it alone

@@ -1,6 +1,6 @@
 """The quality suite: dynamic allocation against plain LoRA on four embedded tasks, paired by seed.
 
-Every task ships inside an installed wheel (see the README's "Embedded tasks"), and every run is
+Every task ships inside an installed wheel (see docs/experiments.md, "Embedded tasks"), and every run is
 as short as our users' runs: a few hundred to a few thousand training examples, 75-150 optimizer
 steps. Each (variant, task, seed) is one `dynalora train` recipe with MiniLM-L6 and the CLI's
 defaults for everything the variant does not name. Variants alternate inside one process (seed 0:

@@ -34,7 +34,8 @@ def read_jsonl(path):
 def test_dynamic_lora_run_writes_every_output(tiny_model, csv_task, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(cli_args(tiny_model, csv_task, out, "--allocator", "topk", "--k", "2")) == 0
-    assert "DynaLoRA" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "DynaLoRA" in printed and "MiB at the peak step, of which weights" in printed
     for name in ("config.json", "metrics.json", "log.jsonl", "allocations.jsonl", "loss.png", "module_activity.png"):
         assert (out / name).stat().st_size > 0, name
     assert (out / "model" / "adapter_model.safetensors").exists()
@@ -47,6 +48,13 @@ def test_dynamic_lora_run_writes_every_output(tiny_model, csv_task, tmp_path, ca
     assert m["trainable_params"] == lora + head
     assert m["mean_active_trainable_params"] == lora // 2 + head
     assert m["peak_memory_kind"] == "cpu_peak_rss" and m["peak_memory_bytes"] > 0
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    base_bytes = sum(t.numel() * t.element_size() for t in [*base.parameters(), *base.buffers()])
+    weights = base_bytes + 4 * (lora + head)  # + the adapters and PEFT's trained copy of the head, fp32
+    assert m["memory"]["peak_weights"] == weights
+    assert m["memory"]["peak_total_with_weights"] == weights + m["memory"]["peak_total"]
     assert m["median_step_ms"] > 0 and m["train_runtime_s"] > 0
     log = read_jsonl(out / "log.jsonl")
     assert [r["step"] for r in log if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]

@@ -19,6 +19,7 @@ from dynalora.analysis.memory import (
     gradient_bytes,
     optimizer_state_bytes,
     parameter_bytes,
+    weight_bytes,
     step_memory_breakdown,
     tensor_bytes,
 )
@@ -321,3 +322,26 @@ def test_step_memory_breakdown_peft_lora_bert() -> None:
     assert result["parameters"] == F32 * sum(p.numel() for p in model.parameters())
     assert result["saved_activations"] > 0
     assert result["peak"] >= result["peak_baseline"] > 0
+
+
+def test_weight_bytes_counts_frozen_weights_buffers_and_dtypes() -> None:
+    model = _mlp()
+    model.register_buffer("table", torch.zeros(10, dtype=torch.int64))
+    model.requires_grad_(False)  # frozen weights count all the same
+    assert weight_bytes(model) == MLP_PARAM_BYTES + 8 * 10
+    model.to(torch.bfloat16)  # floating parameters at their storage dtype; the int64 buffer stays
+    assert weight_bytes(model) == MLP_PARAM_BYTES // 2 + 8 * 10
+    fresh = _mlp()
+    result = step_memory_breakdown(fresh, torch.optim.SGD(fresh.parameters()), {"input": _x()},
+                                   loss_fn=lambda out, batch: out.sum())  # fmt: skip
+    assert result["weights"] == MLP_PARAM_BYTES
+
+
+def test_run_summary_gives_total_peak_with_the_weights() -> None:
+    from dynalora.training.loop import counted_memory
+
+    steps = [{"saved_activations": 10, "gradients": 5, "optimizer_state": 0, "weights": 100},
+             {"saved_activations": 4, "gradients": 5, "optimizer_state": 10, "weights": 100}]  # fmt: skip
+    out = counted_memory(steps)
+    assert out["peak_total"] == 19 and out["peak_weights"] == 100 and out["peak_total_with_weights"] == 119
+    assert "peak_weights" not in counted_memory([{k: v for k, v in s.items() if k != "weights"} for s in steps])

@@ -82,8 +82,16 @@ def _cmd_train(ns: argparse.Namespace) -> int:
     from dynalora.training import run
 
     args = _train_args(ns)
-    if run(args) is not None:  # the main process (of one or several)
+    metrics = run(args)
+    if metrics is not None:  # the main process (of one or several)
         print(compare_table([load_run(args.output_dir)], fmt="text"))
+        memory = metrics.get("memory", {})
+        if "peak_total_with_weights" in memory:
+            mib = 2**20
+            print(f"memory: {memory['peak_total_with_weights'] / mib:.1f} MiB at the peak step, of which weights "
+                  f"{memory['peak_weights'] / mib:.1f} MiB (every parameter and buffer); training bytes (saved "
+                  f"activations, gradients, optimizer state) {memory['peak_total'] / mib:.1f} MiB at their peak; "
+                  "counted tensors of this process")  # fmt: skip
         print(f"outputs in {args.output_dir}")
     return 0
 

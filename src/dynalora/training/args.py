@@ -29,7 +29,7 @@ OBJECTIVES = ("classification", "causal-lm")
 # Greedy decoding runs once per example: a causal-LM evaluation scores this many by default.
 DEFAULT_CAUSAL_EVAL_SAMPLES = 200
 # Batch, length and evaluation interval unless given. Causal LM is sized for a CPU: on 2 cores an
-# all-linear step of SmolLM2-135M at batch 8 x 96 tokens takes 2.7-4 s (README, "Measured here"),
+# all-linear step of SmolLM2-135M at batch 8 x 96 tokens takes 2.7-4 s (docs/results.md),
 # 96 tokens hold 95% of the embedded instruction examples whole (chat template included; median 73), and a
 # validation pass decodes up to 200 answers (1-2 minutes), so it comes every 200 steps.
 CLASSIFICATION_SIZES = {"batch_size": 32, "max_length": 64, "eval_every": 50}
@@ -48,7 +48,7 @@ DEFAULT_LR = {"lora": 2e-3, "dora": 2e-3, "vera": 3e-2, "bitfit": 1e-3, "full": 
               "adalora": 5e-3, "dylora": 2e-3, "galore": 5e-5, "l1ra": 1e-3}  # fmt: skip
 DEFAULT_LR_DYNAMIC_FULL = 3e-4
 # Decoders (causal LM): LoRA's rate was chosen on validation exact match of the embedded LLM on the
-# embedded instruction task (README, "Measured here"; 3 seeds): 5e-4 0.870 for LoRA and DynaLoRA,
+# embedded instruction task (docs/results.md; 3 seeds): 5e-4 0.870 for LoRA and DynaLoRA,
 # 2e-3 0.847 and 0.833. Validation perplexity preferred 2e-3 there; on drugreview_instruct, at the
 # same recipe, both rates stayed at the majority answer. The smaller rate is also the safer one
 # with every linear layer adapted. DoRA, Hydra and DyLoRA take LoRA's rate, as they do on encoders.

@@ -21,7 +21,13 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dynalora.analysis.memory import PeakMemory, SavedActivations, gradient_bytes, optimizer_state_bytes
+from dynalora.analysis.memory import (
+    PeakMemory,
+    SavedActivations,
+    gradient_bytes,
+    optimizer_state_bytes,
+    weight_bytes,
+)
 from dynalora.checkpointing import enable_checkpointing
 from dynalora.controller import DynamicAllocator
 from dynalora.data import TaskData, load_task, make_collator, tokenize
@@ -209,10 +215,10 @@ def make_accelerator(args: TrainArgs):
     )
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         # FSDP replaces the parameters after the allocator has taken them; ZeRO fixes the trainable
-        # set when it builds its flat buffers (README, "Engines").
+        # set when it builds its flat buffers (docs/cli.md, "Engines").
         raise UsageError(
             f"dynalora train runs under DDP, not {accelerator.distributed_type.value}; allowed: torchrun or "
-            "accelerate launch without --use_fsdp/--use_deepspeed (FSDP2: see the README for the library path)"
+            "accelerate launch without --use_fsdp/--use_deepspeed (FSDP2: see docs/cli.md for the library path)"
         )
     return accelerator
 
@@ -492,7 +498,8 @@ def train_loop(job: Job, out: Path, resume: Path | None = None) -> tuple[list[di
                 grad_bytes = gradient_bytes(model)
                 _optimizer_step(job, p.step)
                 counted = {"saved_activations": saved_bytes, "gradients": grad_bytes,
-                           "optimizer_state": optimizer_state_bytes(job.optimizer)}  # fmt: skip
+                           "optimizer_state": optimizer_state_bytes(job.optimizer),
+                           "weights": weight_bytes(model)}  # fmt: skip
                 p.step += 1
                 step_ms += (time.perf_counter() - t0) * 1e3
                 p.step_ms.append(step_ms)
@@ -550,14 +557,19 @@ def counted_memory(steps: list[dict[str, int]]) -> dict[str, float]:
     backward and optimizer state after the step, on this process.
 
     Returns:
-        ``peak_<kind>`` and ``mean_<kind>`` of each kind, and ``peak_total``/``mean_total`` of
-        their sum per step (the peak of the sum, not the sum of the peaks).
+        ``peak_<kind>`` and ``mean_<kind>`` of each kind, ``peak_total``/``mean_total`` of their
+        sum per step (the peak of the sum, not the sum of the peaks), and, beside them, the model's
+        own ``weights`` (every parameter and buffer at its storage dtype) and
+        ``peak_total_with_weights``: what the run needs on its device, all of it.
     """
     kinds = ("saved_activations", "gradients", "optimizer_state")
     if not steps:
         return {}
     columns = {kind: [s[kind] for s in steps] for kind in kinds}
     columns["total"] = [sum(s[kind] for kind in kinds) for s in steps]
+    if all("weights" in s for s in steps):  # progress saved by an older version lacks them
+        columns["weights"] = [s["weights"] for s in steps]
+        columns["total_with_weights"] = [t + w for t, w in zip(columns["total"], columns["weights"], strict=True)]
     out: dict[str, float] = {}
     for kind, values in columns.items():
         out[f"peak_{kind}"] = int(max(values))
