@@ -160,3 +160,32 @@ def set_trainable(modules: Sequence[AdapterModule], active: torch.Tensor) -> Non
             p.requires_grad_(on)
             if not on:
                 p.grad = None
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""``--base-dtype`` names."""
+
+
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store every frozen floating-point parameter of ``model`` at ``dtype``; trainable ones stay
+    (or become) float32, as PEFT's ``autocast_adapter_dtype`` keeps adapters: a half-precision
+    frozen base under float32 adapters, gradients and optimizer state.
+
+    Call it after the adapters exist and before :class:`~dynalora.DynamicAllocator` freezes any of
+    them (inactive adapters are trainable tensors too), and run the forward under
+    ``torch.autocast`` at ``dtype`` so that mixed inputs meet in one precision.
+
+    Returns:
+        The number of parameters cast.
+    """
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype} is not a floating-point dtype; allowed: {', '.join(map(str, DTYPES.values()))}")
+    cast = 0
+    for param in model.parameters():
+        if not param.is_floating_point():
+            continue
+        target = torch.float32 if param.requires_grad else dtype
+        if param.dtype != target:
+            param.data = param.data.to(target)
+            cast += param.numel() if target == dtype else 0
+    return cast

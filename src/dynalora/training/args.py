@@ -47,6 +47,8 @@ CAUSAL_SIZES = {"batch_size": 8, "max_length": 96, "eval_every": 200}
 DEFAULT_LR = {"lora": 2e-3, "dora": 2e-3, "vera": 3e-2, "bitfit": 1e-3, "full": 5e-5, "hydra": 2e-3, "dvora": 3e-2,
               "adalora": 5e-3, "dylora": 2e-3, "galore": 5e-5, "l1ra": 1e-3}  # fmt: skip
 DEFAULT_LR_DYNAMIC_FULL = 3e-4
+TRAINS_THE_BASE = ("full", "galore")
+"""Methods whose trained tensors are the model's own weights: --base-dtype does not apply."""
 # Decoders (causal LM): LoRA's rate was chosen on validation exact match of the embedded LLM on the
 # embedded instruction task (docs/results.md; 3 seeds): 5e-4 0.870 for LoRA and DynaLoRA,
 # 2e-3 0.847 and 0.833. Validation perplexity preferred 2e-3 there; on drugreview_instruct, at the
@@ -200,6 +202,12 @@ class TrainArgs:
         "lowest trained one are neither checkpointed nor run backward (default: on for causal LM, as TRL's "
         "SFTConfig: 0.24x the counted bytes of the default on SmolLM2-135M for a 1.24x step; off for classification)"
     )
+    base_dtype: str = _opt(
+        "storage dtype of the frozen weights; adapters, their gradients and optimizer state stay float32, and "
+        "the forward runs under autocast at this dtype (fp16: CUDA only)",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+    )
     bf16: bool = _opt("bfloat16 autocast (CUDA)", default=False)
     fp16: bool = _opt("float16 autocast with loss scaling (CUDA)", default=False)
     device: str | None = _opt("cpu or cuda (default: cuda when available)")
@@ -252,6 +260,15 @@ class TrainArgs:
             raise UsageError(f"--dylora-frozen applies to --method dylora only, not {self.method}")
         if self.bf16 and self.fp16:
             raise UsageError("--bf16 and --fp16 exclude each other; choose one")
+        if self.base_dtype != "fp32" and (self.bf16 or self.fp16):
+            flag = "--bf16" if self.bf16 else "--fp16"
+            if flag != "--" + self.base_dtype:
+                raise UsageError(f"--base-dtype {self.base_dtype} computes in {self.base_dtype}; drop {flag}")
+        if self.base_dtype != "fp32" and self.method in TRAINS_THE_BASE:
+            raise UsageError(
+                f"--base-dtype {self.base_dtype} stores frozen weights, and --method {self.method} trains the base "
+                "weights; allowed: --base-dtype fp32, or an adapter method"
+            )
         if self.dynamic is None:
             self.dynamic = self.method in ADAPTER_METHODS
         if self.preset is None:  # one default does not fit all: dynamic full fine-tuning has its own

@@ -28,6 +28,7 @@ from dynalora.analysis.memory import (
     optimizer_state_bytes,
     weight_bytes,
 )
+from dynalora.adapters import DTYPES, cast_frozen
 from dynalora.checkpointing import enable_checkpointing
 from dynalora.controller import DynamicAllocator
 from dynalora.data import TaskData, load_task, make_collator, tokenize
@@ -197,6 +198,8 @@ def make_accelerator(args: TrainArgs):
     device = resolve_device(args.device)
     if device.type != "cuda" and (args.bf16 or args.fp16):
         raise UsageError("--bf16/--fp16 need a CUDA device; allowed on CPU: full precision (drop the flag)")
+    if device.type != "cuda" and args.base_dtype == "fp16":
+        raise UsageError("--base-dtype fp16 needs a CUDA device; allowed on CPU: fp32, bf16")
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     # accelerate keeps its settings in process-wide singletons and refuses a second Accelerator with
@@ -206,7 +209,8 @@ def make_accelerator(args: TrainArgs):
     GradientState._reset_state()
     accelerator = Accelerator(
         cpu=device.type == "cpu",
-        mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "no",
+        # a half-precision frozen base computes under autocast at its dtype (on CPU too, for bf16)
+        mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else args.base_dtype.replace("fp32", "no"),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         # --batch-size is the global batch: each of N processes takes its 1/N of every batch
         dataloader_config=DataLoaderConfiguration(split_batches=True),
@@ -304,6 +308,8 @@ def prepare(args: TrainArgs) -> Job:
     tokenizer, model = load_model(model_path, data.spec, device)
     options = method_options(args, num_steps, data.spec.kind)
     model, modules = METHODS[args.method](model, options)
+    if args.base_dtype != "fp32":  # before the allocator freezes anything: every adapter stays float32
+        cast_frozen(model, DTYPES[args.base_dtype])
     hooks = HOOKS.get(args.method, Hooks())
     model.to(device)
     if args.gradient_checkpointing:
