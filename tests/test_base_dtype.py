@@ -120,3 +120,84 @@ def test_cli_base_dtype_refusals(tiny_model, csv_task, tmp_path, capsys, extra, 
     assert main(cli_args(tiny_model, csv_task, tmp_path / "run", *extra)) == 2
     err = capsys.readouterr().err.strip()
     assert words in err and "\n" not in err
+
+
+# ------------------------------------------------------------------ half-precision inactive modules (BAdam's class)
+def _dynamic_full(inactive_dtype: str, seed: int = 0):
+    from dynalora import find_linear_modules
+
+    model = tiny.bert(seed=seed, layers=4)
+    model.requires_grad_(False)
+    modules = find_linear_modules(model)
+    for m in modules:
+        m.layer.requires_grad_(True)
+    model.classifier.requires_grad_(True)
+    config = DynamicConfig(allocator="random", k=3, period=2, optimizer="global", state_policy="reset",
+                           inactive_dtype=inactive_dtype)  # fmt: skip
+    return model, DynamicAllocator(model, config, modules=modules)
+
+
+def test_a_module_rounds_on_deactivation_and_returns_as_float32_of_that_rounding():
+    torch.manual_seed(0)
+    model, alloc = _dynamic_full("bf16")
+    masters = {m.name: [p.detach().clone() for p in m.params] for m in _dynamic_full("fp32")[1].modules}
+    for m in alloc.modules:  # the same initial selection: the random draw does not depend on dtypes
+        on = m.name in alloc.active
+        for p, master in zip(m.params, masters[m.name], strict=True):
+            assert p.dtype == (torch.float32 if on else torch.bfloat16) and p.requires_grad == on
+            assert torch.equal(p, master if on else master.to(torch.bfloat16))
+    inactive = [m.name for m in alloc.modules if m.name not in alloc.active]
+    alloc.set_active(inactive[:3])  # reactivated with no update in between
+    for m in alloc.modules:
+        for p, master in zip(m.params, masters[m.name], strict=True):
+            if m.name in inactive[:3]:
+                assert p.dtype == torch.float32 and torch.equal(p, master.to(torch.bfloat16).float())
+
+
+def test_half_precision_storage_trains_like_float32_storage_and_holds_less():
+    from dynalora.analysis.memory import weight_bytes
+
+    runs = {}
+    for dtype in ("fp32", "bf16"):
+        model, alloc = _dynamic_full(dtype)
+        opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
+        bytes_held = weight_bytes(model)
+        for batch in tiny.batches(8):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            alloc.step()
+        runs[dtype] = (alloc, bytes_held, {n: p.detach().float() for n, p in model.named_parameters()})
+    (a32, b32, w32), (a16, b16, w16) = runs["fp32"], runs["bf16"]
+    assert [h["active"] for h in a16.history] == [h["active"] for h in a32.history]
+    linear = sum(m.num_params for m in a32.modules)
+    inactive = sum(m.num_params for m in a32.modules if m.name not in a32.history[0]["active"])
+    assert b32 - b16 == 2 * inactive and linear > inactive > 0  # inactive modules at 2 bytes, not 4
+    for name, w in w32.items():  # rounding at each deactivation only: the runs stay together
+        assert torch.allclose(w16[name], w, atol=2e-2, rtol=2e-2), name
+    assert any(not torch.equal(w16[n], w32[n]) for n in w32)  # ... and the rounding did happen
+
+
+def test_inactive_dtype_refuses_half_precision_modules():
+    model, _ = _dynamic_full("fp32")
+    model.half()
+    from dynalora import find_linear_modules
+
+    with pytest.raises(ValueError, match="needs float32 modules"):
+        DynamicAllocator(model, DynamicConfig(inactive_dtype="bf16"), modules=find_linear_modules(model))
+
+
+def test_cli_dynamic_full_in_bf16_storage(tiny_model, csv_task, tmp_path):
+    from dynalora.cli import main
+    from tests.test_cli import cli_args
+
+    weights = {}
+    for dtype in ("fp32", "bf16"):
+        out = tmp_path / dtype
+        extra = ("--method", "full", "--dynamic", "--inactive-dtype", dtype, "--state-policy", "reset")
+        assert main(cli_args(tiny_model, csv_task, out, *extra)) == 0
+        weights[dtype] = json.loads((out / "metrics.json").read_text())["memory"]["peak_weights"]
+        assert json.loads((out / "config.json").read_text())["resolved_dynamic"]["inactive_dtype"] == dtype
+    assert weights["bf16"] < 0.9 * weights["fp32"]

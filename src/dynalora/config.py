@@ -15,6 +15,7 @@ OPTIMIZERS = ("global", "local")
 STATE_POLICIES = ("keep", "reset", "offload")
 LOCAL_SCHEDULES = ("steps", "run")
 CAP_MODES = ("exclude", "recompute")
+INACTIVE_DTYPES = ("fp32", "bf16", "fp16")
 
 
 def _check_choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -128,6 +129,13 @@ class DynamicConfig:
     ``reset`` (dropped; the module restarts fresh when selected again) or ``offload`` (moved to host
     memory while inactive; CUDA only). Only ``reset`` and ``offload`` give memory back."""
 
+    inactive_dtype: str = "fp32"
+    """Storage of a module's tensors while it is inactive: ``fp32`` (as trained), or ``bf16``/``fp16``
+    (BAdam's class of dynamic full fine-tuning): a module is rounded to half precision when it is
+    deactivated and trains on a float32 copy of that when selected again. Pair it with
+    ``state_policy="reset"`` (or ``offload``) so that inactive modules hold no optimizer state
+    either, and run the forward under ``torch.autocast`` at that dtype. One process only."""
+
     importance_ema: float | None = None
     """``gradient`` measure only: ``None`` (the default) scores a module by the mean gradient norm over
     every step it trained; a number beta in (0, 1) by an exponential moving average over those steps
@@ -152,6 +160,7 @@ class DynamicConfig:
         _check_choice("budget_schedule", self.budget_schedule, BUDGET_SCHEDULES)
         _check_choice("cap_mode", self.cap_mode, CAP_MODES)
         _check_choice("local_schedule", self.local_schedule, LOCAL_SCHEDULES)
+        _check_choice("inactive_dtype", self.inactive_dtype, INACTIVE_DTYPES)
         if self.optimizer != "local" and self.local_schedule != "steps":
             raise ValueError(
                 f"local_schedule={self.local_schedule!r} is read only with optimizer='local', not "

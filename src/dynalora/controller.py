@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from dynalora import distributed
-from dynalora.adapters import AdapterModule, find_adapter_modules, other_trainable_params, set_trainable
+from dynalora.adapters import DTYPES, AdapterModule, find_adapter_modules, other_trainable_params, set_trainable
 from dynalora.allocators import (
     ALLOCATORS,
     COST_AWARE,
@@ -85,6 +85,18 @@ class DynamicAllocator:
         self._state_policy = STATE_POLICIES[config.state_policy]
         if config.state_policy == "offload" and any(p.device.type != "cuda" for m in self.modules for p in m.params):
             raise ValueError("state_policy='offload' needs CUDA parameters; allowed on CPU: keep, reset")
+        self._inactive_dtype = DTYPES[config.inactive_dtype] if config.inactive_dtype != "fp32" else None
+        if self._inactive_dtype is not None:
+            if distributed.is_distributed():
+                raise ValueError(
+                    f"inactive_dtype={config.inactive_dtype!r} changes parameters' storage, which DDP and FSDP hold "
+                    "in their buffers; allowed with several processes: inactive_dtype='fp32'"
+                )
+            if any(p.dtype != torch.float32 for m in self.modules for p in m.params if p.is_floating_point()):
+                raise ValueError(
+                    f"inactive_dtype={config.inactive_dtype!r} needs float32 modules to round; allowed: a float32 "
+                    "model (adapters or layers), or inactive_dtype='fp32'"
+                )
         self._generator = torch.Generator().manual_seed(config.seed)
         if config.importance_ema is not None:
             self._measure = GradientNorm(self.modules, self._generator, ema=config.importance_ema)
@@ -277,7 +289,7 @@ class DynamicAllocator:
         if model.training and torch.is_grad_enabled() and self._deferred is not None:
             self._deferred.remove()
             self._deferred = None
-            set_trainable(self.modules, self._mask)
+            self._set_trainable(self._mask)
 
     def _apply(self, mask: torch.Tensor, raw: torch.Tensor | None = None) -> None:
         if self._optimizer is not None:
@@ -286,8 +298,19 @@ class DynamicAllocator:
             on = [p for m, was, now in pairs if now and not was for p in m.params]
             self._state_policy(self._optimizer, off, on)
         if self._deferred is None:
-            set_trainable(self.modules, mask)
+            self._set_trainable(mask)
         self._record(mask, raw)
+
+    def _set_trainable(self, mask: torch.Tensor) -> None:
+        """Freeze and unfreeze; with ``inactive_dtype``, store inactive modules at it and active ones at float32."""
+        set_trainable(self.modules, mask)
+        if self._inactive_dtype is None:
+            return
+        for module, on in zip(self.modules, mask.tolist(), strict=True):
+            target = torch.float32 if on else self._inactive_dtype
+            for param in module.params:
+                if param.is_floating_point() and param.dtype != target:
+                    param.data = param.data.to(target)  # the same Parameter: optimizers keep their reference
 
     def _record(self, mask: torch.Tensor, raw: torch.Tensor | None = None) -> None:
         """Make ``mask`` the selection and log it in the history, without touching the tensors."""
@@ -345,7 +368,7 @@ class DynamicAllocator:
         self._total_steps = state.get("total_steps", self._total_steps)
         self._select(state["mask"].clone())
         if self._deferred is None:
-            set_trainable(self.modules, self._mask)
+            self._set_trainable(self._mask)
         if self._schedule.finished(self._step):
             self._measure.close()
 

@@ -155,6 +155,11 @@ class TrainArgs:
         f"steps it is expected to train and ends at the end value (run) (default: {_DEFAULTS.local_schedule})",
         choices=LOCAL_SCHEDULES,
     )
+    inactive_dtype: str | None = _opt(
+        "storage of inactive modules: fp32, or bf16/fp16 (rounded when deactivated, trained on a float32 copy "
+        f"when selected; BAdam's class of dynamic full fine-tuning) (default: {_DEFAULTS.inactive_dtype})",
+        choices=("fp32", "bf16", "fp16"),
+    )
     importance_ema: float | None = _opt(
         "gradient measure: score a module by a moving average of its gradient norms with this beta in (0, 1) "
         "instead of their mean (default: the mean)"

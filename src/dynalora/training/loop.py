@@ -200,6 +200,13 @@ def make_accelerator(args: TrainArgs):
         raise UsageError("--bf16/--fp16 need a CUDA device; allowed on CPU: full precision (drop the flag)")
     if device.type != "cuda" and args.base_dtype == "fp16":
         raise UsageError("--base-dtype fp16 needs a CUDA device; allowed on CPU: fp32, bf16")
+    compute = args.base_dtype  # a half-precision store computes under autocast at its dtype
+    if args.dynamic and args.dynamic_config().inactive_dtype != "fp32":
+        compute = args.dynamic_config().inactive_dtype
+        if device.type != "cuda" and compute == "fp16":
+            raise UsageError("--inactive-dtype fp16 needs a CUDA device; allowed on CPU: fp32, bf16")
+        if args.base_dtype not in ("fp32", compute):
+            raise UsageError(f"--inactive-dtype {compute} and --base-dtype {args.base_dtype} differ; choose one dtype")
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     # accelerate keeps its settings in process-wide singletons and refuses a second Accelerator with
@@ -210,7 +217,7 @@ def make_accelerator(args: TrainArgs):
     accelerator = Accelerator(
         cpu=device.type == "cpu",
         # a half-precision frozen base computes under autocast at its dtype (on CPU too, for bf16)
-        mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else args.base_dtype.replace("fp32", "no"),
+        mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else compute.replace("fp32", "no"),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         # --batch-size is the global batch: each of N processes takes its 1/N of every batch
         dataloader_config=DataLoaderConfiguration(split_batches=True),
