@@ -40,7 +40,7 @@ check dynamic-full-bf16 train --method full --dynamic --inactive-dtype bf16 --st
   --output-dir "$RUNS/dynamic-full-bf16"
 
 # 3. FSDP2 on one CUDA device (nccl), LoRA and DynaLoRA through the library
-check fsdp2-one-device $PY -m torch.distributed.run --nproc_per_node 1 - <<'EOF'
+cat >"$RUNS/fsdp2.py" <<'EOF'
 import torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from peft import LoraConfig, get_peft_model
@@ -60,6 +60,7 @@ for step in range(20):
 print("fsdp2 ok:", alloc.step_count, "steps,", len(alloc.history), "allocations, active now", len(alloc.active))
 dist.destroy_process_group()
 EOF
+check fsdp2-one-device $PY -m torch.distributed.run --nproc_per_node 1 "$RUNS/fsdp2.py"
 
 # 4. the default against LoRA on SmolLM2-135M, whole runs side by side (step ratio, total memory)
 check smollm2-compare $PY -m dynalora compare --model embedded:smollm2-135m --device cuda --max-steps 60 \
