@@ -136,6 +136,18 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         {"memory_cap": 0.5, "cap_mode": "recompute"},
         "the default under a memory cap of 0.5 kept by recomputation: every block trains",
     ),  # fmt: skip
+    "normalize-types": (
+        {"normalize_types": True},
+        "the default with importance divided by its module type's mean (every query, every value) before selection",
+    ),  # fmt: skip
+    "importance-ema-0.8": (
+        {"importance_ema": 0.8},
+        "the default with gradient importance a moving average (beta 0.8 per measurement) instead of the mean",
+    ),  # fmt: skip
+    "coverage-0.4": (
+        {"coverage": 0.4},
+        "the default with every block training in at least 40% of the rounds (0.2): a flatter profile, same budget",
+    ),  # fmt: skip
     "dynamic-full-cutoff-0.35": (
         {
             "method": "full",

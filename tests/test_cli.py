@@ -371,3 +371,61 @@ def test_compare_methods_runs_each_plain_and_dynamic_where_it_has_one(tiny_model
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "unknown l2ra" in err
+
+
+def test_transformers_flag_names_mean_the_same_as_ours(tiny_model, csv_task, tmp_path):
+    from dynalora.cli import build_parser
+
+    ours = ["train", "--model", "m", "--lr", "0.01", "--epochs", "2", "--save-every", "3", "--rank", "4",
+            "--eval-every", "5", "--keep-checkpoints", "1", "--alpha", "8", "--adapter-dropout", "0.2"]
+    theirs = ["train", "--model_name_or_path", "m", "--learning_rate", "0.01", "--num_train_epochs", "2",
+              "--save_steps", "3", "--lora_r", "4", "--eval-steps", "5", "--save_total_limit", "1",
+              "--lora-alpha", "8", "--lora_dropout", "0.2"]  # fmt: skip
+    parser = build_parser()
+    assert vars(parser.parse_args(ours)) == vars(parser.parse_args(theirs))
+    assert vars(parser.parse_args(["train", "--max_steps", "7"]))["max_steps"] == 7  # underscores everywhere
+
+
+def test_max_grad_norm_clips_every_step(tiny_model, csv_task, tmp_path, monkeypatch):
+    real = torch.nn.utils.clip_grad_norm_
+    seen = []
+
+    def spy(params, max_norm):
+        params = list(params)
+        before = real(params, float("inf"))  # the norm, unchanged
+        real(params, max_norm)
+        after = torch.sqrt(sum(p.grad.pow(2).sum() for p in params))
+        seen.append((float(before), float(after)))
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    assert main(cli_args(tiny_model, csv_task, tmp_path / "run", "--max-grad-norm", "0.05")) == 0
+    assert len(seen) == 6  # once per optimizer step
+    assert all(after <= 0.05 * (1 + 1e-4) for _, after in seen)
+    assert any(before > 0.05 for before, _ in seen)  # it had something to clip
+
+
+def test_lr_scheduler_type_and_warmup_steps(tiny_model, csv_task, tmp_path):
+    import math
+
+    out = tmp_path / "run"
+    extra = ("--no-dynamic", "--lr-scheduler-type", "cosine", "--warmup-steps", "2")
+    assert main(cli_args(tiny_model, csv_task, out, *extra)) == 0
+    rates = [r["lr"] for r in read_jsonl(out / "log.jsonl") if r["type"] == "train"]
+    # the rate after step t (t = 1..6) is the schedule's rate of step t: warm-up 2, cosine to 0 at 6
+    expected = [1e-2 * (t / 2 if t < 2 else 0.5 * (1 + math.cos(math.pi * (t - 2) / 4))) for t in range(1, 7)]
+    assert rates == pytest.approx(expected, abs=1e-12)
+
+
+def test_saved_adapter_names_a_loadable_base_and_carries_a_model_card(tiny_model, csv_task, tmp_path):
+    from dynalora.training.loop import portable_model_id
+
+    assert portable_model_id("embedded:minilm-l6") == "sentence-transformers/all-MiniLM-L6-v2"
+    assert portable_model_id("embedded:smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    out = tmp_path / "run"
+    assert main(cli_args(tiny_model, csv_task, out)) == 0
+    config = json.loads((out / "model" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == tiny_model  # as the user named it
+    card = (out / "model" / "README.md").read_text()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert card.startswith("---\nbase_model: " + tiny_model + "\nlibrary_name: peft\n")
+    assert f"test accuracy {metrics['test']['accuracy']:.4f}" in card and "cutoff allocator" in card

@@ -46,6 +46,7 @@ CAUSAL_SIZES = {"batch_size": 8, "max_length": 96, "eval_every": 200}
 # epoch), 5e-3 0.787; galore 5e-5 0.798, 2e-5 0.770; l1ra 1e-3 0.804, 2e-3 0.802.
 DEFAULT_LR = {"lora": 2e-3, "dora": 2e-3, "vera": 3e-2, "bitfit": 1e-3, "full": 5e-5, "hydra": 2e-3, "dvora": 3e-2,
               "adalora": 5e-3, "dylora": 2e-3, "galore": 5e-5, "l1ra": 1e-3}  # fmt: skip
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 DEFAULT_LR_DYNAMIC_FULL = 3e-4
 TRAINS_THE_BASE = ("full", "galore")
 """Methods whose trained tensors are the model's own weights: --base-dtype does not apply."""
@@ -86,6 +87,7 @@ class TrainArgs:
         "Hugging Face model id, local folder or .gguf file; embedded:minilm-l6 (an encoder) or "
         "embedded:smollm2-135m (a decoder LLM)",
         default=DEFAULT_MODEL,
+        aliases=("--model-name-or-path",),
     )
     task: str | None = _opt(
         f"task to fine-tune on (default: custom when --train-file is given, else {DEFAULT_TASK}; "
@@ -97,9 +99,9 @@ class TrainArgs:
         "comma-separated layer names to adapt, or all-linear for every linear layer of the blocks "
         "(default: query,value; full: all-linear)"
     )
-    rank: int = _opt("adapter rank r", default=8)
-    alpha: float = _opt("LoRA alpha (scaling = alpha / r)", default=16.0)
-    adapter_dropout: float = _opt("dropout on the adapter input", default=0.1)
+    rank: int = _opt("adapter rank r", default=8, aliases=("--lora-r",))
+    alpha: float = _opt("LoRA alpha (scaling = alpha / r)", default=16.0, aliases=("--lora-alpha",))
+    adapter_dropout: float = _opt("dropout on the adapter input", default=0.1, aliases=("--lora-dropout",))
     dylora_frozen: bool = _opt("--method dylora: update only row/column b of the rank b drawn each step", default=False)
     dynamic: bool | None = _opt("dynamic allocation (default: on for lora/dora/vera, off for full/bitfit)")
     preset: str | None = _opt(
@@ -169,14 +171,25 @@ class TrainArgs:
         "selection (default: off)"
     )
     lr: float | None = _opt(
-        "peak learning rate of AdamW (default: by method, see DEFAULT_LR; 5e-4 for LoRA on decoders)"
+        "peak learning rate of AdamW (default: by method, see DEFAULT_LR; 5e-4 for LoRA on decoders)",
+        aliases=("--learning-rate",),
     )
     weight_decay: float = _opt("AdamW weight decay", default=0.01)
+    lr_scheduler_type: str = _opt(
+        "learning-rate schedule after the warm-up (transformers' get_scheduler)", default="linear",
+        choices=LR_SCHEDULERS,
+    )  # fmt: skip
     warmup_ratio: float = _opt("fraction of steps of linear warm-up", default=0.06)
+    warmup_steps: int | None = _opt("steps of linear warm-up; overrides --warmup-ratio")
+    max_grad_norm: float = _opt(
+        "clip the norm of every trained tensor's gradient, together, at this value before each optimizer step "
+        "(0: no clipping; transformers' Trainer clips at 1.0, the recipes measured here ran without)",
+        default=0.0,
+    )
     batch_size: int | None = _opt(
         "training batch size: the global batch, split over the processes (default: 32; 8 for causal LM)"
     )
-    epochs: float = _opt("training epochs (ignored with --max-steps)", default=1.0)
+    epochs: float = _opt("training epochs (ignored with --max-steps)", default=1.0, aliases=("--num-train-epochs",))
     max_steps: int | None = _opt("stop after this many optimizer steps")
     max_length: int | None = _opt("maximum tokens per example (default: 64; 96 for causal LM)")
     max_train_samples: int | None = _opt("use only this many training examples")
@@ -187,7 +200,8 @@ class TrainArgs:
         "test on N examples drawn at random (seed 0); metrics.json records test_examples (default: the whole split)"
     )
     eval_every: int | None = _opt(
-        "evaluate on the validation split every N steps (0: only at the end) (default: 50; 200 for causal LM)"
+        "evaluate on the validation split every N steps (0: only at the end) (default: 50; 200 for causal LM)",
+        aliases=("--eval-steps",),
     )
     seed: int = _opt("random seed (data order, initialisation, allocation)", default=0)
     gradient_accumulation_steps: int = _opt(
@@ -196,8 +210,9 @@ class TrainArgs:
     save_every: int = _opt(
         "write a checkpoint every N optimizer steps under --output-dir/checkpoints (0: only on SIGINT/SIGTERM)",
         default=0,
+        aliases=("--save-steps",),
     )
-    keep_checkpoints: int = _opt("keep only the newest N checkpoints", default=2)
+    keep_checkpoints: int = _opt("keep only the newest N checkpoints", default=2, aliases=("--save-total-limit",))
     resume: bool = _opt("continue the run in --output-dir from its newest checkpoint", default=False)
     output_dir: str = _opt("folder for config, metrics, logs, plots and the trained weights", default="runs/train")
     overwrite: bool = _opt("write over a run already in --output-dir", default=False)
@@ -265,6 +280,13 @@ class TrainArgs:
             raise UsageError(f"--dylora-frozen applies to --method dylora only, not {self.method}")
         if self.bf16 and self.fp16:
             raise UsageError("--bf16 and --fp16 exclude each other; choose one")
+        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
+            raise UsageError(f"--max-grad-norm must be a number >= 0 (0: no clipping), got {self.max_grad_norm}")
+        if self.max_grad_norm and self.fp16:
+            raise UsageError("--max-grad-norm with --fp16 is not supported (the loss scaler would clip scaled "
+                             "gradients); allowed: --bf16, or no clipping")  # fmt: skip
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise UsageError(f"--warmup-steps must be an int >= 0, got {self.warmup_steps}")
         if self.base_dtype != "fp32" and (self.bf16 or self.fp16):
             flag = "--bf16" if self.bf16 else "--fp16"
             if flag != "--" + self.base_dtype:
@@ -356,18 +378,28 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainArgs)
     for f in fields(TrainArgs):
         flag = "--" + f.name.replace("_", "-")
+        # transformers' spellings too (--learning_rate as well as --learning-rate) and HF's names
+        # (--learning-rate for --lr); hidden, so that help and errors name one flag
+        names = [flag, *f.metadata.get("aliases", ())]
+        hidden = [n for n in dict.fromkeys([*names, *("--" + n[2:].replace("-", "_") for n in names)]) if n != flag]
         kind = hints[f.name]
         default = f.default if f.default is not MISSING else None
         help_text = f.metadata.get("help", "")
         if default is not None and kind is not bool:
             help_text += f" (default: {default})"
+        if f.metadata.get("aliases"):
+            help_text += f" (also {', '.join(f.metadata['aliases'])})"
         if kind in (bool, bool | None):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            for alias in hidden:
+                parser.add_argument(alias, action=argparse.BooleanOptionalAction, default=default,
+                                    help=argparse.SUPPRESS, dest=f.name)  # fmt: skip
             continue
         base = next(t for t in typing.get_args(kind) if t is not type(None)) if typing.get_args(kind) else kind
-        parser.add_argument(
-            flag, type=base, default=default, choices=f.metadata.get("choices"), help=help_text, metavar=f.name.upper()
-        )
+        options = {"type": base, "default": default, "choices": f.metadata.get("choices")}
+        parser.add_argument(flag, **options, help=help_text, metavar=f.name.upper())
+        for alias in hidden:
+            parser.add_argument(alias, **options, help=argparse.SUPPRESS, dest=f.name)
 
 
 def as_flag_message(err: ValueError) -> str:

