@@ -1,21 +1,24 @@
 """The quality suite: dynamic allocation against plain LoRA on four embedded tasks, paired by seed.
 
 Every task ships inside an installed wheel (see docs/experiments.md, "Embedded tasks"), and every run is
-as short as our users' runs: a few hundred to a few thousand training examples, 75-150 optimizer
-steps. Each (variant, task, seed) is one `dynalora train` recipe with MiniLM-L6 and the CLI's
-defaults for everything the variant does not name. Variants alternate inside one process (seed 0:
-task 1: A B C, task 2: A B C, ...), so their step times are comparable; run it with nothing else busy.
+as short as our users' runs: a few hundred to a few thousand training examples, 75-132 optimizer
+steps, one of them with five classes in 76 steps. Each (variant, task, seed) is one `dynalora train`
+recipe with MiniLM-L6 and the CLI's defaults for everything the variant does not name, except the
+learning rate: LoRA-based variants run at the rate chosen for plain LoRA on each task's validation
+split (:data:`TASK_LR`). Variants alternate inside one process (seed 0: task 1: A B C, task 2:
+A B C, ...), so their step times are comparable.
 
 The gap of a variant on a task is its accuracy minus plain LoRA's, averaged over seeds, on the same
-examples. Its 95% interval comes from a paired bootstrap over seeds and examples. Choices are
-made on the validation gaps; the test gaps are the report.
+examples. Its 95% interval comes from a paired bootstrap over seeds and examples, and the report
+states the smallest gap the suite can detect. Choices are made on the validation gaps; the test
+gaps are the report.
 
-    .venv/bin/python benchmarks/quality.py                 # default, v0.2, paper preset, LoRA; 3 seeds, ~60 min
-    .venv/bin/python benchmarks/quality.py --quick               # the same on seed 0, ~20 min
-    .venv/bin/python benchmarks/quality.py --variants period-10 --quick   # one ablation, added to the table
+    .venv/bin/python benchmarks/quality.py                       # default and LoRA, 3 seeds, ~50 min
+    .venv/bin/python benchmarks/quality.py --variants normalize-types --seeds 0   # one ablation, added
     .venv/bin/python benchmarks/quality.py --max-steps 5 --seeds 0 --name smoke   # a smoke run
 
-Results accumulate in benchmarks/results/<name>.json: a later invocation replaces the rows of the
+Results accumulate in benchmarks/results/<name>.json (default ``suite``; ``quality`` holds the
+earlier four-task suite at one rate for every task): a later invocation replaces the rows of the
 (variant, task, seed) it runs and keeps the others. <name>.md is rewritten from all rows.
 """
 
@@ -47,11 +50,16 @@ TASKS: dict[str, dict[str, Any]] = {
     "rotten_tomatoes": {"task": "rotten_tomatoes", "max_train_samples": 2400, "epochs": 1.0},  # 75 steps
     "political": {"task": "political", "epochs": 2.5},  # 1,684 paragraphs, 132 steps
     "debates": {"task": "debates", "epochs": 8.0},  # 469 paragraphs, 120 steps
-    "drugreview": {"task": "drugreview", "epochs": 10.0},  # 480 reviews, 150 steps
     # short and many classes, where dynamic allocation is hardest: 5 speakers, 602 paragraphs, 76 steps
     "speakers": {"task": "speakers", "epochs": 4.0},
 }
-TASK_LR: dict[str, float] = {}
+# Not in the suite since 2026-12-06: plain LoRA predicts drugreview's majority class at every rate
+# from 1e-3 to 1.6e-2 (validation 0.6417 = the majority's share, results/suite_lr.md), so the task
+# cannot tell two configurations apart; its earlier rows stay in results/quality.md.
+DROPPED_TASKS: dict[str, dict[str, Any]] = {
+    "drugreview": {"task": "drugreview", "epochs": 10.0},  # 480 reviews, 150 steps
+}
+TASK_LR: dict[str, float] = {"rotten_tomatoes": 4e-3, "political": 2e-3, "debates": 4e-3, "speakers": 8e-3}
 """Plain LoRA's learning rate per task, chosen on validation (seed 0) from 1e-3, 2e-3, 4e-3 and 8e-3
 (``--name suite_lr``, table in ``results/suite_lr.md``); LoRA-based variants run at it, so that no
 baseline sits at the majority class for want of a rate. Tasks not listed take the CLI's default."""
@@ -61,7 +69,7 @@ baseline sits at the majority class for want of a rate. Tasks not listed take th
 EXTRA_TASKS: dict[str, dict[str, Any]] = {
     "rotten_tomatoes_epoch": {"task": "rotten_tomatoes", "epochs": 1.0},
 }
-ALL_TASKS = TASKS | EXTRA_TASKS
+ALL_TASKS = TASKS | DROPPED_TASKS | EXTRA_TASKS
 
 # (Rows of the default were first run as "cutoff-0.5-local", the same settings spelled out, and
 # renamed when it became the default; the rows of the v0.2 default were renamed "v0.2-default".)
@@ -475,7 +483,7 @@ def main() -> None:
         "--variants",
         nargs="+",
         type=variant_name,
-        default=["old-default", "default", "lora"],
+        default=["default", "lora"],
         help=f"any of {', '.join(VARIANTS)}; NAME@LR runs it at another learning rate",
     )
     parser.add_argument("--tasks", nargs="+", choices=tuple(ALL_TASKS), default=list(TASKS))
@@ -483,7 +491,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="seed 0 only")
     parser.add_argument("--max-steps", type=int, default=None, help="shorten every run (smoke test)")
     parser.add_argument("--runs-dir", default="runs/bench-quality")
-    parser.add_argument("--name", default="quality")
+    parser.add_argument("--name", default="suite")
     parser.add_argument("--render-only", action="store_true", help="rewrite NAME.md from NAME.json; run nothing")
     ns = parser.parse_args()
     seeds = [0] if ns.quick else ns.seeds
