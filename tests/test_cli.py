@@ -429,3 +429,21 @@ def test_saved_adapter_names_a_loadable_base_and_carries_a_model_card(tiny_model
     metrics = json.loads((out / "metrics.json").read_text())
     assert card.startswith("---\nbase_model: " + tiny_model + "\nlibrary_name: peft\n")
     assert f"test accuracy {metrics['test']['accuracy']:.4f}" in card and "cutoff allocator" in card
+
+
+def test_config_file_gives_flags_and_the_command_line_overrides_it(tiny_model, csv_task, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 0.05\nallocator: topk\nk: 2\nmax-steps: 4\nlearning_rate_is_not_a_flag: 1\n")
+    out = tmp_path / "run"
+    assert main([*cli_args(tiny_model, csv_task, out), "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "learning_rate_is_not_a_flag is not a `dynalora train` flag" in err and "\n" not in err
+    config.write_text("lr: 0.05\nallocator: topk\nk: 2\nmax-steps: 4\n")
+    argv = cli_args(tiny_model, csv_task, out)  # it sets --max-steps 6 and --lr 1e-2 itself
+    argv.remove("--lr"), argv.remove("1e-2")
+    assert main(["train", "--config", str(config), *argv[1:]]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["lr"] == 0.05 and saved["allocator"] == "topk" and saved["k"] == "2"  # from the file
+    assert saved["num_steps"] == 6  # the command line's --max-steps 6 over the file's 4
+    assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -32,10 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser("train", help="fine-tune one model on one task, dynamic or plain")
     add_train_flags(train)
+    config_help = "a YAML or JSON file of train flags (lr: 0.002, method: dora, ...); flags given here override it"
+    train.add_argument("--config", metavar="FILE", help=config_help)
     compare = sub.add_parser(
         "compare", help="run DynaLoRA and plain LoRA (--no-dynamic) with the same recipe and print a table"
     )
     add_train_flags(compare)
+    compare.add_argument("--config", metavar="FILE", help=config_help)
     compare.add_argument(
         "--methods",
         help="comma-separated methods to compare side by side, each plain and, where it has one, dynamic "
@@ -198,7 +201,47 @@ def _quiet_libraries() -> None:
 COMMANDS = {"train": _cmd_train, "compare": _cmd_compare, "sweep": _cmd_sweep, "report": _cmd_report}
 
 
+def with_config_file(argv: list[str]) -> list[str]:
+    """``train``/``compare`` with ``--config FILE``: the file's flags (a YAML or JSON mapping of flag
+    names, as in a sweep's ``base``) go first, so that flags on the command line override them."""
+    if len(argv) < 1 or argv[0] not in ("train", "compare") or "--config" not in argv:
+        return argv
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        raise UsageError("--config needs a file: a YAML or JSON mapping of train flags, e.g. lr: 0.002")
+    path = Path(argv[i + 1])
+    if not path.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    import yaml
+
+    from dynalora.analysis.sweep import to_argv
+    from dynalora.training import TrainArgs
+
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise UsageError(f"--config {path}: not YAML or JSON ({str(err).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: must be a mapping of train flags (e.g. lr: 0.002), got {type(values).__name__}")
+    fields = {f.name for f in dataclasses.fields(TrainArgs)}
+    flags = {}
+    for key, value in values.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name not in fields:
+            raise UsageError(f"--config {path}: {key} is not a `dynalora train` flag; see `dynalora train --help`")
+        if not (value is None or isinstance(value, (str, int, float, bool))):
+            raise UsageError(f"--config {path}: {key} = {value!r}; allowed: a string, number or boolean")
+        flags[name] = value
+    return [argv[0], *to_argv(flags), *argv[1:i], *argv[i + 2 :]]
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        argv = with_config_file(argv)
+    except UsageError as err:
+        print(f"dynalora: error: {err}", file=sys.stderr)
+        return 2
     ns = build_parser().parse_args(argv)
     _quiet_libraries()
     try:
