@@ -87,7 +87,7 @@ def measure(model: str, args: argparse.Namespace) -> dict:
         batch = cost.fixed_batch(tokenizer, args.batch_size or 32, args.max_length, torch.device("cpu"))
         steps, period = args.steps or 60, args.period or 5
     else:
-        from dynalora.training.causal import embedded_llm_path, load_causal_model
+        from dynalora.models import embedded_llm_path, load_causal_model
 
         tokenizer, base = load_causal_model(embedded_llm_path(), torch.device("cpu"))
         batch = llm_cost.fixed_batch(tokenizer, args.batch_size or 4, args.max_length)

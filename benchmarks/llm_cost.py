@@ -35,7 +35,7 @@ from cost import MiB, Setup, Spec, count_run, train_step  # noqa: E402  (benchma
 from dynalora import DynamicAllocator, DynamicConfig  # noqa: E402
 from dynalora.data import load_task, tokenize  # noqa: E402
 from dynalora.methods import METHODS, MethodOptions  # noqa: E402
-from dynalora.training.causal import embedded_llm_path, load_causal_model  # noqa: E402
+from dynalora.models import embedded_llm_path, load_causal_model  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 AL = ("all-linear",)

@@ -58,9 +58,10 @@ def run_row(name: str, runs_dir: str) -> dict[str, Any]:
         metrics = run(args)
     finally:
         galore.FIXED_GAP = saved
+    if args.method == "galore" and gap is None:
+        gap = galore.projection_gap(metrics["num_steps"])
     return {
-        "row": name, "method": args.method, "lr": args.lr, "steps": metrics["num_steps"],
-        "gap": gap if gap is not None else galore.projection_gap(metrics["num_steps"]) if args.method == "galore" else None,
+        "row": name, "method": args.method, "lr": args.lr, "steps": metrics["num_steps"], "gap": gap,
         "test": metrics["test"]["accuracy"], "validation": metrics["validation"]["accuracy"],
     }  # fmt: skip
 

@@ -30,8 +30,13 @@ RESULTS = Path(__file__).parent / "results"
 MODELS = {
     # name: TrainArgs of every row on that model; short runs, small evaluation (bytes do not depend on it)
     "minilm": {"model": "embedded:minilm-l6", "max_steps": 12, "max_eval_samples": 32, "max_test_samples": 32},
-    "smollm2": {"model": "embedded:smollm2-135m", "max_steps": 6, "batch_size": 4, "max_eval_samples": 4,
-                "max_test_samples": 4},  # fmt: skip
+    "smollm2": {
+        "model": "embedded:smollm2-135m",
+        "max_steps": 6,
+        "batch_size": 4,
+        "max_eval_samples": 4,
+        "max_test_samples": 4,
+    },  # fmt: skip
 }
 BADAM = {"method": "full", "dynamic": True, "allocator": "discounted_stochastic", "k": "0.1",
          "state_policy": "reset", "optimizer": "global"}  # fmt: skip

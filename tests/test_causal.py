@@ -23,7 +23,8 @@ from dynalora.cli import main
 from dynalora.data import TaskData, make_collator, tokenize
 from dynalora.data.instruct import IGNORE, encode_turn, fit, instruct_spec
 from dynalora.methods import METHODS, MethodOptions
-from dynalora.training.causal import exact_match, is_decoder
+from dynalora.models import is_decoder
+from dynalora.training.causal import exact_match
 
 WORDS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "review", "the", "movie", "was", "good",
          "great", "fun", "bad", "awful", "dull", "positive", "negative", "is", "it", "?"]  # fmt: skip

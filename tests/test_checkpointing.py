@@ -448,8 +448,8 @@ def test_attach_on_sft_trainer_with_peft_config_keeps_the_saving(tmp_path):
     config = SFTConfig(output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=2, report_to=[],
                        save_strategy="no", use_cpu=True, max_length=32, dataloader_num_workers=0,
                        disable_tqdm=True, learning_rate=1e-2)  # fmt: skip
-    trainer = SFTTrainer(model=base, args=config, train_dataset=data, processing_class=_tokenizer(),
-                         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))  # fmt: skip
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=base, args=config, train_dataset=data, processing_class=_tokenizer(), peft_config=lora)
     alloc = dynalora.attach(trainer)
     probe = BelowTheCut(alloc, Calls(_blocks(trainer.model)))
     trainer.add_callback(probe.callback)

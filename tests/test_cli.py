@@ -376,8 +376,27 @@ def test_compare_methods_runs_each_plain_and_dynamic_where_it_has_one(tiny_model
 def test_transformers_flag_names_mean_the_same_as_ours(tiny_model, csv_task, tmp_path):
     from dynalora.cli import build_parser
 
-    ours = ["train", "--model", "m", "--lr", "0.01", "--epochs", "2", "--save-every", "3", "--rank", "4",
-            "--eval-every", "5", "--keep-checkpoints", "1", "--alpha", "8", "--adapter-dropout", "0.2"]
+    ours = [
+        "train",
+        "--model",
+        "m",
+        "--lr",
+        "0.01",
+        "--epochs",
+        "2",
+        "--save-every",
+        "3",
+        "--rank",
+        "4",
+        "--eval-every",
+        "5",
+        "--keep-checkpoints",
+        "1",
+        "--alpha",
+        "8",
+        "--adapter-dropout",
+        "0.2",
+    ]
     theirs = ["train", "--model_name_or_path", "m", "--learning_rate", "0.01", "--num_train_epochs", "2",
               "--save_steps", "3", "--lora_r", "4", "--eval-steps", "5", "--save_total_limit", "1",
               "--lora-alpha", "8", "--lora_dropout", "0.2"]  # fmt: skip

@@ -19,9 +19,9 @@ from dynalora.analysis.memory import (
     gradient_bytes,
     optimizer_state_bytes,
     parameter_bytes,
-    weight_bytes,
     step_memory_breakdown,
     tensor_bytes,
+    weight_bytes,
 )
 
 F32 = 4  # bytes per float32 element

@@ -1,7 +1,7 @@
 """The methods dynalora implements itself: each defining rule against its formula, computed here."""
 
-import math
 import copy
+import math
 
 import pytest
 import torch

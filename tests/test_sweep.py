@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dynalora.analysis.sweep import expand, load_config, run_name, to_argv
 from dynalora.cli import main
+from dynalora.training.sweep import expand, load_config, run_name, to_argv
 
 ISSUE_EXAMPLE = {
     "name": "embedded",

@@ -179,7 +179,8 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> int:
         The number of parameters cast.
     """
     if not dtype.is_floating_point:
-        raise ValueError(f"dtype={dtype} is not a floating-point dtype; allowed: {', '.join(map(str, DTYPES.values()))}")
+        allowed = ", ".join(map(str, DTYPES.values()))
+        raise ValueError(f"dtype={dtype} is not a floating-point dtype; allowed: {allowed}")
     cast = 0
     for param in model.parameters():
         if not param.is_floating_point():

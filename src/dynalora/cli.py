@@ -123,8 +123,8 @@ def _compare_variants(ns: argparse.Namespace) -> list[tuple[bool, str, str]]:
 
 def _cmd_compare(ns: argparse.Namespace) -> int:
     from dynalora.analysis.report import compare_table, load_run
-    from dynalora.analysis.sweep import dynamic_only
     from dynalora.training import RUN_FILES, run
+    from dynalora.training.sweep import dynamic_only
 
     root = Path(ns.output_dir)
     # The dynamic settings go to the dynamic variants only: a plain run refuses them.
@@ -149,7 +149,7 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(ns: argparse.Namespace) -> int:
-    from dynalora.analysis.sweep import Sweep, describe, expand, load_config
+    from dynalora.training.sweep import Sweep, describe, expand, load_config
 
     config = load_config(ns.config)
     root = Path(ns.output_dir or Path("runs") / config["name"])
@@ -214,15 +214,16 @@ def with_config_file(argv: list[str]) -> list[str]:
         raise UsageError(f"--config {path}: no such file")
     import yaml
 
-    from dynalora.analysis.sweep import to_argv
     from dynalora.training import TrainArgs
+    from dynalora.training.sweep import to_argv
 
     try:
         values = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise UsageError(f"--config {path}: not YAML or JSON ({str(err).splitlines()[0]})") from None
     if not isinstance(values, dict):
-        raise UsageError(f"--config {path}: must be a mapping of train flags (e.g. lr: 0.002), got {type(values).__name__}")
+        what = type(values).__name__
+        raise UsageError(f"--config {path}: must be a mapping of train flags (e.g. lr: 0.002), got {what}")
     fields = {f.name for f in dataclasses.fields(TrainArgs)}
     flags = {}
     for key, value in values.items():

@@ -178,7 +178,8 @@ class GradientNorm(_Accumulating):
     :meth:`end_step`: the reference keeps the values; ``zero_grad(set_to_none=False)`` must not.
 
     A module that is not trained gets no gradient, so there is nothing to measure. Its score is
-    the **mean gradient norm over the steps it was trained** (with ``ema``, a moving average over them) (summing, as eq. 1 does for forward
+    the **mean gradient norm over the steps it was trained** (with ``ema``, a moving average over
+    them; summing, as eq. 1 does for forward
     activations, would punish modules for having been inactive): a module inactive lately keeps
     the mean it had when last trained, and a module never trained scores the mean of the trained
     ones (neutral, so that every allocator can still pick it).

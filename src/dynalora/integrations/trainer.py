@@ -52,9 +52,7 @@ SUPPORTED_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD, to
 torch's own optimizers, whose state is per parameter."""
 
 
-def attach(
-    trainer: Any, config: DynamicConfig | None = None, *, resume_from: str | None = None
-) -> DynamicAllocator:
+def attach(trainer: Any, config: DynamicConfig | None = None, *, resume_from: str | None = None) -> DynamicAllocator:
     """Train only the most important adapter modules inside ``trainer`` (a ``Trainer`` or a subclass).
 
     Builds a :class:`DynamicAllocator` over ``trainer.model`` (which must hold the adapters: a

@@ -24,8 +24,8 @@ accumulation, both of which the layer-wise mode refuses (GaLore #55).
 from __future__ import annotations
 
 import importlib
-import math
 import importlib.util
+import math
 import sys
 import types
 from typing import Any
@@ -51,6 +51,8 @@ def projection_gap(total_steps: int | None) -> int:
     if not total_steps:
         return UPDATE_PROJ_GAP
     return max(1, min(UPDATE_PROJ_GAP, math.ceil(total_steps / 4)))
+
+
 _PROJECTOR_FIELDS = ("rank", "update_proj_gap", "scale", "proj_type")
 
 
@@ -123,8 +125,13 @@ def make_optimizer(model: nn.Module, opts: MethodOptions, lr: float, weight_deca
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in projected]
     groups = [
         {"params": rest},
-        {"params": galore, "rank": opts.rank, "update_proj_gap": projection_gap(opts.total_steps), "scale": SCALE,
-         "proj_type": "std"},  # fmt: skip
+        {
+            "params": galore,
+            "rank": opts.rank,
+            "update_proj_gap": projection_gap(opts.total_steps),
+            "scale": SCALE,
+            "proj_type": "std",
+        },  # fmt: skip
     ]
     return _optimizer_class()(groups, lr=lr, weight_decay=weight_decay, no_deprecation_warning=True)
 

@@ -142,7 +142,7 @@ def load_trained(folder: str | Path, device: str | torch.device = "cpu") -> nn.M
     folder = Path(folder)
     info = json.loads((folder / INFO_FILE).read_text())
     if info["problem_type"] == "causal_lm":
-        from dynalora.training.causal import load_causal_model
+        from dynalora.models import load_causal_model
 
         _, model = load_causal_model(info["base_model"], torch.device("cpu"))
     else:

@@ -23,8 +23,8 @@ from dynalora.config import (
 from dynalora.data import DEFAULT_INSTRUCT_TASK, DEFAULT_TASK, INSTRUCT_TASKS, TASKS, resolve_task
 from dynalora.errors import UsageError
 from dynalora.methods import ADAPTER_METHODS, METHODS, STATIC_ONLY
+from dynalora.models import DEFAULT_MODEL, EMBEDDED_LLM, is_decoder
 
-DEFAULT_MODEL = "embedded:minilm-l6"
 OBJECTIVES = ("classification", "causal-lm")
 # Greedy decoding runs once per example: a causal-LM evaluation scores this many by default.
 DEFAULT_CAUSAL_EVAL_SAMPLES = 200
@@ -365,9 +365,7 @@ class TrainArgs:
 
 
 def model_is_decoder(model: str) -> bool:
-    """``--model`` names a decoder-only LM (see :func:`dynalora.training.causal.is_decoder`)."""
-    from dynalora.training.causal import EMBEDDED_LLM, is_decoder
-
+    """``--model`` names a decoder-only LM (see :func:`dynalora.models.is_decoder`)."""
     if model in (EMBEDDED_LLM, DEFAULT_MODEL):
         return model == EMBEDDED_LLM
     return is_decoder(model)

