@@ -286,3 +286,22 @@ def test_methods_with_their_own_state_resume_exactly(tiny_model, csv_task, tmp_p
         assert torch.equal(wa[name], wb[name]), name
     results = [json.loads((d / "metrics.json").read_text())[state] for d in (whole, broken)]
     assert results[0] == results[1]
+
+
+def test_a_run_begun_before_a_flag_existed_resumes_with_that_flags_default(tmp_path):
+    """config.json of an older version lacks newer flags: the run began with their defaults."""
+    import json
+
+    from dynalora.errors import UsageError
+    from dynalora.training import TrainArgs
+    from dynalora.training.loop import resume_point
+
+    out = tmp_path / "run"
+    args = TrainArgs(output_dir=str(out), resume=True)
+    began = {k: v for k, v in args.to_dict().items() if k not in ("lr_scheduler_type", "max_grad_norm")}
+    (out / "checkpoints" / "step-000004").mkdir(parents=True)
+    (out / "checkpoints" / "step-000004" / "progress.json").write_text("{}")
+    (out / "config.json").write_text(json.dumps(began))
+    assert resume_point(args) == out / "checkpoints" / "step-000004"
+    with pytest.raises(UsageError, match="--lr-scheduler-type is 'cosine' here but 'linear'"):
+        resume_point(TrainArgs(output_dir=str(out), resume=True, lr_scheduler_type="cosine"))

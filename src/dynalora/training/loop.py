@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import dataclasses
 import json
 import logging
 import math
@@ -653,10 +654,13 @@ def resume_point(args: TrainArgs) -> Path | None:
     if last is None:
         return None
     began = json.loads((out / "config.json").read_text())
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainArgs)}
     for name, value in args.to_dict().items():
-        if name not in RESUME_FREE and began.get(name) != value:
+        # a flag newer than the run: the run began with what it does by default
+        before = began.get(name, defaults[name])
+        if name not in RESUME_FREE and before != value:
             raise UsageError(
-                f"--resume: --{name.replace('_', '-')} is {value!r} here but {began.get(name)!r} in {out}/config.json; "
+                f"--resume: --{name.replace('_', '-')} is {value!r} here but {before!r} in {out}/config.json; "
                 "allowed: the flags the run began with"
             )
     return last
