@@ -4,10 +4,10 @@ AdaLoRA's and GaLore's defaults were chosen on one epoch of Rotten Tomatoes (319
 ``benchmarks/results/methods.md``). At 100 steps (3,200 examples, batch 32, default flags) AdaLoRA
 stayed at the majority class (0.578) and GaLore reached 0.657, against 0.74-0.78 for the other
 methods. Each row here is one ``dynalora train`` recipe at seed 0; a ``gap`` overrides GaLore's
-projection gap for that run (the default follows the run's length, see methods/galore.py).
+projection gap for that run (the default is galore-torch's 200, see methods/galore.py).
 
     .venv/bin/python benchmarks/short_runs.py                  # every row, ~25 min on 2 CPU cores
-    .venv/bin/python benchmarks/short_runs.py --rows galore-100-gap200 galore-100
+    .venv/bin/python benchmarks/short_runs.py --rows galore-100-gap200 galore-100-gap25
 
 Results accumulate in benchmarks/results/short_runs.json (a row replaced when run again) and
 short_runs.md is rewritten from all rows.
@@ -41,7 +41,7 @@ ROWS: dict[str, tuple[dict[str, Any], int | None]] = {
     "adalora-319-lr1e-2": (EPOCH | {"method": "adalora", "lr": 1e-2}, None),
     "adalora-319-lr2e-2": (EPOCH | {"method": "adalora", "lr": 2e-2}, None),
     "galore-100-gap200": (SHORT | {"method": "galore"}, 200),
-    "galore-100": (SHORT | {"method": "galore"}, None),
+    "galore-100-gap25": (SHORT | {"method": "galore"}, 25),
     "galore-100-lr1e-4": (SHORT | {"method": "galore", "lr": 1e-4}, None),
     "galore-100-lr1e-4-gap200": (SHORT | {"method": "galore", "lr": 1e-4}, 200),
     "galore-319": (EPOCH | {"method": "galore"}, None),

@@ -1,7 +1,6 @@
 """The methods dynalora implements itself: each defining rule against its formula, computed here."""
 
 import copy
-import math
 
 import pytest
 import torch
@@ -445,14 +444,13 @@ def test_l1ra_runs_keeps_its_budget_and_draws_the_rank_map(tiny_model, csv_task,
 @pytest.mark.parametrize("total", [3, 10, 60, 100, 319, 800, 5000])
 def test_every_methods_schedule_fits_inside_the_run(total):
     """What each method schedules by steps happens inside a run of `total` steps, several times where
-    it repeats: AdaLoRA's warm-up, budget phase and final phase; GaLore's subspace renewals; L1RA's resizes."""
+    it repeats: AdaLoRA's warm-up, budget phase and final phase; L1RA's resizes. (GaLore keeps its
+    projection gap of 200: see methods/galore.py.)"""
     from dynalora.methods import adalora, galore, l1ra
 
     s = adalora.schedule(total)
     assert 0 <= s["tinit"] < total - s["tfinal"] and s["tfinal"] < total  # a budgeting phase exists
     assert 1 <= s["deltaT"] <= max(1, total // 10)  # it reallocates about ten times or more
-    gap = galore.projection_gap(total)
-    assert 1 <= gap <= math.ceil(total / 4) and gap <= galore.UPDATE_PROJ_GAP
-    assert (gap == galore.UPDATE_PROJ_GAP) == (total >= 4 * galore.UPDATE_PROJ_GAP - 3)  # long runs: the paper's
+    assert galore.projection_gap(total) == galore.UPDATE_PROJ_GAP  # measured: a shorter gap did not help
     every = l1ra.L1RA(total, seed=0).every
     assert 1 <= every <= max(1, total // 10)
