@@ -392,28 +392,38 @@ def test_the_default_config_keeps_its_saving_under_trainer_with_checkpointing(tm
     _check_steps(probe.records, recomputed=True)
 
 
-def test_the_default_config_keeps_its_saving_under_sft_trainer_with_its_default_config(tmp_path):
-    pytest.importorskip("trl")
+def _sft_setup(tmp_path, **config):
+    """A tiny llama, a prompt/completion set, and TRL's SFTConfig at its defaults for 30 steps."""
     import datasets
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
-    from dynalora.integrations import DynamicAllocationCallback
-    from tests.test_causal import WORDS, _tokenizer
+    from tests.test_causal import WORDS
 
     torch.manual_seed(0)
     base = LlamaForCausalLM(
         LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
     )  # fmt: skip
+    data = datasets.Dataset.from_dict({"prompt": ["review the movie was good", "review it was dull"] * 30,
+                                       "completion": ["positive", "negative"] * 30})  # fmt: skip
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=2, report_to=[],
+                     save_strategy="no", use_cpu=True, max_length=32, dataloader_num_workers=0,
+                     disable_tqdm=True, **config)  # fmt: skip
+    return base, data, args
+
+
+def test_the_default_config_keeps_its_saving_under_sft_trainer_with_its_default_config(tmp_path):
+    pytest.importorskip("trl")
+    from peft import LoraConfig
+    from trl import SFTTrainer
+
+    from dynalora.integrations import DynamicAllocationCallback
+    from tests.test_causal import _tokenizer
+
+    base, data, config = _sft_setup(tmp_path)
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
     alloc = DynamicAllocator(model, DynamicConfig())
     opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
-    data = datasets.Dataset.from_dict({"prompt": ["review the movie was good", "review it was dull"] * 30,
-                                       "completion": ["positive", "negative"] * 30})  # fmt: skip
-    config = SFTConfig(output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=2, report_to=[],
-                       save_strategy="no", use_cpu=True, max_length=32, dataloader_num_workers=0,
-                       disable_tqdm=True)  # fmt: skip
     assert config.gradient_checkpointing  # TRL's default
     calls = Calls(_blocks(model))
     probe = BelowTheCut(alloc, calls)
@@ -431,23 +441,13 @@ def test_attach_on_sft_trainer_with_peft_config_keeps_the_saving(tmp_path):
     """TRL's own route: SFTTrainer builds the PeftModel from peft_config=, dynalora.attach() after it,
     the optimizer and schedule come from SFTConfig, checkpointing is TRL's default."""
     pytest.importorskip("trl")
-    import datasets
     from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     import dynalora
-    from tests.test_causal import WORDS, _tokenizer
+    from tests.test_causal import _tokenizer
 
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(
-        LlamaConfig(vocab_size=len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS,
-                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
-    )  # fmt: skip
-    data = datasets.Dataset.from_dict({"prompt": ["review the movie was good", "review it was dull"] * 30,
-                                       "completion": ["positive", "negative"] * 30})  # fmt: skip
-    config = SFTConfig(output_dir=str(tmp_path), max_steps=30, per_device_train_batch_size=2, report_to=[],
-                       save_strategy="no", use_cpu=True, max_length=32, dataloader_num_workers=0,
-                       disable_tqdm=True, learning_rate=1e-2)  # fmt: skip
+    base, data, config = _sft_setup(tmp_path, learning_rate=1e-2)
     lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=base, args=config, train_dataset=data, processing_class=_tokenizer(), peft_config=lora)
     alloc = dynalora.attach(trainer)
