@@ -36,7 +36,7 @@ from dynalora import DynamicAllocator
 from dynalora.analysis.memory import step_memory_breakdown
 from dynalora.methods import HOOKS, METHODS, STATIC_ONLY, Hooks
 from dynalora.training import TrainArgs
-from dynalora.training.loop import _adamw, method_options, trainable_params
+from dynalora.training.engine import _adamw, method_options, trainable_params
 
 MiB = 2**20
 # one epoch of the embedded task (8,530 reviews, batch 32): AdaLoRA's and L1RA's schedules are

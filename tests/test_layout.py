@@ -15,13 +15,14 @@ LEVELS = {
     "cost": 2, "importance": 2, "checkpointing": 2, "models": 2,
     "allocators": 3, "methods": 3,
     "controller": 4, "analysis": 4,  # the engine's face; reading what runs wrote
-    "training": 5, "integrations": 5,  # the applications: dynalora train, Trainer
-    "cli": 6, "__init__": 6, "__main__": 7,
+    "integrations": 5,  # dynalora inside Trainer: attach()
+    "training": 6,  # dynalora train, on Trainer through attach()
+    "cli": 7, "__init__": 7, "__main__": 8,
 }  # fmt: skip
 
 
 def _part(module: str) -> str:
-    """``dynalora.training.loop`` -> ``training``."""
+    """``dynalora.training.engine`` -> ``training``."""
     return module.split(".")[1] if module.count(".") else "__init__"
 
 

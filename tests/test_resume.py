@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from dynalora.cli import main
-from dynalora.training import checkpoint, loop
+from dynalora.training import checkpoint, engine
 from tests.test_cli import cli_args, read_jsonl
 
 # 64 examples in batches of 8 and 2 micro-batches a step: 4 optimizer steps an epoch, so 14 steps
@@ -38,15 +38,15 @@ def _crashed_run(monkeypatch, argv: list[str], steps: int) -> None:
 
 def _crash_after(monkeypatch, steps: int) -> None:
     """The process dies (an exception nobody catches) right after optimizer step ``steps``."""
-    real, count = loop._optimizer_step, {"n": 0}
+    real_end, count = engine.Meter.on_step_end, {"n": 0}
 
-    def step(job, steps_done):
-        real(job, steps_done)
+    def step_end(self, args, state, control, **kwargs):
         count["n"] += 1
         if count["n"] == steps:
             raise Crash
+        return real_end(self, args, state, control, **kwargs)
 
-    monkeypatch.setattr(loop, "_optimizer_step", step)
+    monkeypatch.setattr(engine.Meter, "on_step_end", step_end)
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -117,7 +117,7 @@ def test_gradient_accumulation_counts_optimizer_steps(still_model, csv_task, tmp
 def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
     tiny_model, csv_task, tmp_path, monkeypatch, capsys
 ):
-    real_load, calls = loop.load_model, {"n": 0}
+    real_load, calls = engine.load_model, {"n": 0}
 
     def poisoned(*args, **kwargs):
         tokenizer, model = real_load(*args, **kwargs)
@@ -132,7 +132,7 @@ def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
         model.classifier.register_forward_hook(hook)
         return tokenizer, model
 
-    monkeypatch.setattr(loop, "load_model", poisoned)
+    monkeypatch.setattr(engine, "load_model", poisoned)
     out = tmp_path / "run"
     assert main(cli_args(tiny_model, csv_task, out, "--max-steps", "8", "--save-every", "2")) == 1
     err = capsys.readouterr().err.strip()
@@ -261,7 +261,7 @@ def test_a_resume_on_another_thread_count_says_it_may_not_be_bitwise(
         torch.set_num_threads(1)
         _crashed_run(monkeypatch, cli_args(tiny_model, csv_task, out, "--save-every", "2"), 3)
         torch.set_num_threads(2)
-        with caplog.at_level("WARNING", logger="dynalora.training.loop"):
+        with caplog.at_level("WARNING", logger="dynalora.training.engine"):
             assert main(cli_args(tiny_model, csv_task, out, "--save-every", "2", "--resume")) == 0
     finally:
         torch.set_num_threads(before)
@@ -294,13 +294,14 @@ def test_a_run_begun_before_a_flag_existed_resumes_with_that_flags_default(tmp_p
 
     from dynalora.errors import UsageError
     from dynalora.training import TrainArgs
-    from dynalora.training.loop import resume_point
+    from dynalora.training.engine import resume_point
 
     out = tmp_path / "run"
     args = TrainArgs(output_dir=str(out), resume=True)
     began = {k: v for k, v in args.to_dict().items() if k not in ("lr_scheduler_type", "max_grad_norm")}
     (out / "checkpoints" / "step-000004").mkdir(parents=True)
     (out / "checkpoints" / "step-000004" / "progress.json").write_text("{}")
+    (out / "checkpoints" / "step-000004" / "trainer_state.json").write_text("{}")
     (out / "config.json").write_text(json.dumps(began))
     assert resume_point(args) == out / "checkpoints" / "step-000004"
     with pytest.raises(UsageError, match="--lr-scheduler-type is 'cosine' here but 'linear'"):

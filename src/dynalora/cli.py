@@ -28,7 +28,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     parser = _Parser(prog="dynalora", description="Dynamic low-rank module allocation (DynaLoRA) fine-tuning.")
+    parser.add_argument("--version", action="version", version=f"dynalora {version('dynalora')}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser("train", help="fine-tune one model on one task, dynamic or plain")
     add_train_flags(train)

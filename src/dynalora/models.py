@@ -94,6 +94,7 @@ def load_causal_model(path: str, device: torch.device):
         raise UsageError(f"--model {path}: cannot be loaded as a causal LM ({first})") from None
     if "gguf_file" in where:  # dequantised to float32 on load: a plain model from here on, one that saves
         model.hf_quantizer = None
+        model.is_quantized = False  # Trainer refuses a "quantized" model with no quantizer to train it
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
     if tokenizer.pad_token is None:

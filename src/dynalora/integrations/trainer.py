@@ -52,7 +52,14 @@ SUPPORTED_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD, to
 torch's own optimizers, whose state is per parameter."""
 
 
-def attach(trainer: Any, config: DynamicConfig | None = None, *, resume_from: str | None = None) -> DynamicAllocator:
+def attach(
+    trainer: Any,
+    config: DynamicConfig | DynamicAllocator | None = None,
+    *,
+    modules: Any = None,
+    resume_from: str | None = None,
+    save_state: bool = True,
+) -> DynamicAllocator:
     """Train only the most important adapter modules inside ``trainer`` (a ``Trainer`` or a subclass).
 
     Builds a :class:`DynamicAllocator` over ``trainer.model`` (which must hold the adapters: a
@@ -62,7 +69,11 @@ def attach(trainer: Any, config: DynamicConfig | None = None, *, resume_from: st
     steps the allocator and saves its state in every checkpoint.
 
     Weight decay applies to every trained tensor (Trainer exempts biases and norms; adapters have
-    neither). ``resume_from``: see :class:`DynamicAllocationCallback`.
+    neither). ``modules``: the allocation units, where the method defines its own (see
+    :class:`DynamicAllocator`); ``resume_from``: see :class:`DynamicAllocationCallback`;
+    ``save_state=False``: the caller saves and restores the allocator's state itself (``dynalora
+    train`` does, in its own checkpoints). ``config`` may be an allocator already built over
+    ``trainer.model`` (so that a bad setting is refused before the trainer exists).
 
     Raises:
         ValueError: the trainer already has an optimizer (``optimizers=`` was given), or
@@ -80,7 +91,10 @@ def attach(trainer: Any, config: DynamicConfig | None = None, *, resume_from: st
         allowed = "adamw_torch, adamw_torch_fused, sgd, adagrad, rmsprop"
         name = getattr(args.optim, "value", args.optim)
         raise ValueError(f"optim={name!r} is not supported by dynalora.attach; allowed: {allowed}")
-    allocator = DynamicAllocator(model, config or DynamicConfig())
+    if isinstance(config, DynamicAllocator):
+        allocator = config
+    else:
+        allocator = DynamicAllocator(model, config or DynamicConfig(), modules=modules)
 
     def create_optimizer(self: Any, model: Any = None) -> Any:
         if self.optimizer is None:
@@ -101,7 +115,7 @@ def attach(trainer: Any, config: DynamicConfig | None = None, *, resume_from: st
 
     trainer.create_optimizer = types.MethodType(create_optimizer, trainer)
     trainer.create_scheduler = types.MethodType(create_scheduler, trainer)
-    trainer.add_callback(DynamicAllocationCallback(allocator, resume_from=resume_from))
+    trainer.add_callback(DynamicAllocationCallback(allocator, resume_from=resume_from, save_state=save_state))
     return allocator
 
 
@@ -118,14 +132,17 @@ class DynamicAllocationCallback(TrainerCallback):
     modules produce no gradients.
     """
 
-    def __init__(self, allocator: DynamicAllocator, resume_from: str | None = None) -> None:
+    def __init__(self, allocator: DynamicAllocator, resume_from: str | None = None, save_state: bool = True) -> None:
         """Args:
         allocator: the allocator to drive.
         resume_from: the checkpoint folder ``trainer.train(resume_from_checkpoint=...)`` resumes
             from, when it is not ``<output_dir>/checkpoint-<step>`` (Trainer does not tell callbacks).
+        save_state: write and read the allocator's state in Trainer's checkpoints (False: the
+            caller does).
         """
         self.allocator = allocator
         self.resume_from = resume_from
+        self.save_state = save_state
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer=None, **kwargs
@@ -140,7 +157,7 @@ class DynamicAllocationCallback(TrainerCallback):
                 )
         if state.max_steps:
             self.allocator.set_total_steps(state.max_steps)
-        if state.global_step > 0 and self.allocator.step_count != state.global_step:
+        if self.save_state and state.global_step > 0 and self.allocator.step_count != state.global_step:
             self._restore(args, state)
         # Trainer has loaded the optimizer by now, which puts every state tensor back on its
         # parameter's device; re-apply the policy (offload) to the inactive modules.
@@ -168,7 +185,7 @@ class DynamicAllocationCallback(TrainerCallback):
         self.allocator.step()
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        if args.should_save or args.world_size > 1:  # every process saves its own state
+        if self.save_state and (args.should_save or args.world_size > 1):  # every process saves its own state
             folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             os.makedirs(folder, exist_ok=True)
             torch.save(self.allocator.state_dict(), os.path.join(folder, state_file(args.process_index)))

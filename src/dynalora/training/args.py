@@ -219,6 +219,17 @@ class TrainArgs:
     output_dir: str = _opt("folder for config, metrics, logs, plots and the trained weights", default="runs/train")
     overwrite: bool = _opt("write over a run already in --output-dir", default=False)
     quiet: bool = _opt("no progress bar", default=False)
+    report_to: str = _opt(
+        "where Trainer also reports the training loss and learning rate: none, all, or a comma-separated list of "
+        "installed integrations (tensorboard, wandb, mlflow, ...)",
+        default="none",
+    )
+    logging_steps: int = _opt("report to --report-to every N optimizer steps", default=10)
+    push_to_hub: bool = _opt(
+        "upload the trained model/ folder (adapter, tokenizer, model card) to the Hugging Face Hub at the end",
+        default=False,
+    )
+    hub_model_id: str | None = _opt("the Hub repository for --push-to-hub (default: the --output-dir folder's name)")
     gradient_checkpointing: bool | None = _opt(
         "activation checkpointing of the transformer blocks (non-reentrant); with --dynamic, blocks below the "
         "lowest trained one are neither checkpointed nor run backward (default: on for causal LM, as TRL's "
@@ -251,7 +262,8 @@ class TrainArgs:
     response_column: str | None = _opt("answer column of custom causal-LM files; the loss falls on it only")
 
     def __post_init__(self) -> None:
-        for name in ("rank", "batch_size", "max_length", "period", "gradient_accumulation_steps", "keep_checkpoints"):
+        for name in ("rank", "batch_size", "max_length", "period", "gradient_accumulation_steps", "keep_checkpoints",
+                     "logging_steps"):  # fmt: skip
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("max_steps", "max_train_samples", "max_eval_samples", "max_test_samples"):
@@ -282,6 +294,7 @@ class TrainArgs:
             raise UsageError(f"--dylora-frozen applies to --method dylora only, not {self.method}")
         if self.bf16 and self.fp16:
             raise UsageError("--bf16 and --fp16 exclude each other; choose one")
+        self._check_reporting()
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
             raise UsageError(f"--max-grad-norm must be a number >= 0 (0: no clipping), got {self.max_grad_norm}")
         if self.max_grad_norm and self.fp16:
@@ -319,6 +332,25 @@ class TrainArgs:
                 raise UsageError(f"{flag} is a dynamic setting and this run is static; drop it, or add --dynamic")
         if self.dynamic:
             self.dynamic_config()  # validate now, before anything is loaded or written
+
+    def _check_reporting(self) -> None:
+        """--report-to names installed integrations; --push-to-hub needs the Hub."""
+        if self.report_to not in ("none", "all"):
+            from transformers.integrations import get_available_reporting_integrations
+
+            available = get_available_reporting_integrations()
+            for name in (n.strip() for n in self.report_to.split(",")):
+                if name not in available:
+                    allowed = ", ".join(["none", "all", *available])
+                    raise UsageError(f"--report-to {name}: not an installed integration; allowed here: {allowed}")
+        if self.hub_model_id is not None and not self.push_to_hub:
+            raise UsageError("--hub-model-id names the repository of --push-to-hub; add --push-to-hub, or drop it")
+        if self.push_to_hub:
+            import os
+
+            if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+                raise UsageError("--push-to-hub needs the Hugging Face Hub, and HF_HUB_OFFLINE is set; drop the flag "
+                                 "(model/ holds everything to upload later with `hf upload`)")  # fmt: skip
 
     def _resolve_objective(self) -> None:
         """What the model learns follows from the model and the data: a decoder, or a prompt
@@ -373,10 +405,31 @@ def model_is_decoder(model: str) -> bool:
     return is_decoder(model)
 
 
+GROUPS = {
+    "model and method": ("model", "method", "targets", "rank", "alpha", "adapter_dropout", "dylora_frozen",
+                         "base_dtype"),
+    "data": ("task", "objective", "max_length", "max_train_samples", "max_eval_samples", "max_test_samples", "glue_dir",
+             "train_file", "validation_file", "test_file", "text_column", "text_pair_column", "label_column",
+             "regression", "prompt_column", "response_column"),
+    "dynamic allocation (dynalora.DynamicConfig)": tuple(f.name for f in fields(DynamicConfig) if f.name != "seed")
+    + ("dynamic", "preset"),
+    "training (transformers' TrainingArguments)": (
+        "lr", "weight_decay", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "max_grad_norm", "batch_size",
+        "epochs", "max_steps", "gradient_accumulation_steps", "gradient_checkpointing", "bf16", "fp16", "device",
+        "seed", "eval_every"),
+    "outputs, checkpoints and reporting": ("output_dir", "overwrite", "resume", "save_every", "keep_checkpoints",
+                                           "quiet", "report_to", "logging_steps", "push_to_hub", "hub_model_id"),
+}  # fmt: skip
+"""``--help`` shows the flags in these groups; every TrainArgs field is in one (tested)."""
+
+
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainArgs field: name, type, default, choices and help all come from the dataclass."""
     hints = typing.get_type_hints(TrainArgs)
+    group_of = {name: title for title, names in GROUPS.items() for name in names}
+    groups = {title: parser.add_argument_group(title) for title in GROUPS}
     for f in fields(TrainArgs):
+        group = groups[group_of[f.name]]
         flag = "--" + f.name.replace("_", "-")
         # transformers' spellings too (--learning_rate as well as --learning-rate) and HF's names
         # (--learning-rate for --lr); hidden, so that help and errors name one flag
@@ -385,21 +438,23 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
         kind = hints[f.name]
         default = f.default if f.default is not MISSING else None
         help_text = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            help_text += f" (choices: {', '.join(map(str, f.metadata['choices']))})"
         if default is not None and kind is not bool:
             help_text += f" (default: {default})"
         if f.metadata.get("aliases"):
             help_text += f" (also {', '.join(f.metadata['aliases'])})"
         if kind in (bool, bool | None):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             for alias in hidden:
-                parser.add_argument(alias, action=argparse.BooleanOptionalAction, default=default,
+                group.add_argument(alias, action=argparse.BooleanOptionalAction, default=default,
                                     help=argparse.SUPPRESS, dest=f.name)  # fmt: skip
             continue
         base = next(t for t in typing.get_args(kind) if t is not type(None)) if typing.get_args(kind) else kind
         options = {"type": base, "default": default, "choices": f.metadata.get("choices")}
-        parser.add_argument(flag, **options, help=help_text, metavar=f.name.upper())
+        group.add_argument(flag, **options, help=help_text, metavar=f.name.upper())
         for alias in hidden:
-            parser.add_argument(alias, **options, help=argparse.SUPPRESS, dest=f.name)
+            group.add_argument(alias, **options, help=argparse.SUPPRESS, dest=f.name)
 
 
 def as_flag_message(err: ValueError) -> str:

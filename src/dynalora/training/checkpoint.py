@@ -8,9 +8,10 @@
   and read back with ``torch.load(weights_only=True)`` (tensors, numbers, strings);
 - ``allocator-<rank>.pt``: each process's allocator, the same way (importance is measured on each
   process's part of the batch before it is averaged, so the accumulators differ between processes);
-- ``rng-<rank>.safetensors``: each process's torch, CUDA, numpy and Python RNG states, and the
-  data loader's generator at the start of the epoch (the data position is that plus a batch count);
-- ``progress.json``: the step, the data position and the log records so far.
+- ``rng-<rank>.safetensors``: each process's torch, CUDA, numpy and Python RNG states;
+- ``progress.json``: the step and the log records so far;
+- ``trainer_state.json``: Trainer's state (its step, epoch and data position), so that Trainer
+  skips the batches already trained on when it resumes.
 
 Nothing is unpickled. accelerate's ``save_state`` does not fit here: it loads objects registered
 for checkpointing with ``weights_only=False``, does not know :class:`~dynalora.optim.LocalOptimizer`,
@@ -85,6 +86,11 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     random.setstate((version, tuple(internal), None if gauss != gauss else gauss))
     if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_rng(folder: Path, rank: int) -> None:
+    """Set this process's RNG states to those saved in the checkpoint ``folder``."""
+    set_rng_state(load_file(str(folder / f"rng-{rank}.safetensors")))
 
 
 # ------------------------------------------------------------------------------------------ save / load

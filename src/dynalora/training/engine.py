@@ -1,4 +1,20 @@
-"""The training loop behind ``dynalora train``: one model, one task, dynamic or plain."""
+"""``dynalora train`` on transformers' ``Trainer``: the user's engine, with dynalora plugged in by
+:func:`dynalora.attach` (the same call a user's own script makes).
+
+Trainer runs the steps: data order and sharding, gradient accumulation, DDP, mixed precision and
+the loss scaler, clipping (``max_grad_norm``), the LR schedule's steps, the progress bar and
+``report_to``. dynalora keeps only what Trainer cannot give, as a callback and small overrides:
+
+- :class:`Meter`, a callback: each optimizer step's loss (averaged over processes, with any
+  process's stop request in the same all-reduce), time, counted bytes and log record; validation
+  every ``--eval-every`` steps (our evaluation: generation and exact match for causal LM); a
+  NaN/inf loss stops before its optimizer step; SIGINT/SIGTERM write a checkpoint and stop;
+- :class:`DynaloraTrainer`, four overrides: ``compute_loss`` counts what the forward saves for
+  backward, ``create_optimizer`` keeps a static method's own optimizer (GaLore), and checkpoints
+  are dynalora's (atomic, read back without unpickling, the allocator and method state inside,
+  see :mod:`dynalora.training.checkpoint`) with Trainer's ``trainer_state.json`` beside them, so
+  that Trainer itself skips the data already seen when it resumes.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +23,7 @@ import gc
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import statistics
@@ -19,7 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import TrainerControl, TrainerState
 
 from dynalora.adapters import DTYPES, cast_frozen
 from dynalora.analysis.memory import (
@@ -34,12 +52,13 @@ from dynalora.controller import DynamicAllocator
 from dynalora.data import TaskData, load_task, make_collator, tokenize
 from dynalora.data.tasks import TaskSpec, compute_metrics
 from dynalora.errors import Interrupted, RunError, UsageError
+from dynalora.integrations.trainer import attach
 from dynalora.methods import HOOKS, METHODS, Hooks, MethodOptions, is_own, save_adapter
 from dynalora.models import load_model, portable_model_id, resolve_model_path
 from dynalora.training import checkpoint
 from dynalora.training.args import RUN_FILES, TrainArgs, as_flag_message
 from dynalora.training.causal import evaluate_causal
-from dynalora.training.checkpoint import latest_checkpoint
+from dynalora.training.checkpoint import latest_checkpoint, load_rng
 
 logger = logging.getLogger(__name__)
 
@@ -147,72 +166,38 @@ def _eval_record(step: int, split: str, result: dict[str, Any]) -> dict[str, Any
     return {"type": "eval", "step": step, "split": split, "loss": result["loss"], "metrics": result["metrics"]}
 
 
-# ------------------------------------------------------------------------------------------ set-up
-def make_accelerator(args: TrainArgs):
-    """One Accelerator per run: device, mixed precision, DDP, gradient accumulation, batch sharding."""
-    from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
+@dataclass
+class Parts:
+    """What a run trains on: data, the model with its method, the allocator, evaluation loaders."""
 
-    device = resolve_device(args.device)
-    if device.type != "cuda" and (args.bf16 or args.fp16):
-        raise UsageError("--bf16/--fp16 need a CUDA device; allowed on CPU: full precision (drop the flag)")
-    if device.type != "cuda" and args.base_dtype == "fp16":
-        raise UsageError("--base-dtype fp16 needs a CUDA device; allowed on CPU: fp32, bf16")
-    compute = args.base_dtype  # a half-precision store computes under autocast at its dtype
-    if args.dynamic and args.dynamic_config().inactive_dtype != "fp32":
-        compute = args.dynamic_config().inactive_dtype
-        if device.type != "cuda" and compute == "fp16":
-            raise UsageError("--inactive-dtype fp16 needs a CUDA device; allowed on CPU: fp32, bf16")
-        if args.base_dtype not in ("fp32", compute):
-            raise UsageError(f"--inactive-dtype {compute} and --base-dtype {args.base_dtype} differ; choose one dtype")
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-    # accelerate keeps its settings in process-wide singletons and refuses a second Accelerator with
-    # other ones, but one process may run several trainings (compare, benchmarks, tests). The
-    # process group (PartialState) stays.
-    AcceleratorState._reset_state(reset_partial_state=False)
-    GradientState._reset_state()
-    accelerator = Accelerator(
-        cpu=device.type == "cpu",
-        # a half-precision frozen base computes under autocast at its dtype (on CPU too, for bf16)
-        mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else compute.replace("fp32", "no"),
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        # --batch-size is the global batch: each of N processes takes its 1/N of every batch
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
-        # modules outside the selection (or below the cutoff) get no gradient: DDP must not wait for them
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        # FSDP replaces the parameters after the allocator has taken them; ZeRO fixes the trainable
-        # set when it builds its flat buffers (docs/cli.md, "Engines").
-        raise UsageError(
-            f"dynalora train runs under DDP, not {accelerator.distributed_type.value}; allowed: torchrun or "
-            "accelerate launch without --use_fsdp/--use_deepspeed (FSDP2: see docs/cli.md for the library path)"
-        )
-    return accelerator
+    spec: TaskSpec
+    model_path: str
+    tokenizer: Any
+    model: torch.nn.Module
+    modules: Any
+    options: MethodOptions
+    allocator: DynamicAllocator | None
+    hooks: Hooks
+    tokenized: Any
+    collator: Any
+    eval_loaders: dict[str, DataLoader]
+    num_steps: int
+    saved_names: frozenset[str]
 
 
 @dataclass
 class Job:
-    """Everything a run needs, built (and validated) before any file is written."""
+    """One run: its arguments, what :func:`load` built, and the ``Trainer`` that trains it."""
 
     args: TrainArgs
-    accelerator: Any
-    spec: TaskSpec
-    model_path: str
-    tokenizer: Any
-    model: torch.nn.Module  # as accelerate prepared it: DDP-wrapped under several processes
-    allocator: DynamicAllocator | None
-    optimizer: Any
-    scheduler: Any
-    train_loader: Any  # accelerate's DataLoaderShard: each process's part of every global batch
-    train_generator: torch.Generator  # the shuffle: its state at an epoch's start fixes that epoch's order
-    eval_loaders: dict[str, DataLoader]
-    num_steps: int
-    num_trainable: int
-    saved_names: frozenset[str]  # what a checkpoint holds: every tensor that ever trains
-    hooks: Hooks  # what the method needs from the loop (AdaLoRA: update_and_allocate after each step)
+    parts: Parts
+    trainer: Any = None
+    allocator: DynamicAllocator | None = None
+    num_trainable: int = 0
+
+    @property
+    def accelerator(self) -> Any:
+        return self.trainer.accelerator
 
     @property
     def device(self) -> torch.device:
@@ -222,8 +207,16 @@ class Job:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
+    @property
+    def optimizer(self) -> Any:
+        return self.trainer.optimizer
+
+    @property
+    def scheduler(self) -> Any:
+        return self.trainer.lr_scheduler
+
     def unwrapped(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model)
+        return self.trainer.model  # Trainer's model is never the DDP wrapper
 
     @property
     def weights(self) -> list[torch.Tensor]:
@@ -235,20 +228,18 @@ class Job:
         """The checkpoint's tensors, looked up now: L1RA replaces its parameters when it resizes."""
         return {n: p for n, p in self.unwrapped().named_parameters() if n in self.saved_names}
 
+    def __getattr__(self, name: str) -> Any:  # spec, tokenizer, eval_loaders, num_steps, hooks, ...
+        if name == "parts":
+            raise AttributeError(name)
+        return getattr(self.parts, name)
 
-def prepare(args: TrainArgs) -> Job:
-    """Load data and model, set up the method, allocator and optimizer. Raises UsageError on bad input."""
-    prepare_output_dir(args)
-    accelerator = make_accelerator(args)
-    if args.batch_size % accelerator.num_processes:
-        raise UsageError(
-            f"--batch-size {args.batch_size} is the global batch and must split evenly over "
-            f"{accelerator.num_processes} processes; allowed: a multiple of {accelerator.num_processes}"
-        )
-    device = accelerator.device
+
+def load(args: TrainArgs, device: torch.device, allocate: bool = True) -> Parts:
+    """Load data and model and set up the method on ``device``, and the allocator when ``allocate``
+    and the run is dynamic. Raises UsageError on bad input."""
     model_path = resolve_model_path(args.model)
 
-    from transformers import get_scheduler, set_seed
+    from transformers import set_seed
 
     set_seed(args.seed)
     data: TaskData = load_task(
@@ -285,7 +276,7 @@ def prepare(args: TrainArgs) -> Job:
             raise UsageError(f"--gradient-checkpointing: {err}") from None
     saved = frozenset(n for n, p in model.named_parameters() if p.requires_grad)  # before any module is frozen
     allocator = None
-    if args.dynamic:
+    if args.dynamic and allocate:
         try:
             allocator = DynamicAllocator(model, args.dynamic_config(), modules=modules)
         except ValueError as err:
@@ -293,10 +284,6 @@ def prepare(args: TrainArgs) -> Job:
 
     tokenized = tokenize(data, tokenizer, args.max_length)
     collator = make_collator(tokenizer, kind=data.spec.kind)
-    generator = torch.Generator().manual_seed(args.seed)
-    train_loader = DataLoader(
-        tokenized["train"], batch_size=args.batch_size, shuffle=True, collate_fn=collator, generator=generator
-    )
     eval_loaders = {  # only the main process evaluates, on the whole split
         split: DataLoader(
             # each split has its own cap: --max-eval-samples never shrinks the test split
@@ -310,36 +297,17 @@ def prepare(args: TrainArgs) -> Job:
         for split in ("validation", "test")
         if split in tokenized and (split != "test" or data.has_test_labels)
     }
-    warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * num_steps)
-    schedule = {"num_warmup_steps": warmup, "num_training_steps": num_steps}
-    if allocator is not None:  # the optimizer covers frozen modules too (§3.4)
-        optimizer = allocator.create_optimizer(torch.optim.AdamW, lr=args.lr, weight_decay=args.weight_decay)
-        scheduler = allocator.create_scheduler(optimizer, args.lr_scheduler_type, **schedule)
-        num_trainable = allocator.num_params + allocator.num_extra_params
-    else:
-        make = hooks.make_optimizer or _adamw
-        optimizer = make(model, options, args.lr, args.weight_decay)
-        scheduler = get_scheduler(args.lr_scheduler_type, optimizer, **schedule)
-        num_trainable = sum(p.numel() for p in trainable_params(model))
-    # Only the model and the training data go through accelerate. The optimizer and scheduler stay
-    # ours: LocalOptimizer is no torch Optimizer, and the loop below steps both once per optimizer
-    # step (after the last micro-batch of an accumulation), whatever the number of processes.
-    model, train_loader = accelerator.prepare(model, train_loader)
-    return Job(
-        args, accelerator, data.spec, model_path, tokenizer, model, allocator, optimizer, scheduler,
-        train_loader, generator, eval_loaders, num_steps, num_trainable, saved, hooks,
-    )  # fmt: skip
+    return Parts(data.spec, model_path, tokenizer, model, modules, options, allocator, hooks, tokenized, collator,
+                 eval_loaders, num_steps, saved)  # fmt: skip
 
 
-# ------------------------------------------------------------------------------------------ the loop
+# ------------------------------------------------------------------------------------------ progress
 @dataclass
 class Progress:
-    """Where a run stands; a checkpoint's ``progress.json`` (and the loader state) restores it."""
+    """Where a run stands and what it logged; a checkpoint's ``progress.json`` restores it (the data
+    position is Trainer's, in ``trainer_state.json``)."""
 
     step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batches: int = 0  # batches of this epoch consumed
-    epoch_start: torch.Tensor | None = None  # the shuffle generator's state when this epoch began
     records: list[dict[str, Any]] = field(default_factory=list)
     step_ms: list[float] = field(default_factory=list)
     active_params: list[int] = field(default_factory=list)
@@ -347,7 +315,7 @@ class Progress:
     counted: list[dict[str, int]] = field(default_factory=list)
     resumed_from: int | None = None
 
-    SAVED = ("step", "epoch", "batches", "records", "step_ms", "active_params", "counted")  # in progress.json
+    SAVED = ("step", "records", "step_ms", "active_params", "counted")  # in progress.json
 
     def to_json(self, world_size: int) -> dict[str, Any]:
         # the thread count changes how CPU kernels split their sums: a resume on another count is not bitwise
@@ -406,126 +374,6 @@ def _all_ok(accelerator, ok: bool) -> bool:
     return float(flag[0]) == 0.0
 
 
-def _optimizer_step(job: Job, steps_done: int) -> None:
-    if job.args.max_grad_norm:  # inactive modules have no gradient and add nothing to the norm
-        torch.nn.utils.clip_grad_norm_(
-            [p for p in job.model.parameters() if p.grad is not None], job.args.max_grad_norm
-        )
-    scaler = job.accelerator.scaler  # fp16 only
-    if scaler is not None:
-        scaler.step(job.optimizer)
-        scaler.update()
-    else:
-        job.optimizer.step()
-    if job.hooks.on_optimizer_step is not None:  # before zero_grad: AdaLoRA reads the gradients
-        job.hooks.on_optimizer_step(job.unwrapped(), steps_done, job.optimizer)
-    job.scheduler.step()
-    job.optimizer.zero_grad(set_to_none=True)
-    if job.allocator is not None:
-        job.allocator.step()  # may reallocate: freezes, unfreezes, applies the state policy
-
-
-def train_loop(job: Job, out: Path, resume: Path | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Train for ``job.num_steps`` optimizer steps; returns the log records and the run's cost figures.
-
-    Raises:
-        Interrupted: SIGINT/SIGTERM; a checkpoint of the last finished step was written.
-        RunError: a NaN/inf loss (before its optimizer step) or a checkpoint that cannot be written.
-    """
-    args, acc, model, allocator = job.args, job.accelerator, job.model, job.allocator
-    p = restore_checkpoint(job, resume) if resume is not None else Progress()
-    last_eval: dict[str, Any] = {}
-    bar = tqdm(
-        total=job.num_steps,
-        initial=p.step,
-        disable=args.quiet or not job.is_main,
-        desc=f"{args.method}{' dynamic' if allocator else ''}",
-    )
-    model.train()
-    with PeakMemory(job.device) as peak, StopRequest() as stop, bar:  # the bar closes before any message
-        while p.step < job.num_steps:
-            if p.epoch_start is None:
-                p.epoch_start = job.train_generator.get_state()
-            else:  # resumed inside this epoch: the same shuffle, then skip what was consumed
-                job.train_generator.set_state(p.epoch_start)
-            loader = acc.skip_first_batches(job.train_loader, p.batches) if p.batches else job.train_loader
-            losses: list[torch.Tensor] = []
-            step_ms, saved_bytes = 0.0, 0
-            for batch in loader:
-                t0 = time.perf_counter()
-                with acc.accumulate(model):  # no DDP all-reduce until the last micro-batch
-                    with SavedActivations(exclude=job.weights) as saved:  # a weakref per saved tensor
-                        loss = model(**batch).loss
-                    saved_bytes = max(saved_bytes, saved.bytes)  # micro-batches free theirs in backward
-                    acc.backward(loss)  # divided by the accumulation steps
-                losses.append(loss.detach())
-                p.batches += 1
-                step_ms += (time.perf_counter() - t0) * 1e3
-                if not acc.sync_gradients:
-                    continue
-                t0 = time.perf_counter()
-                loss_value, signum = _agree(acc, torch.stack(losses).mean(), stop.signum)
-                if not math.isfinite(loss_value):
-                    last = latest_checkpoint(out)
-                    raise RunError(
-                        f"training loss is {loss_value} at step {p.step + 1}; stopped before its optimizer step; "
-                        + (f"last good checkpoint: {last}" if last else "no checkpoint (--save-every N writes them)")
-                    )
-                active = allocator.num_active_params + allocator.num_extra_params if allocator else job.num_trainable
-                grad_bytes = gradient_bytes(model)
-                _optimizer_step(job, p.step)
-                counted = {"saved_activations": saved_bytes, "gradients": grad_bytes,
-                           "optimizer_state": optimizer_state_bytes(job.optimizer),
-                           "weights": weight_bytes(model)}  # fmt: skip
-                p.step += 1
-                step_ms += (time.perf_counter() - t0) * 1e3
-                p.step_ms.append(step_ms)
-                p.active_params.append(active)
-                p.counted.append(counted)
-                p.records.append(
-                    {"type": "train", "step": p.step, "loss": loss_value, "lr": job.scheduler.get_last_lr()[0],
-                     "num_active": len(allocator.active) if allocator else None, "step_ms": step_ms}
-                )  # fmt: skip
-                losses, step_ms, saved_bytes = [], 0.0, 0
-                due = p.step == job.num_steps or (args.eval_every and p.step % args.eval_every == 0)
-                if due and job.is_main and "validation" in job.eval_loaders:
-                    last_eval = evaluate(
-                        job.unwrapped(),
-                        job.eval_loaders["validation"],
-                        job.spec,
-                        job.device,
-                        acc.autocast,
-                        job.tokenizer,
-                    )
-                    p.records.append(_eval_record(p.step, "validation", last_eval))
-                bar.update(1)
-                bar.set_postfix(_postfix(loss_value, last_eval, job.spec, allocator), refresh=False)
-                if signum or (args.save_every and p.step % args.save_every == 0):
-                    saved = save_checkpoint(job, out, p)
-                if signum:
-                    raise Interrupted(
-                        f"stopped by {signal.Signals(signum).name} after step {p.step} of {job.num_steps}; "
-                        f"checkpoint in {saved}; continue with the same command and --resume",
-                        signum,
-                    )
-                if p.step == job.num_steps:
-                    break
-            else:  # the epoch is over
-                p.epoch, p.batches, p.epoch_start = p.epoch + 1, 0, None
-    costs = {
-        "last_validation": last_eval,  # run() keeps its metrics and predictions
-        "mean_active_trainable_params": float(np.mean(p.active_params)),
-        "train_runtime_s": sum(p.step_ms) / 1e3,
-        "median_step_ms": statistics.median(p.step_ms),
-        "peak_memory_bytes": peak.peak_bytes,
-        "peak_memory_kind": peak.kind,
-        "peak_memory_above_start_bytes": peak.increase_bytes,
-        "resumed_from_step": p.resumed_from,  # peak memory covers only the steps after it
-        "memory": counted_memory(p.counted),
-    }
-    return p.records, costs
-
-
 def counted_memory(steps: list[dict[str, int]]) -> dict[str, float]:
     """What ``metrics.json`` reports of the counted training bytes of each step.
 
@@ -555,8 +403,9 @@ def counted_memory(steps: list[dict[str, int]]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(job: Job, out: Path, p: Progress) -> Path:
-    """Write the checkpoint of step ``p.step`` on every process; returns its folder.
+def save_checkpoint(job: Job, out: Path, p: Progress, files: dict[str, str] | None = None) -> Path:
+    """Write the checkpoint of step ``p.step`` on every process; returns its folder. ``files``: more
+    text files the main process writes into it (name: content) before it is complete.
 
     Every process reaches the same agreements (:func:`_all_ok`), whether or not its own writes
     failed, so a full disk on one of them stops all with one message and none hangs.
@@ -571,7 +420,7 @@ def save_checkpoint(job: Job, out: Path, p: Progress) -> Path:
     if _all_ok(acc, error is None):
         try:
             allocator = job.allocator.state_dict() if job.allocator else None
-            checkpoint.write_rank(tmp, acc.process_index, allocator, {"loader_epoch_start": p.epoch_start})
+            checkpoint.write_rank(tmp, acc.process_index, allocator, {})
             if job.is_main:
                 state = {
                     "optimizer": job.optimizer.state_dict(),
@@ -580,6 +429,8 @@ def save_checkpoint(job: Job, out: Path, p: Progress) -> Path:
                     "method": job.hooks.state_dict(job.unwrapped()) if job.hooks.state_dict else None,
                 }
                 checkpoint.write_shared(tmp, job.saved(), state, p.to_json(acc.num_processes))
+                for name, text in (files or {}).items():
+                    (tmp / name).write_text(text)
         except OSError as err:
             error = err
     if _all_ok(acc, error is None) and job.is_main:
@@ -631,14 +482,23 @@ def restore_checkpoint(job: Job, folder: Path) -> Progress:
         )  # fmt: skip
     return Progress(
         **{k: saved[k] for k in Progress.SAVED if k in saved},  # "counted" came later: older ones lack it
-        epoch_start=rng["loader_epoch_start"],
         resumed_from=saved["step"],
     )
 
 
 # ------------------------------------------------------------------------------------------ run
 # Flags that may change between a run and its --resume; every other one must be what the run began with.
-RESUME_FREE = ("resume", "overwrite", "quiet", "save_every", "keep_checkpoints")
+RESUME_FREE = (
+    "resume",
+    "overwrite",
+    "quiet",
+    "save_every",
+    "keep_checkpoints",
+    "report_to",
+    "logging_steps",
+    "push_to_hub",
+    "hub_model_id",
+)
 
 
 def resume_point(args: TrainArgs) -> Path | None:
@@ -663,18 +523,28 @@ def resume_point(args: TrainArgs) -> Path | None:
                 f"--resume: --{name.replace('_', '-')} is {value!r} here but {before!r} in {out}/config.json; "
                 "allowed: the flags the run began with"
             )
+    if not (last / TRAINER_STATE).exists():
+        raise UsageError(
+            f"--resume: {last} was written by an earlier dynalora (its own loop), which Trainer cannot continue; "
+            "allowed: start the run again with --overwrite"
+        )
     return last
 
 
-def _start_output(out: Path, args: TrainArgs, job: Job, resume: Path | None) -> None:
+def check_writable(out: Path, rank: int = 0) -> None:
+    """Create ``out`` and write a probe file in it, or raise UsageError."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".dynalora-write-test"
+        probe = out / f".dynalora-write-test-{rank}"
         probe.write_text("")
         probe.unlink()
     except OSError as err:
         message = f"--output-dir {out} is not writable ({err.strerror}); allowed: a folder you can write to"
         raise UsageError(message) from None
+
+
+def _start_output(out: Path, args: TrainArgs, job: Job, resume: Path | None) -> None:
+    check_writable(out)
     if resume is not None:
         logger.info("resuming %s from %s", out, resume)
         return
@@ -689,45 +559,6 @@ def _start_output(out: Path, args: TrainArgs, job: Job, resume: Path | None) -> 
         "training %s on %s for %d steps (%d trainable parameters)",
         args.method, args.task, job.num_steps, job.num_trainable,
     )  # fmt: skip
-
-
-def run(args: TrainArgs) -> dict[str, Any] | None:
-    """Fine-tune, evaluate and write every output.
-
-    Returns:
-        The content of ``metrics.json`` on the main process; None on the others.
-    """
-    resume = resume_point(args)
-    job = prepare(args)
-    out = Path(args.output_dir)
-    try:
-        error = None
-        if job.is_main:
-            try:
-                _start_output(out, args, job, resume)
-            except UsageError as err:
-                error = err
-        if not _all_ok(job.accelerator, error is None):
-            raise error or UsageError(f"--output-dir {out}: the main process could not set it up")
-        records, costs = train_loop(job, out, resume)
-        metrics = _finish(job, out, records, costs) if job.is_main else None
-        job.accelerator.wait_for_everyone()
-        return metrics
-    finally:
-        release(job)
-
-
-def release(job: Job) -> None:
-    """Drop every reference to the DDP wrapper while the process group is still alive.
-
-    The wrapper's C++ Reducer holds the process group; if freeing it drops the group's last
-    reference, gloo's teardown can deadlock (tests/test_distributed.py::_in_group). The CLI
-    destroys the group itself, after this.
-    """
-    job.model = job.unwrapped()
-    job.train_loader = None
-    job.accelerator.free_memory()
-    gc.collect()
 
 
 def _finish(job: Job, out: Path, records: list[dict[str, Any]], costs: dict[str, Any]) -> dict[str, Any]:
@@ -800,15 +631,6 @@ def _sample(dataset, n: int | None):
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))[:n]
     return dataset.select(sorted(order.tolist()))
-
-
-def _postfix(loss: float, last_eval: dict[str, Any], spec: TaskSpec, allocator) -> dict[str, str]:
-    post = {"loss": f"{loss:.4f}"}
-    if last_eval:
-        post[spec.main_metric] = f"{last_eval['metrics'][spec.main_metric]:.4f}"
-    if allocator is not None:
-        post["active"] = f"{len(allocator.active)}/{len(allocator.modules)}"
-    return post
 
 
 def model_card(args: TrainArgs, metrics: dict[str, Any], allocator: DynamicAllocator | None) -> str:
@@ -887,3 +709,317 @@ def _write_outputs(
     if card is not None:
         (weights / "README.md").write_text(card[0])  # in place of PEFT's empty template
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ Trainer
+TRAINER_STATE = "trainer_state.json"
+
+
+def training_arguments(args: TrainArgs, device: torch.device, num_steps: int, out: Path) -> TrainingArguments:
+    """``TrainingArguments`` for ``args``: ``--batch-size`` is the global batch, split over the processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        raise UsageError(
+            f"--batch-size {args.batch_size} is the global batch and must split evenly over {world} processes; "
+            f"allowed: a multiple of {world}"
+        )
+    warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * num_steps)
+    precision = _precision(args, device)
+    config, extra = TrainingArguments, {}
+    if args.objective == "causal-lm":  # TRL's SFTConfig; our tokenisation (the loss on the answer only) stays
+        from trl import SFTConfig
+
+        config = SFTConfig
+        extra = {"max_length": args.max_length, "packing": False, "gradient_checkpointing": False,
+                 "dataset_kwargs": {"skip_prepare_dataset": True}}  # fmt: skip
+    return config(
+        **extra,
+        output_dir=str(out / "checkpoints"),
+        per_device_train_batch_size=args.batch_size // world,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        max_steps=num_steps,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        optim="adamw_torch",
+        lr_scheduler_type=args.lr_scheduler_type,
+        warmup_steps=warmup,
+        max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=device.type == "cpu",
+        eval_strategy="no",  # the Meter evaluates (generation and exact match for causal LM)
+        save_strategy="no",  # the Meter decides when (--save-every, signals); checkpoints are ours
+        # log.jsonl has every step; Trainer's own logs go to --report-to only
+        logging_strategy="no" if args.report_to == "none" else "steps",
+        logging_steps=args.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss stops the run, it is not averaged away
+        report_to=args.report_to if args.report_to in ("none", "all") else args.report_to.split(","),
+        disable_tqdm=args.quiet,
+        remove_unused_columns=False,
+        dataloader_pin_memory=device.type == "cuda",
+        ddp_find_unused_parameters=True,  # modules outside the selection get no gradient
+    )
+
+
+def _precision(args: TrainArgs, device: torch.device) -> str:
+    """``bf16``/``fp16`` (autocast) or ``fp32``; a half-precision frozen base computes at its dtype."""
+    if device.type != "cuda" and (args.bf16 or args.fp16):
+        raise UsageError("--bf16/--fp16 need a CUDA device; allowed on CPU: full precision (drop the flag)")
+    if device.type != "cuda" and args.base_dtype == "fp16":
+        raise UsageError("--base-dtype fp16 needs a CUDA device; allowed on CPU: fp32, bf16")
+    compute = args.base_dtype
+    if args.dynamic and args.dynamic_config().inactive_dtype != "fp32":
+        compute = args.dynamic_config().inactive_dtype
+        if device.type != "cuda" and compute == "fp16":
+            raise UsageError("--inactive-dtype fp16 needs a CUDA device; allowed on CPU: fp32, bf16")
+        if args.base_dtype not in ("fp32", compute):
+            raise UsageError(f"--inactive-dtype {compute} and --base-dtype {args.base_dtype} differ; choose one dtype")
+    return "bf16" if args.bf16 else "fp16" if args.fp16 else compute
+
+
+class DynaloraMixin:
+    """dynalora's overrides of ``Trainer`` (see the module doc): its checkpoints and counted saved
+    activations. :class:`DynaloraTrainer` is ``Trainer`` with them; decoders train on TRL's
+    ``SFTTrainer`` with them (:func:`trainer_class`)."""
+
+    def __init__(self, *args: Any, job: Job, meter: Meter, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.job, self.meter = job, meter
+        # Trainer then divides each micro-batch's mean loss by the accumulation steps. Left to its
+        # default, it passes num_items_in_batch to models whose forward takes **kwargs and divides by
+        # nothing; BERT's classification loss ignores it, so 2 micro-batches of 4 trained on twice
+        # the gradient of one batch of 8 (measured: LoRA weights 4e-3 apart after 6 steps).
+        self.model_accepts_loss_kwargs = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with SavedActivations(exclude=self.job.weights) as saved:  # a weakref per saved tensor
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self.meter.micro_batch(result[0] if return_outputs else result, saved.bytes)
+        return result
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.job.allocator is None:  # attach() builds the dynamic one
+            make = self.job.hooks.make_optimizer or _adamw
+            self.optimizer = make(self.model, self.job.parts.options, self.args.learning_rate, self.args.weight_decay)
+        return super().create_optimizer(model) if self.optimizer is None else self.optimizer
+
+    # dynalora's checkpoints: written atomically, read back with weights_only=True
+    def _save_checkpoint(self, model, trial) -> None:
+        self.meter.saved = save_checkpoint(self.job, self.meter.out, self.meter.progress,
+                                           files={TRAINER_STATE: _state_json(self.state)})  # fmt: skip
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        pass  # everything is restored at once, with the optimizer (L1RA resizes before its weights load)
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        if checkpoint is None:
+            return
+        self.meter.progress = restore_checkpoint(self.job, Path(checkpoint))
+
+    def _load_scaler(self, checkpoint) -> None:
+        pass  # restored with the optimizer
+
+    def _load_rng_state(self, checkpoint) -> None:
+        if checkpoint is not None:  # at the batch after the checkpoint's step, as Trainer places it
+            load_rng(Path(checkpoint), self.args.process_index)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.args.report_to:  # the run's own records are log.jsonl; Trainer's go to --report-to only
+            super().log(logs, start_time)
+
+
+class DynaloraTrainer(DynaloraMixin, Trainer):
+    """``Trainer`` with dynalora's checkpoints and counted saved activations."""
+
+
+def trainer_class(kind: str) -> type[Trainer]:
+    """:class:`DynaloraTrainer` for a task head; for causal LM the same overrides on TRL's ``SFTTrainer``."""
+    if kind != "causal_lm":
+        return DynaloraTrainer
+    from trl import SFTTrainer
+
+    return type("DynaloraSFTTrainer", (DynaloraMixin, SFTTrainer), {})
+
+
+def _state_json(state: TrainerState) -> str:
+    """What ``TrainerState.save_to_json`` writes."""
+    return json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True) + "\n"
+
+
+class Meter(TrainerCallback):
+    """Per optimizer step: loss, time, counted bytes, the log record, validation, NaN and signal stops."""
+
+    def __init__(self, job: Job, out: Path, stop: StopRequest) -> None:
+        self.job, self.out, self.stop = job, out, stop
+        self.progress = Progress()
+        self.last_eval: dict[str, Any] = {}
+        self.saved: Path | None = None
+        self.signum = 0
+        self._losses: list[torch.Tensor] = []
+        self._saved_bytes = 0
+        self._t0 = 0.0
+        self._active = 0
+        self._grad_bytes = 0
+        self._loss = 0.0
+
+    def micro_batch(self, loss: torch.Tensor, saved_bytes: int) -> None:
+        self._losses.append(loss.detach())
+        self._saved_bytes = max(self._saved_bytes, saved_bytes)  # micro-batches free theirs in backward
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_pre_optimizer_step(self, args, state: TrainerState, control: TrainerControl, model=None, **kwargs):
+        job = self.job
+        loss, self.signum = _agree(job.accelerator, torch.stack(self._losses).mean(), self.stop.signum)
+        if not math.isfinite(loss):
+            last = latest_checkpoint(self.out)
+            raise RunError(
+                f"training loss is {loss} at step {state.global_step + 1}; stopped before its optimizer step; "
+                + (f"last good checkpoint: {last}" if last else "no checkpoint (--save-every N writes them)")
+            )
+        alloc = job.allocator
+        self._loss = loss
+        self._active = alloc.num_active_params + alloc.num_extra_params if alloc else job.num_trainable
+        self._grad_bytes = gradient_bytes(model)
+
+    def on_step_end(self, args, state: TrainerState, control: TrainerControl, model=None, optimizer=None, **kwargs):
+        job, p = self.job, self.progress
+        step_ms = (time.perf_counter() - self._t0) * 1e3
+        p.step = state.global_step
+        p.step_ms.append(step_ms)
+        p.active_params.append(self._active)
+        p.counted.append({"saved_activations": self._saved_bytes, "gradients": self._grad_bytes,
+                          "optimizer_state": optimizer_state_bytes(optimizer),
+                          "weights": weight_bytes(model)})  # fmt: skip
+        alloc = job.allocator
+        p.records.append(
+            {"type": "train", "step": p.step, "loss": self._loss, "lr": job.trainer.lr_scheduler.get_last_lr()[0],
+             "num_active": len(alloc.active) if alloc else None, "step_ms": step_ms}
+        )  # fmt: skip
+        self._losses, self._saved_bytes = [], 0
+        every = job.args.eval_every
+        due = p.step == job.num_steps or (every and p.step % every == 0)
+        if due and job.is_main and "validation" in job.eval_loaders:
+            self.last_eval = evaluate(job.unwrapped(), job.eval_loaders["validation"], job.spec, job.device,
+                                      job.accelerator.autocast, job.tokenizer)  # fmt: skip
+            p.records.append(_eval_record(p.step, "validation", self.last_eval))
+        save_every = job.args.save_every
+        control.should_save = bool(self.signum or (save_every and p.step % save_every == 0))
+        if self.signum:
+            control.should_training_stop = True
+        return control
+
+
+def run(args: TrainArgs) -> dict[str, Any] | None:
+    """Fine-tune with ``Trainer``, evaluate and write every output (as :func:`dynalora.training.run`).
+
+    Returns:
+        The content of ``metrics.json`` on the main process; None on the others.
+    """
+    resume = resume_point(args)
+    prepare_output_dir(args)
+    if (
+        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    ):
+        raise UsageError("dynalora train runs under DDP; allowed: torchrun or accelerate launch without "
+                         "--use_fsdp/--use_deepspeed (FSDP2: see docs/cli.md for the library path)")  # fmt: skip
+    from accelerate.state import AcceleratorState, GradientState
+
+    # one process may run several trainings (compare, benchmarks, tests): accelerate's singletons go first
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    device = resolve_device(args.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    _precision(args, device)  # refused before anything loads
+    parts = load(args, device)  # a setting the allocator refuses is refused here, before any file is written
+    out = Path(args.output_dir)
+    targs = training_arguments(args, device, parts.num_steps, out)
+    check_writable(out, targs.process_index)
+    job = Job(args, parts)
+    with StopRequest() as stop:
+        meter = Meter(job, out, stop)
+        trainer = trainer_class(parts.spec.kind)(
+            model=parts.model,
+            args=targs,
+            train_dataset=parts.tokenized["train"],
+            data_collator=parts.collator,
+            processing_class=parts.tokenizer,
+            callbacks=[meter],
+            job=job,
+            meter=meter,
+        )
+        job.trainer = trainer
+        if parts.allocator is not None:
+            job.allocator = attach(trainer, parts.allocator, save_state=False)
+            job.num_trainable = job.allocator.num_params + job.allocator.num_extra_params
+        else:
+            job.num_trainable = sum(p.numel() for p in trainable_params(parts.model))
+        if parts.hooks.on_optimizer_step is not None:  # before zero_grad: AdaLoRA reads the gradients
+            trainer.add_callback(_MethodStep(parts.hooks.on_optimizer_step, job))
+        try:
+            error = None
+            if job.is_main:
+                try:
+                    _start_output(out, args, job, resume)
+                except UsageError as err:
+                    error = err
+            if error:
+                raise error
+            with PeakMemory(device) as peak:
+                trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+            if meter.signum:
+                raise Interrupted(
+                    f"stopped by {signal.Signals(meter.signum).name} after step {meter.progress.step} of "
+                    f"{job.num_steps}; checkpoint in {meter.saved}; continue with the same command and --resume",
+                    meter.signum,
+                )
+            p = meter.progress
+            costs = {
+                "last_validation": meter.last_eval,
+                "mean_active_trainable_params": float(np.mean(p.active_params)),
+                "train_runtime_s": sum(p.step_ms) / 1e3,
+                "median_step_ms": statistics.median(p.step_ms),
+                "peak_memory_bytes": peak.peak_bytes,
+                "peak_memory_kind": peak.kind,
+                "peak_memory_above_start_bytes": peak.increase_bytes,
+                "resumed_from_step": p.resumed_from,
+                "memory": counted_memory(p.counted),
+            }
+            metrics = _finish(job, out, p.records, costs) if job.is_main else None
+            if metrics is not None and args.push_to_hub:
+                push(out / "model", args.hub_model_id or out.resolve().name)
+            job.accelerator.wait_for_everyone()
+            return metrics
+        finally:
+            # drop every reference to the DDP wrapper while the process group is alive (loop.release)
+            trainer.model_wrapped = trainer.model
+            trainer.accelerator.free_memory()
+            gc.collect()
+
+
+def push(folder: Path, repo_id: str) -> None:
+    """Upload the trained ``model/`` folder to the Hub repository ``repo_id`` (created if need be)."""
+    from huggingface_hub import create_repo, upload_folder
+
+    try:
+        url = create_repo(repo_id, exist_ok=True).repo_id
+        upload_folder(repo_id=url, folder_path=str(folder), commit_message="dynalora train")
+    except Exception as err:  # network, auth, permissions: the run itself is complete
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = f"--push-to-hub {repo_id}: the upload failed ({first}); the run is complete in {folder}"
+        raise RunError(message) from None
+    logger.info("uploaded %s to https://huggingface.co/%s", folder, url)
+
+
+class _MethodStep(TrainerCallback):
+    """A method's per-step hook (AdaLoRA's ``update_and_allocate``), after ``optimizer.step()``."""
+
+    def __init__(self, hook: Any, job: Job) -> None:
+        self.hook, self.job = hook, job
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.hook(self.job.unwrapped(), state.global_step, optimizer)
