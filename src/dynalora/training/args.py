@@ -44,10 +44,11 @@ CAUSAL_SIZES = {"batch_size": 8, "max_length": 96, "eval_every": 200}
 # The rest of the family, on the same split (benchmarks/results/methods.md, seed 0): hydra 2e-3 0.808
 # (5e-3 diverged: 0.580); dvora 3e-2 0.795, 1e-2 0.793; adalora 2e-3 0.589 (it does not learn in one
 # epoch), 5e-3 0.787, 1e-2 0.798, 2e-2 0.806, and at 100 steps 5e-3 0.578 (the majority class), 1e-2 0.633,
-# 2e-2 0.784 (benchmarks/results/short_runs.md): 2e-2 holds at both lengths; galore 5e-5 0.798, 2e-5 0.770;
+# 2e-2 0.784 (benchmarks/results/short_runs.md): 2e-2 holds at both lengths; galore 5e-5 0.798, 2e-5 0.770,
+# 1e-4 0.818, and at 100 steps 5e-5 0.663, 1e-4 0.776 (the 1e-4 runs on the Trainer engine): 1e-4 holds at both;
 # l1ra 1e-3 0.804, 2e-3 0.802.
 DEFAULT_LR = {"lora": 2e-3, "dora": 2e-3, "vera": 3e-2, "bitfit": 1e-3, "full": 5e-5, "hydra": 2e-3, "dvora": 3e-2,
-              "adalora": 2e-2, "dylora": 2e-3, "galore": 5e-5, "l1ra": 1e-3}  # fmt: skip
+              "adalora": 2e-2, "dylora": 2e-3, "galore": 1e-4, "l1ra": 1e-3}  # fmt: skip
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 DEFAULT_LR_DYNAMIC_FULL = 3e-4
 TRAINS_THE_BASE = ("full", "galore")
