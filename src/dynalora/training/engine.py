@@ -19,7 +19,6 @@ the loss scaler, clipping (``max_grad_norm``), the LR schedule's steps, the prog
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import math
@@ -995,10 +994,9 @@ def run(args: TrainArgs) -> dict[str, Any] | None:
             job.accelerator.wait_for_everyone()
             return metrics
         finally:
-            # drop every reference to the DDP wrapper while the process group is alive (loop.release)
+            # drop every reference to the DDP wrapper while the process group is alive (gloo teardown)
             trainer.model_wrapped = trainer.model
-            trainer.accelerator.free_memory()
-            gc.collect()
+            trainer.accelerator.free_memory()  # its gc.collect() frees the wrapper's cycles
 
 
 def push(folder: Path, repo_id: str) -> None:
