@@ -823,6 +823,11 @@ class DynaloraMixin:
         if checkpoint is not None:  # at the batch after the checkpoint's step, as Trainer places it
             load_rng(Path(checkpoint), self.args.process_index)
 
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Trainer computes the norm of every gradient each step only to log it; without clipping
+        # that is a pass over all gradients (every layer under dynamic full fine-tuning) for nothing
+        return grad_norm
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.args.report_to:  # the run's own records are log.jsonl; Trainer's go to --report-to only
             super().log(logs, start_time)
