@@ -225,10 +225,12 @@ def test_ctrl_c_stops_at_a_checkpoint_and_the_same_command_continues(tmp_path, t
 
     from dynalora.training import checkpoint
 
-    path = _tiny_grid(tmp_path, tiny_model, csv_task, {"seed": [0, 1]})
+    # the first run is long enough to be inside training when the signal comes (a checkpoint every 10
+    # steps shows it began); the second, which must not start before the signal, is short
+    path = _tiny_grid(tmp_path, tiny_model, csv_task, {"max_steps": [100, 2]})
     config = yaml.safe_load(path.read_text())
-    # long enough to be inside training when the signal comes; a checkpoint every 20 steps shows it began
-    config["base"] |= {"max_steps": 200, "eval_every": 0, "save_every": 20}
+    del config["base"]["max_steps"]
+    config["base"] |= {"eval_every": 0, "save_every": 10}
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "dynalora", "sweep", str(path), "--output-dir", str(out), "--quiet"]
@@ -236,7 +238,7 @@ def test_ctrl_c_stops_at_a_checkpoint_and_the_same_command_continues(tmp_path, t
     try:
         deadline = time.monotonic() + 120
         # any complete checkpoint (only the newest two are kept, so not a named one)
-        while (seen := checkpoint.latest_checkpoint(out / "seed=0")) is None:
+        while (seen := checkpoint.latest_checkpoint(out / "max_steps=100")) is None:
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
@@ -247,13 +249,13 @@ def test_ctrl_c_stops_at_a_checkpoint_and_the_same_command_continues(tmp_path, t
             proc.wait()
     assert proc.returncode == 128 + signal.SIGINT, err
     assert "sweep stopped; run the same command again to continue" in err
-    stopped_at = int(checkpoint.latest_checkpoint(out / "seed=0").name.split("-")[1])
+    stopped_at = int(checkpoint.latest_checkpoint(out / "max_steps=100").name.split("-")[1])
     seen_at = int(seen.name.split("-")[1])
-    assert seen_at < stopped_at < 200, "the running training checkpointed where the signal stopped it"
-    assert not (out / "seed=1").exists()  # never started
-    assert not (out / "seed=0" / "metrics.json").exists()
+    assert seen_at < stopped_at < 100, "the running training checkpointed where the signal stopped it"
+    assert not (out / "max_steps=2").exists()  # never started
+    assert not (out / "max_steps=100" / "metrics.json").exists()
 
     assert main(cmd[3:]) == 0  # the same command (here in this process) continues
-    metrics = json.loads((out / "seed=0" / "metrics.json").read_text())
+    metrics = json.loads((out / "max_steps=100" / "metrics.json").read_text())
     assert metrics["resumed_from_step"] == stopped_at  # continued from its checkpoint, not from step 0
-    assert (out / "seed=1" / "metrics.json").is_file()
+    assert (out / "max_steps=2" / "metrics.json").is_file()
