@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 logger = logging.getLogger(__name__)
 
@@ -35,15 +36,23 @@ _STATUS = Path("/proc/self/status")
 _PEAK_KINDS = {"cuda": "cuda_max_allocated", "cpu": "cpu_peak_rss"}
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's part of ``t``: its shard under FSDP2 (a DTensor), else ``t``."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes of the elements a tensor addresses: ``numel * element_size``.
+    """Bytes of the elements a tensor addresses in this process: ``numel * element_size`` (of its
+    shard, for an FSDP2 DTensor).
 
     This is the tensor's own size, not its storage's: a view of a larger tensor reports less.
     """
+    t = _local(t)
     return t.numel() * t.element_size()
 
 
 def _storage_key(t: torch.Tensor) -> StorageKey:
+    t = _local(t)
     storage = t.untyped_storage()
     return (str(t.device), storage.data_ptr(), storage.nbytes())
 
@@ -186,6 +195,8 @@ class SavedActivations:
         self.count = 0
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, nn.Parameter):  # a weight, also one FSDP2 gathered for this forward
+            return t
         key = _storage_key(t)
         if key in self._excluded:
             return t

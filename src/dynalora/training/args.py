@@ -51,6 +51,9 @@ DEFAULT_LR = {"lora": 2e-3, "dora": 2e-3, "vera": 3e-2, "bitfit": 1e-3, "full": 
               "adalora": 2e-2, "dylora": 2e-3, "galore": 1e-4, "l1ra": 1e-3}  # fmt: skip
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 DEFAULT_LR_DYNAMIC_FULL = 3e-4
+FSDP_WORDS = ("full_shard", "shard_grad_op", "auto_wrap", "offload")
+FSDP_METHODS = ("lora", "dora", "vera", "full", "bitfit")
+"""Methods --fsdp shards: their trained tensors are plain parameters, saved by PEFT or transformers."""
 TRAINS_THE_BASE = ("full", "galore")
 """Methods whose trained tensors are the model's own weights: --base-dtype does not apply."""
 # Decoders (causal LM): LoRA's rate was chosen on validation exact match of the embedded LLM on the
@@ -236,6 +239,14 @@ class TrainArgs:
         "lowest trained one are neither checkpointed nor run backward (default: on for causal LM, as TRL's "
         "SFTConfig: 0.24x the counted bytes of the default on SmolLM2-135M for a 1.24x step; off for classification)"
     )
+    fsdp: str | None = _opt(
+        "shard the model over the processes with FSDP2 (fully_shard, each transformer block its own unit); "
+        "--fsdp alone is full_shard. Also HF's words, space-separated: full_shard or shard_grad_op (keep "
+        "gathered weights from forward to backward), auto_wrap (always on), offload (shards and optimizer state "
+        "on the CPU; CUDA only). Start with torchrun --nproc_per_node N -m dynalora train --fsdp",
+        nargs="?",
+        const="full_shard auto_wrap",
+    )
     base_dtype: str = _opt(
         "storage dtype of the frozen weights; adapters, their gradients and optimizer state stay float32, and "
         "the forward runs under autocast at this dtype (fp16: CUDA only)",
@@ -333,6 +344,28 @@ class TrainArgs:
                 raise UsageError(f"{flag} is a dynamic setting and this run is static; drop it, or add --dynamic")
         if self.dynamic:
             self.dynamic_config()  # validate now, before anything is loaded or written
+        if self.fsdp is not None:
+            self._check_fsdp()
+
+    def _check_fsdp(self) -> None:
+        """--fsdp: HF's words that FSDP2 has a meaning for, and methods whose tensors it can shard."""
+        words = self.fsdp.replace(",", " ").split()
+        unknown = [w for w in words if w not in FSDP_WORDS]
+        if unknown or not words:
+            raise UsageError(f"--fsdp {self.fsdp!r}: {unknown[0] if unknown else 'empty'} is not an FSDP2 setting "
+                             f"here; allowed: {', '.join(FSDP_WORDS)} (space-separated), or --fsdp alone")  # fmt: skip
+        if "full_shard" in words and "shard_grad_op" in words:
+            raise UsageError("--fsdp: full_shard and shard_grad_op exclude each other; choose one")
+        if self.method not in FSDP_METHODS:
+            raise UsageError(f"--fsdp shards the tensors of {', '.join(FSDP_METHODS)}; --method {self.method} keeps "
+                             "state of its own outside them; allowed: one of those methods, or drop --fsdp")  # fmt: skip
+        if self.base_dtype != "fp32":
+            raise UsageError(f"--fsdp gathers each block's weights in one dtype, so --base-dtype {self.base_dtype} "
+                             "(bf16 weights beside fp32 adapters) cannot shard; allowed: --base-dtype fp32, with --bf16 "
+                             "for half-precision compute")  # fmt: skip
+        if self.dynamic and self.dynamic_config().inactive_dtype != "fp32":
+            raise UsageError("--inactive-dtype changes parameters' storage, which FSDP holds; allowed with --fsdp: "
+                             "--inactive-dtype fp32")  # fmt: skip
 
     def _check_reporting(self) -> None:
         """--report-to names installed integrations; --push-to-hub needs the Hub."""
@@ -416,7 +449,7 @@ GROUPS = {
     + ("dynamic", "preset"),
     "training (transformers' TrainingArguments)": (
         "lr", "weight_decay", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "max_grad_norm", "batch_size",
-        "epochs", "max_steps", "gradient_accumulation_steps", "gradient_checkpointing", "bf16", "fp16", "device",
+        "epochs", "max_steps", "gradient_accumulation_steps", "gradient_checkpointing", "fsdp", "bf16", "fp16", "device",
         "seed", "eval_every"),
     "outputs, checkpoints and reporting": ("output_dir", "overwrite", "resume", "save_every", "keep_checkpoints",
                                            "quiet", "report_to", "logging_steps", "push_to_hub", "hub_model_id"),
@@ -453,6 +486,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
             continue
         base = next(t for t in typing.get_args(kind) if t is not type(None)) if typing.get_args(kind) else kind
         options = {"type": base, "default": default, "choices": f.metadata.get("choices")}
+        if "nargs" in f.metadata:  # --fsdp alone, or --fsdp "full_shard offload"
+            options |= {"nargs": f.metadata["nargs"], "const": f.metadata["const"]}
         group.add_argument(flag, **options, help=help_text, metavar=f.name.upper())
         for alias in hidden:
             group.add_argument(alias, **options, help=argparse.SUPPRESS, dest=f.name)

@@ -38,7 +38,8 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import TrainerControl, TrainerState
 
-from dynalora.adapters import DTYPES, cast_frozen
+from dynalora import distributed
+from dynalora.adapters import DTYPES, cast_frozen, find_block_list
 from dynalora.analysis.memory import (
     PeakMemory,
     SavedActivations,
@@ -218,6 +219,10 @@ class Job:
         return self.trainer.model  # Trainer's model is never the DDP wrapper
 
     @property
+    def sharded(self) -> bool:
+        return self.args.fsdp is not None
+
+    @property
     def weights(self) -> list[torch.Tensor]:
         """Parameters and buffers, looked up now: what autograd saves of these is not an activation."""
         model = self.unwrapped()
@@ -273,6 +278,8 @@ def load(args: TrainArgs, device: torch.device, allocate: bool = True) -> Parts:
             enable_checkpointing(model)
         except ValueError as err:
             raise UsageError(f"--gradient-checkpointing: {err}") from None
+    if args.fsdp is not None:  # before the allocator, which must see the sharded parameters
+        modules = _shard(model, args.fsdp, modules)
     saved = frozenset(n for n, p in model.named_parameters() if p.requires_grad)  # before any module is frozen
     allocator = None
     if args.dynamic and allocate:
@@ -298,6 +305,44 @@ def load(args: TrainArgs, device: torch.device, allocate: bool = True) -> Parts:
     }
     return Parts(data.spec, model_path, tokenizer, model, modules, options, allocator, hooks, tokenized, collator,
                  eval_loaders, num_steps, saved)  # fmt: skip
+
+
+def _shard(model: torch.nn.Module, fsdp: str, modules: list | None) -> list | None:
+    """--fsdp: FSDP2 over the transformer blocks, then the rest. Trainer is told that the model is
+    sharded already, so it neither wraps it in DDP nor shards it again, and it defers the
+    reduce-scatter to the last micro-batch of each accumulation. Returns ``modules`` (a method's
+    units of allocation) holding the sharded parameters that replaced theirs."""
+    found = find_block_list(model)
+    if found is None:
+        raise UsageError("--fsdp shards each transformer block, and this model has no list of blocks; "
+                         "allowed: transformers models (drop --fsdp)")  # fmt: skip
+    words = fsdp.replace(",", " ").split()
+    names = {id(p): name for name, p in model.named_parameters()}
+    distributed.shard(model, found[1], reshard_after_forward="shard_grad_op" not in words, offload="offload" in words)
+    if isinstance(getattr(type(model), "is_distributed_loading_by_transformers", None), property):
+        model._is_distributed_loading_by_transformers = True  # a transformers model: its flag behind the property
+    else:  # a PeftModel or an own wrapper: Trainer reads the attribute
+        model.is_distributed_loading_by_transformers = True
+    if modules is None:
+        return None
+    now = dict(model.named_parameters())
+    return [dataclasses.replace(m, params=tuple(now[names[id(p)]] for p in m.params)) for m in modules]
+
+
+def _fsdp_group(device: torch.device, fsdp: str) -> None:
+    """The process group FSDP2 shards over, before the model loads (under torchrun, one process too)."""
+    if "WORLD_SIZE" not in os.environ:
+        raise UsageError("--fsdp shards over processes started by a launcher; allowed: torchrun --nproc_per_node N "
+                         "-m dynalora train --fsdp ... (N may be 1), or accelerate launch -m dynalora train --fsdp")  # fmt: skip
+    if "offload" in fsdp.split() and device.type != "cuda":
+        raise UsageError("--fsdp offload moves shards from a CUDA device to the CPU; allowed on CPU: --fsdp "
+                         "without offload")  # fmt: skip
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    PartialState(cpu=device.type == "cpu")  # what TrainingArguments will find: its process group
+    if not dist.is_initialized():  # one process: accelerate starts no group, FSDP2 needs one
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 # ------------------------------------------------------------------------------------------ progress
@@ -411,6 +456,10 @@ def save_checkpoint(job: Job, out: Path, p: Progress, files: dict[str, str] | No
     """
     acc, final = job.accelerator, checkpoint.checkpoint_dir(out, p.step)
     tmp, error = final.with_name(final.name + ".tmp"), None
+    # collectives first, on every rank: whole weights; under FSDP each rank keeps its optimizer shard
+    sharded = distributed.is_sharded(job.unwrapped())
+    weights = {name: distributed.full_tensor(p.detach()) for name, p in job.saved().items()}
+    optimizer = job.optimizer.state_dict()
     try:
         if job.is_main:
             checkpoint.begin(out, p.step)
@@ -420,14 +469,16 @@ def save_checkpoint(job: Job, out: Path, p: Progress, files: dict[str, str] | No
         try:
             allocator = job.allocator.state_dict() if job.allocator else None
             checkpoint.write_rank(tmp, acc.process_index, allocator, {})
+            if sharded:
+                torch.save(distributed.local_shards(optimizer), tmp / f"optimizer-{acc.process_index}.pt")
             if job.is_main:
                 state = {
-                    "optimizer": job.optimizer.state_dict(),
+                    "optimizer": None if sharded else optimizer,  # None: one file per rank
                     "scheduler": job.scheduler.state_dict(),
                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                     "method": job.hooks.state_dict(job.unwrapped()) if job.hooks.state_dict else None,
                 }
-                checkpoint.write_shared(tmp, job.saved(), state, p.to_json(acc.num_processes))
+                checkpoint.write_shared(tmp, weights, state, p.to_json(acc.num_processes))
                 for name, text in (files or {}).items():
                     (tmp / name).write_text(text)
         except OSError as err:
@@ -462,10 +513,17 @@ def restore_checkpoint(job: Job, folder: Path) -> Progress:
     if job.hooks.load_state_dict is not None:  # first: L1RA resizes its layers to the saved ranks
         job.hooks.load_state_dict(job.unwrapped(), state["method"], job.optimizer)
     params = job.saved()
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
-    job.optimizer.load_state_dict(state["optimizer"])
+    for name, tensor in weights.items():
+        distributed.load_full(params[name], tensor)  # under FSDP, this rank's shard of it
+    if state["optimizer"] is None:  # FSDP: this rank's shard of the optimizer state
+        shard = folder / f"optimizer-{acc.process_index}.pt"
+        if not shard.exists():
+            raise UsageError(f"--resume: {folder} is incomplete ({shard.name} is missing); allowed: a checkpoint "
+                             "dynalora wrote")  # fmt: skip
+        job.optimizer.load_state_dict(torch.load(shard, weights_only=True))
+        distributed.reshard_optimizer(job.optimizer)
+    else:
+        job.optimizer.load_state_dict(state["optimizer"])
     job.scheduler.load_state_dict(state["scheduler"])
     if job.allocator is not None:
         job.allocator.load_state_dict(state["allocator"])
@@ -560,8 +618,8 @@ def _start_output(out: Path, args: TrainArgs, job: Job, resume: Path | None) -> 
     )  # fmt: skip
 
 
-def _finish(job: Job, out: Path, records: list[dict[str, Any]], costs: dict[str, Any]) -> dict[str, Any]:
-    args, model = job.args, job.unwrapped()
+def _finish(job: Job, out: Path, records: list[dict[str, Any]], costs: dict[str, Any]) -> dict[str, Any] | None:
+    args, model = job.args, job.unwrapped()  # under FSDP every rank comes here: forwards and gathers are collectives
     final = {"validation": costs.pop("last_validation")}
     test = {}
     if "test" in job.eval_loaders:
@@ -603,12 +661,18 @@ def _finish(job: Job, out: Path, records: list[dict[str, Any]], costs: dict[str,
             str(key): evaluate(model, loader, job.spec, job.device, job.accelerator.autocast, job.tokenizer)["metrics"]
             for key in settings(model)
         }
+    state_dict = None
+    if job.sharded:  # PEFT and transformers save whole tensors: gathered on every rank, written by the main one
+        state_dict = {name: distributed.full_tensor(t).cpu() for name, t in model.state_dict().items()}
+        if not job.is_main:
+            return None
     (out / "predictions.json").write_text(json.dumps(predictions) + "\n")
     info = {"method": args.method, "base_model": job.model_path, "targets": args.targets and args.targets.split(","),
             "rank": args.rank, "alpha": args.alpha, "num_labels": job.spec.num_labels,
             "problem_type": _PROBLEM_TYPES[job.spec.kind]}  # fmt: skip
     card = model_card(args, metrics, alloc)
-    _write_outputs(out, model, job.tokenizer, alloc, records, metrics, info, (card, portable_model_id(args.model)))
+    _write_outputs(out, model, job.tokenizer, alloc, records, metrics, info, (card, portable_model_id(args.model)),
+                   state_dict)  # fmt: skip
     # (metrics.json is written last: the run is done)
     return metrics
 
@@ -679,9 +743,11 @@ def _portable_adapter_config(folder: Path, base: str) -> None:
 
 
 def _write_outputs(
-    out: Path, model, tokenizer, allocator, records, metrics, info, card: tuple[str, str] | None = None
+    out: Path, model, tokenizer, allocator, records, metrics, info, card: tuple[str, str] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """``card``: the model card and the base model's portable id."""
+    """``card``: the model card and the base model's portable id; ``state_dict``: the whole tensors of a
+    sharded model."""
     from dynalora.analysis.plots import plot_loss, plot_module_activity
 
     _write_jsonl(out / "log.jsonl", records)
@@ -701,7 +767,7 @@ def _write_outputs(
     if is_own(model):  # hydra, dvora: their tensors and how to rebuild the rest (methods.load_trained)
         save_adapter(model, weights, info)
     else:  # PEFT: the adapter (and head) only; full/bitfit: the whole model
-        model.save_pretrained(weights)
+        model.save_pretrained(weights, **({"state_dict": state_dict} if state_dict is not None else {}))
         if card is not None:
             _portable_adapter_config(weights, card[1])
     tokenizer.save_pretrained(weights)
@@ -905,7 +971,8 @@ class Meter(TrainerCallback):
         self._losses, self._saved_bytes = [], 0
         every = job.args.eval_every
         due = p.step == job.num_steps or (every and p.step % every == 0)
-        if due and job.is_main and "validation" in job.eval_loaders:
+        # under FSDP every rank takes part in each forward, so every rank evaluates
+        if due and (job.is_main or job.sharded) and "validation" in job.eval_loaders:
             self.last_eval = evaluate(job.unwrapped(), job.eval_loaders["validation"], job.spec, job.device,
                                       job.accelerator.autocast, job.tokenizer)  # fmt: skip
             p.records.append(_eval_record(p.step, "validation", self.last_eval))
@@ -924,12 +991,12 @@ def run(args: TrainArgs) -> dict[str, Any] | None:
     """
     resume = resume_point(args)
     prepare_output_dir(args)
-    if (
-        os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-        or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    ):
-        raise UsageError("dynalora train runs under DDP; allowed: torchrun or accelerate launch without "
-                         "--use_fsdp/--use_deepspeed (FSDP2: see docs/cli.md for the library path)")  # fmt: skip
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        raise UsageError("accelerate launch --use_fsdp would shard the model after dynalora built its allocator; "
+                         "allowed: accelerate launch (without --use_fsdp) or torchrun, with dynalora's --fsdp")  # fmt: skip
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise UsageError("dynalora train runs under DDP or FSDP2; allowed: torchrun or accelerate launch without "
+                         "--use_deepspeed (FSDP2: add --fsdp)")  # fmt: skip
     from accelerate.state import AcceleratorState, GradientState
 
     # one process may run several trainings (compare, benchmarks, tests): accelerate's singletons go first
@@ -939,6 +1006,8 @@ def run(args: TrainArgs) -> dict[str, Any] | None:
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     _precision(args, device)  # refused before anything loads
+    if args.fsdp is not None:
+        _fsdp_group(device, args.fsdp)
     parts = load(args, device)  # a setting the allocator refuses is refused here, before any file is written
     out = Path(args.output_dir)
     targs = training_arguments(args, device, parts.num_steps, out)
@@ -993,7 +1062,7 @@ def run(args: TrainArgs) -> dict[str, Any] | None:
                 "resumed_from_step": p.resumed_from,
                 "memory": counted_memory(p.counted),
             }
-            metrics = _finish(job, out, p.records, costs) if job.is_main else None
+            metrics = _finish(job, out, p.records, costs) if job.is_main or job.sharded else None
             if metrics is not None and args.push_to_hub:
                 push(out / "model", args.hub_model_id or out.resolve().name)
             job.accelerator.wait_for_everyone()
