@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from dynalora import DynamicAllocator
-from dynalora.analysis.memory import step_memory_breakdown
+from dynalora.metering import step_memory_breakdown
 from dynalora.methods import HOOKS, METHODS, STATIC_ONLY, Hooks
 from dynalora.training import TrainArgs
 from dynalora.training.engine import _adamw, method_options, trainable_params

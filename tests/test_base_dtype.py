@@ -155,7 +155,7 @@ def test_a_module_rounds_on_deactivation_and_returns_as_float32_of_that_rounding
 
 
 def test_half_precision_storage_trains_like_float32_storage_and_holds_less():
-    from dynalora.analysis.memory import weight_bytes
+    from dynalora.metering import weight_bytes
 
     runs = {}
     for dtype in ("fp32", "bf16"):

@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dynalora import DynamicAllocator, DynamicConfig
-from dynalora.analysis.memory import SavedActivations
+from dynalora.metering import SavedActivations
 from tests.tiny import VOCAB, bert, train
 
 LAYERS = 6

@@ -17,7 +17,7 @@ from transformers import (
 
 from dynalora import DynamicAllocator, DynamicConfig, find_adapter_modules, find_linear_modules
 from dynalora.allocators import AllocationRequest, cutoff, lowest_allowed, training_profile
-from dynalora.analysis.memory import SavedActivations
+from dynalora.metering import SavedActivations
 from dynalora.cost import CostModel, module_blocks
 from tests.tiny import VOCAB, batches, bert, peft_bert
 

@@ -12,7 +12,7 @@ ROOT = Path(dynalora.__file__).parent
 LEVELS = {
     "errors": 0, "config": 0, "distributed": 0, "schedules": 0,  # the engine: plain parts
     "adapters": 1, "optim": 1, "data": 1,
-    "cost": 2, "importance": 2, "checkpointing": 2, "models": 2,
+    "cost": 2, "importance": 2, "checkpointing": 2, "models": 2, "metering": 2,
     "allocators": 3, "methods": 3,
     "controller": 4, "analysis": 4,  # the engine's face; reading what runs wrote
     "integrations": 5,  # dynalora inside Trainer: attach()

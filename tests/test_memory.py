@@ -1,4 +1,4 @@
-"""Exact tests for dynalora.analysis.memory: every expected number is worked out by hand below."""
+"""Exact tests for dynalora.metering: every expected number is worked out by hand below."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from dynalora.analysis import memory
-from dynalora.analysis.memory import (
+from dynalora import metering as memory
+from dynalora.metering import (
     PeakMemory,
     SavedActivations,
     gradient_bytes,
@@ -218,7 +218,7 @@ def test_peak_memory_falls_back_when_the_peak_cannot_be_reset(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(memory, "_CLEAR_REFS", tmp_path / "missing" / "clear_refs")
-    with caplog.at_level(logging.WARNING, logger="dynalora.analysis.memory"), PeakMemory() as peak:
+    with caplog.at_level(logging.WARNING, logger="dynalora.metering"), PeakMemory() as peak:
         pass
     assert not peak.reset
     assert "cannot reset the peak RSS" in caplog.text

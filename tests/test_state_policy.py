@@ -6,7 +6,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from dynalora import DynamicAllocator, DynamicConfig, find_linear_modules
-from dynalora.analysis.memory import optimizer_state_bytes
+from dynalora.metering import optimizer_state_bytes
 from tests import tiny
 
 

@@ -145,5 +145,7 @@ def reshard_optimizer(optimizer: Any) -> None:
             local = param.to_local()
             for key, value in state.items():
                 if torch.is_tensor(value) and not isinstance(value, DTensor) and value.shape == local.shape:
-                    state[key] = DTensor.from_local(value.to(local.device), param.device_mesh, param.placements,
-                                                    run_check=False, shape=param.shape, stride=param.stride())  # fmt: skip
+                    state[key] = DTensor.from_local(
+                        value.to(local.device), param.device_mesh, param.placements, run_check=False,
+                        shape=param.shape, stride=param.stride(),
+                    )  # fmt: skip

@@ -21,7 +21,7 @@ from peft import AdaLoraConfig, get_peft_model
 from torch import nn
 
 from dynalora.errors import UsageError
-from dynalora.methods.common import Built, Hooks, MethodOptions, adapter_targets
+from dynalora.methods.common import Built, Hooks, Method, MethodOptions, adapter_targets
 
 TINIT, TFINAL, DELTA_T = 0.1, 0.2, 10
 
@@ -86,3 +86,9 @@ def load_state_dict(model: nn.Module, state: dict[str, Any], optimizer: Any = No
 
 
 HOOKS = Hooks(on_optimizer_step, state_dict, load_state_dict, summary=lambda model: {"ranks": ranks(model)})
+
+
+# Validation (benchmarks/results/methods.md, seed 0): 2e-3 0.589 (it does not learn in one epoch),
+# 5e-3 0.787, 1e-2 0.798, 2e-2 0.806; at 100 steps 5e-3 0.578 (the majority class), 1e-2 0.633,
+# 2e-2 0.784 (benchmarks/results/short_runs.md): 2e-2 holds at both lengths.
+METHOD = Method("adalora", build, lr=2e-2, static=STATIC, hooks=HOOKS)

@@ -59,6 +59,45 @@ class Hooks:
     make_optimizer: Callable[[nn.Module, MethodOptions, float, float], Any] | None = None
 
 
+@dataclass(frozen=True)
+class Method:
+    """Everything the package knows about one ``--method``, in the method's own file; the registry,
+    the CLI's choices and defaults, and the sweep's keys are read from these records.
+
+    Attributes:
+        name: the ``--method`` value.
+        build: ``f(model, options) -> (model, modules)``; ``modules`` None: found by structure.
+        lr: default peak learning rate on a task head (measured where the file says so).
+        lr_causal: default on a decoder (causal LM), where it differs from ``lr``.
+        lr_dynamic: default with dynamic allocation, where it differs (each module trains part of the time).
+        dynamic: dynamic allocation unless ``--no-dynamic``.
+        static: why ``--dynamic`` is refused (the method allocates by its own rule, or has nothing to
+            allocate); None: it can be dynamic.
+        hooks: what it needs from the training loop beyond forward and backward.
+        trains_base: its trained tensors are the model's own weights (``--base-dtype`` does not apply).
+        shardable: ``--fsdp`` can shard it (its trained tensors are plain parameters, saved by PEFT or
+            transformers).
+        options: ``TrainArgs`` fields that only this method reads.
+    """
+
+    name: str
+    build: Callable[[nn.Module, MethodOptions], Built]
+    lr: float
+    lr_causal: float | None = None
+    lr_dynamic: float | None = None
+    dynamic: bool = False
+    static: str | None = None
+    hooks: Hooks = Hooks()
+    trains_base: bool = False
+    shardable: bool = False
+    options: tuple[str, ...] = ()
+
+    def default_lr(self, causal: bool, dynamic: bool) -> float:
+        if dynamic and self.lr_dynamic is not None:
+            return self.lr_dynamic
+        return self.lr_causal if causal and self.lr_causal is not None else self.lr
+
+
 def linear_names(model: nn.Module) -> list[str]:
     """The distinct last name components of the model's linear layers (what ``--targets`` matches)."""
     names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, _LINEAR)}

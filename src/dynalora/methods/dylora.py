@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynalora.methods.common import Built, Hooks, MethodOptions, adapter_targets
+from dynalora.methods.common import Built, Hooks, Method, MethodOptions, adapter_targets
 from dynalora.methods.tuner import ADAPTER, OwnTunerLayer, wrap_linears
 
 
@@ -140,3 +140,6 @@ HOOKS = Hooks(
     load_state_dict=lambda model, state, optimizer: _sampler(model).load_state_dict(state),
     evaluate_each=("per_rank", _each_rank),
 )
+
+
+METHOD = Method("dylora", build, lr=2e-3, lr_causal=5e-4, dynamic=True, hooks=HOOKS, options=("dylora_frozen",))

@@ -22,7 +22,7 @@ from dynalora.config import (
 )
 from dynalora.data import DEFAULT_INSTRUCT_TASK, DEFAULT_TASK, INSTRUCT_TASKS, TASKS, resolve_task
 from dynalora.errors import UsageError
-from dynalora.methods import ADAPTER_METHODS, METHODS, STATIC_ONLY
+from dynalora.methods import REGISTRY
 from dynalora.models import DEFAULT_MODEL, EMBEDDED_LLM, is_decoder
 
 OBJECTIVES = ("classification", "causal-lm")
@@ -34,34 +34,12 @@ DEFAULT_CAUSAL_EVAL_SAMPLES = 200
 # validation pass decodes up to 200 answers (1-2 minutes), so it comes every 200 steps.
 CLASSIFICATION_SIZES = {"batch_size": 32, "max_length": 64, "eval_every": 50}
 CAUSAL_SIZES = {"batch_size": 8, "max_length": 96, "eval_every": 200}
-# Peak learning rates for the embedded default. lora and dynamic full were measured (benchmarks/quality.py,
-# seeds 0-2); the others follow their papers. Full fine-tuning needs far smaller steps than adapters;
-# dynamic full fine-tuning trains each layer only part of the time and takes a larger one. Its rate was
-# chosen on mean validation accuracy: 0.8118 at 2e-4, 0.8133 at 3e-4, 0.8091 at 5e-4 (1e-4 scored 0.8127
-# on test, against 0.8184 for 2e-4).
-# VeRA: chosen on the validation split of one epoch of Rotten Tomatoes (benchmarks/results/backbones.md):
-# 2e-3 0.654, 3e-2 0.779, 1e-1 0.779; the smaller of the tied two.
-# The rest of the family, on the same split (benchmarks/results/methods.md, seed 0): hydra 2e-3 0.808
-# (5e-3 diverged: 0.580); dvora 3e-2 0.795, 1e-2 0.793; adalora 2e-3 0.589 (it does not learn in one
-# epoch), 5e-3 0.787, 1e-2 0.798, 2e-2 0.806, and at 100 steps 5e-3 0.578 (the majority class), 1e-2 0.633,
-# 2e-2 0.784 (benchmarks/results/short_runs.md): 2e-2 holds at both lengths; galore 5e-5 0.798, 2e-5 0.770,
-# 1e-4 0.818, and at 100 steps 5e-5 0.663, 1e-4 0.776 (the 1e-4 runs on the Trainer engine): 1e-4 holds at both;
-# l1ra 1e-3 0.804, 2e-3 0.802.
-DEFAULT_LR = {"lora": 2e-3, "dora": 2e-3, "vera": 3e-2, "bitfit": 1e-3, "full": 5e-5, "hydra": 2e-3, "dvora": 3e-2,
-              "adalora": 2e-2, "dylora": 2e-3, "galore": 1e-4, "l1ra": 1e-3}  # fmt: skip
+# Each method's default learning rates, and where they were measured: its Method record (dynalora.methods).
+DEFAULT_LR = {name: m.lr for name, m in REGISTRY.items()}
+METHOD_ONLY = {o: tuple(n for n, m in REGISTRY.items() if o in m.options) for m in REGISTRY.values() for o in m.options}
+"""Options that only some methods read (``--dylora-frozen``), and those methods."""
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-DEFAULT_LR_DYNAMIC_FULL = 3e-4
 FSDP_WORDS = ("full_shard", "shard_grad_op", "auto_wrap", "offload")
-FSDP_METHODS = ("lora", "dora", "vera", "full", "bitfit")
-"""Methods --fsdp shards: their trained tensors are plain parameters, saved by PEFT or transformers."""
-TRAINS_THE_BASE = ("full", "galore")
-"""Methods whose trained tensors are the model's own weights: --base-dtype does not apply."""
-# Decoders (causal LM): LoRA's rate was chosen on validation exact match of the embedded LLM on the
-# embedded instruction task (docs/results.md; 3 seeds): 5e-4 0.870 for LoRA and DynaLoRA,
-# 2e-3 0.847 and 0.833. Validation perplexity preferred 2e-3 there; on drugreview_instruct, at the
-# same recipe, both rates stayed at the majority answer. The smaller rate is also the safer one
-# with every linear layer adapted. DoRA, Hydra and DyLoRA take LoRA's rate, as they do on encoders.
-DEFAULT_LR_CAUSAL = {"lora": 5e-4, "dora": 5e-4, "hydra": 5e-4, "dylora": 5e-4}
 # Files that mark a folder as holding a run; --overwrite is needed to write over them.
 RUN_FILES = (
     "config.json",
@@ -100,7 +78,7 @@ class TrainArgs:
         f"{DEFAULT_INSTRUCT_TASK} for decoder models)",
         choices=TASKS,
     )
-    method: str = _opt("fine-tuning method", default="lora", choices=tuple(METHODS))
+    method: str = _opt("fine-tuning method", default="lora", choices=tuple(REGISTRY))
     targets: str | None = _opt(
         "comma-separated layer names to adapt, or all-linear for every linear layer of the blocks "
         "(default: query,value; full: all-linear)"
@@ -177,7 +155,8 @@ class TrainArgs:
         "selection (default: off)"
     )
     lr: float | None = _opt(
-        "peak learning rate of AdamW (default: by method, see DEFAULT_LR; 5e-4 for LoRA on decoders)",
+        "peak learning rate of AdamW (default: by method, from its record in dynalora.methods; 5e-4 for LoRA on "
+        "decoders)",
         aliases=("--learning-rate",),
     )
     weight_decay: float = _opt("AdamW weight decay", default=0.01)
@@ -302,8 +281,10 @@ class TrainArgs:
             if getattr(self, name) is None:
                 setattr(self, name, value)
         self.task = resolve_task(self.task, self.train_file)
-        if self.dylora_frozen and self.method != "dylora":
-            raise UsageError(f"--dylora-frozen applies to --method dylora only, not {self.method}")
+        for name, owners in METHOD_ONLY.items():  # a method's own option, given to another method
+            if getattr(self, name) and self.method not in owners:
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"{flag} applies to --method {', '.join(owners)} only, not {self.method}")
         if self.bf16 and self.fp16:
             raise UsageError("--bf16 and --fp16 exclude each other; choose one")
         self._check_reporting()
@@ -318,23 +299,22 @@ class TrainArgs:
             flag = "--bf16" if self.bf16 else "--fp16"
             if flag != "--" + self.base_dtype:
                 raise UsageError(f"--base-dtype {self.base_dtype} computes in {self.base_dtype}; drop {flag}")
-        if self.base_dtype != "fp32" and self.method in TRAINS_THE_BASE:
+        method = REGISTRY[self.method]
+        if self.base_dtype != "fp32" and method.trains_base:
             raise UsageError(
                 f"--base-dtype {self.base_dtype} stores frozen weights, and --method {self.method} trains the base "
                 "weights; allowed: --base-dtype fp32, or an adapter method"
             )
         if self.dynamic is None:
-            self.dynamic = self.method in ADAPTER_METHODS
+            self.dynamic = method.dynamic
         if self.preset is None:  # one default does not fit all: dynamic full fine-tuning has its own
             self.preset = "full" if self.method == "full" else "default"
         if self.lr is None:
-            dynamic_full = self.method == "full" and self.dynamic
-            rates = DEFAULT_LR_CAUSAL if self.objective == "causal-lm" else {}
-            self.lr = DEFAULT_LR_DYNAMIC_FULL if dynamic_full else rates.get(self.method, DEFAULT_LR[self.method])
+            self.lr = method.default_lr(causal=self.objective == "causal-lm", dynamic=self.dynamic)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UsageError(f"--lr must be a finite number > 0, got {self.lr}")
-        if self.dynamic and self.method in STATIC_ONLY:  # refused now, not once the model has loaded
-            raise UsageError(STATIC_ONLY[self.method])
+        if self.dynamic and method.static:  # refused now, not once the model has loaded
+            raise UsageError(method.static)
         if not self.dynamic:
             given = [f.name for f in fields(DynamicConfig) if f.name != "seed" and getattr(self, f.name) is not None]
             if self.preset != ("full" if self.method == "full" else "default"):
@@ -356,13 +336,14 @@ class TrainArgs:
                              f"here; allowed: {', '.join(FSDP_WORDS)} (space-separated), or --fsdp alone")  # fmt: skip
         if "full_shard" in words and "shard_grad_op" in words:
             raise UsageError("--fsdp: full_shard and shard_grad_op exclude each other; choose one")
-        if self.method not in FSDP_METHODS:
-            raise UsageError(f"--fsdp shards the tensors of {', '.join(FSDP_METHODS)}; --method {self.method} keeps "
-                             "state of its own outside them; allowed: one of those methods, or drop --fsdp")  # fmt: skip
+        if not REGISTRY[self.method].shardable:
+            shardable = ", ".join(n for n, m in REGISTRY.items() if m.shardable)
+            raise UsageError(f"--fsdp shards the tensors of {shardable}; --method {self.method} keeps state "
+                             "of its own outside them; allowed: one of those methods, or drop --fsdp")  # fmt: skip
         if self.base_dtype != "fp32":
-            raise UsageError(f"--fsdp gathers each block's weights in one dtype, so --base-dtype {self.base_dtype} "
-                             "(bf16 weights beside fp32 adapters) cannot shard; allowed: --base-dtype fp32, with --bf16 "
-                             "for half-precision compute")  # fmt: skip
+            raise UsageError(f"--fsdp gathers each block's weights in one dtype, so --base-dtype "
+                             f"{self.base_dtype} (half-precision weights beside fp32 adapters) cannot shard; "
+                             "allowed: --base-dtype fp32, with --bf16 for half-precision compute")  # fmt: skip
         if self.dynamic and self.dynamic_config().inactive_dtype != "fp32":
             raise UsageError("--inactive-dtype changes parameters' storage, which FSDP holds; allowed with --fsdp: "
                              "--inactive-dtype fp32")  # fmt: skip
@@ -449,7 +430,8 @@ GROUPS = {
     + ("dynamic", "preset"),
     "training (transformers' TrainingArguments)": (
         "lr", "weight_decay", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "max_grad_norm", "batch_size",
-        "epochs", "max_steps", "gradient_accumulation_steps", "gradient_checkpointing", "fsdp", "bf16", "fp16", "device",
+        "epochs", "max_steps", "gradient_accumulation_steps", "gradient_checkpointing", "fsdp", "bf16", "fp16",
+        "device",
         "seed", "eval_every"),
     "outputs, checkpoints and reporting": ("output_dir", "overwrite", "resume", "save_every", "keep_checkpoints",
                                            "quiet", "report_to", "logging_steps", "push_to_hub", "hub_model_id"),

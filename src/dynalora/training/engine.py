@@ -40,7 +40,7 @@ from transformers.trainer_callback import TrainerControl, TrainerState
 
 from dynalora import distributed
 from dynalora.adapters import DTYPES, cast_frozen, find_block_list
-from dynalora.analysis.memory import (
+from dynalora.metering import (
     PeakMemory,
     SavedActivations,
     gradient_bytes,
@@ -53,7 +53,7 @@ from dynalora.data import TaskData, load_task, make_collator, tokenize
 from dynalora.data.tasks import TaskSpec, compute_metrics
 from dynalora.errors import Interrupted, RunError, UsageError
 from dynalora.integrations.trainer import attach
-from dynalora.methods import HOOKS, METHODS, Hooks, MethodOptions, is_own, save_adapter
+from dynalora.methods import REGISTRY, Hooks, MethodOptions, is_own, save_adapter
 from dynalora.models import load_model, portable_model_id, resolve_model_path
 from dynalora.training import checkpoint
 from dynalora.training.args import RUN_FILES, TrainArgs, as_flag_message
@@ -268,10 +268,10 @@ def load(args: TrainArgs, device: torch.device, allocate: bool = True) -> Parts:
     num_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     tokenizer, model = load_model(model_path, data.spec, device)
     options = method_options(args, num_steps, data.spec.kind)
-    model, modules = METHODS[args.method](model, options)
+    model, modules = REGISTRY[args.method].build(model, options)
     if args.base_dtype != "fp32":  # before the allocator freezes anything: every adapter stays float32
         cast_frozen(model, DTYPES[args.base_dtype])
-    hooks = HOOKS.get(args.method, Hooks())
+    hooks = REGISTRY[args.method].hooks
     model.to(device)
     if args.gradient_checkpointing:
         try:
@@ -332,8 +332,9 @@ def _shard(model: torch.nn.Module, fsdp: str, modules: list | None) -> list | No
 def _fsdp_group(device: torch.device, fsdp: str) -> None:
     """The process group FSDP2 shards over, before the model loads (under torchrun, one process too)."""
     if "WORLD_SIZE" not in os.environ:
-        raise UsageError("--fsdp shards over processes started by a launcher; allowed: torchrun --nproc_per_node N "
-                         "-m dynalora train --fsdp ... (N may be 1), or accelerate launch -m dynalora train --fsdp")  # fmt: skip
+        raise UsageError("--fsdp shards over processes started by a launcher; allowed: torchrun --nproc_per_node "
+                         "N -m dynalora train --fsdp ... (N may be 1), or accelerate launch -m dynalora train "
+                         "--fsdp")  # fmt: skip
     if "offload" in fsdp.split() and device.type != "cuda":
         raise UsageError("--fsdp offload moves shards from a CUDA device to the CPU; allowed on CPU: --fsdp "
                          "without offload")  # fmt: skip
@@ -742,10 +743,8 @@ def _portable_adapter_config(folder: Path, base: str) -> None:
         path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _write_outputs(
-    out: Path, model, tokenizer, allocator, records, metrics, info, card: tuple[str, str] | None = None,
-    state_dict: dict[str, torch.Tensor] | None = None,
-) -> None:
+def _write_outputs(out: Path, model, tokenizer, allocator, records, metrics, info, card: tuple[str, str] | None = None,
+                   state_dict: dict[str, torch.Tensor] | None = None) -> None:  # fmt: skip
     """``card``: the model card and the base model's portable id; ``state_dict``: the whole tensors of a
     sharded model."""
     from dynalora.analysis.plots import plot_loss, plot_module_activity
@@ -992,8 +991,9 @@ def run(args: TrainArgs) -> dict[str, Any] | None:
     resume = resume_point(args)
     prepare_output_dir(args)
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-        raise UsageError("accelerate launch --use_fsdp would shard the model after dynalora built its allocator; "
-                         "allowed: accelerate launch (without --use_fsdp) or torchrun, with dynalora's --fsdp")  # fmt: skip
+        raise UsageError("accelerate launch --use_fsdp would shard the model after dynalora built its "
+                         "allocator; allowed: accelerate launch (without --use_fsdp) or torchrun, with dynalora's "
+                         "--fsdp")  # fmt: skip
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         raise UsageError("dynalora train runs under DDP or FSDP2; allowed: torchrun or accelerate launch without "
                          "--use_deepspeed (FSDP2: add --fsdp)")  # fmt: skip

@@ -46,7 +46,8 @@ from tqdm.auto import tqdm
 
 from dynalora.config import DynamicConfig
 from dynalora.errors import UsageError
-from dynalora.methods import ADAPTER_METHODS
+from dynalora.methods import REGISTRY
+from dynalora.training.args import METHOD_ONLY
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ SECTIONS = ("name", "description", "base", "grid")
 # set by the sweep for every run, never by the config
 OWNED = ("output_dir", "overwrite", "resume", "quiet")
 # applies to one method only: dropped from the runs of the others
-METHOD_ONLY = {"dylora_frozen": ("dylora",)}
 LOG_NAME = "sweep.log"
 
 
@@ -204,7 +204,8 @@ def expand(config: Mapping[str, Any], output_dir: str | os.PathLike[str]) -> lis
         flags = {k: v for k, v in flags.items() if k not in METHOD_ONLY or method in METHOD_ONLY[k]}
         # a static run (dynamic false, or a method that is static by default) drops the grid's dynamic keys,
         # which `dynalora train` would refuse for it
-        static = flags.get("dynamic") is False or ("dynamic" not in flags and method not in ADAPTER_METHODS)
+        dynamic_by_default = getattr(REGISTRY.get(method), "dynamic", False)  # an unknown method: refused below
+        static = flags.get("dynamic") is False or ("dynamic" not in flags and not dynamic_by_default)
         if static:
             flags = {k: v for k, v in flags.items() if k not in only_dynamic}
         name = run_name(flags, varying)
