@@ -39,9 +39,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from dynalora import DynamicAllocator, DynamicConfig  # noqa: E402
-from dynalora.metering import PeakMemory, step_memory_breakdown  # noqa: E402
 from dynalora.analysis.plots import parse_module_name  # noqa: E402
 from dynalora.cost import FIXED_SHARE  # noqa: E402
+from dynalora.metering import PeakMemory, step_memory_breakdown  # noqa: E402
 from dynalora.methods import METHODS, Hooks, MethodOptions  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

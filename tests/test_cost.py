@@ -17,8 +17,8 @@ from transformers import (
 
 from dynalora import DynamicAllocator, DynamicConfig, find_adapter_modules, find_linear_modules
 from dynalora.allocators import AllocationRequest, cutoff, lowest_allowed, training_profile
-from dynalora.metering import SavedActivations
 from dynalora.cost import CostModel, module_blocks
+from dynalora.metering import SavedActivations
 from tests.tiny import VOCAB, batches, bert, peft_bert
 
 SIXTH = [1 / 6] * 6

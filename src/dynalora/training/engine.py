@@ -40,6 +40,12 @@ from transformers.trainer_callback import TrainerControl, TrainerState
 
 from dynalora import distributed
 from dynalora.adapters import DTYPES, cast_frozen, find_block_list
+from dynalora.checkpointing import enable_checkpointing
+from dynalora.controller import DynamicAllocator
+from dynalora.data import TaskData, load_task, make_collator, tokenize
+from dynalora.data.tasks import TaskSpec, compute_metrics
+from dynalora.errors import Interrupted, RunError, UsageError
+from dynalora.integrations.trainer import attach
 from dynalora.metering import (
     PeakMemory,
     SavedActivations,
@@ -47,12 +53,6 @@ from dynalora.metering import (
     optimizer_state_bytes,
     weight_bytes,
 )
-from dynalora.checkpointing import enable_checkpointing
-from dynalora.controller import DynamicAllocator
-from dynalora.data import TaskData, load_task, make_collator, tokenize
-from dynalora.data.tasks import TaskSpec, compute_metrics
-from dynalora.errors import Interrupted, RunError, UsageError
-from dynalora.integrations.trainer import attach
 from dynalora.methods import REGISTRY, Hooks, MethodOptions, is_own, save_adapter
 from dynalora.models import load_model, portable_model_id, resolve_model_path
 from dynalora.training import checkpoint
