@@ -95,6 +95,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         {"method": "full", "dynamic": True},
         "dynamic full fine-tuning of the 36 block linears, its own default (preset full)",
     ),  # fmt: skip
+    "dynamic-full-bf16": (
+        {"method": "full", "dynamic": True, "inactive_dtype": "bf16"},
+        "dynamic full fine-tuning (preset full) with inactive layers stored in bf16 (BAdam's class)",
+    ),  # fmt: skip
     "dynamic-full-cutoff-local": (
         {"method": "full", "dynamic": True, "preset": "default", "state_policy": "reset"},
         "dynamic full fine-tuning with the adapters' default (cutoff, budget 0.5, local), reset",
@@ -207,7 +211,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
 }
 BASELINES = {"dynavera": "vera", "dynavera-v0.2": "vera", "dynamic-full": "full", "dynamic-full-cutoff-0.35": "full",
              "dynamic-full-cap-0.4": "full", "dynamic-full-cap-0.6": "full",
-             "dynamic-full-cutoff-local": "full"}  # fmt: skip
+             "dynamic-full-cutoff-local": "full", "dynamic-full-bf16": "full"}  # fmt: skip
 """The plain counterpart each dynamic variant is paired with; every other variant is paired with ``lora``."""
 
 

@@ -137,7 +137,7 @@ def portable_model_id(model: str) -> str:
 
 def load_model(path: str, spec: TaskSpec, device: torch.device):
     """Tokenizer and model: a task head for classification and regression, the LM head for causal LM."""
-    if spec.kind == "causal_lm":
+    if spec.kind.generates:
         return load_causal_model(path, device)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -146,7 +146,7 @@ def load_model(path: str, spec: TaskSpec, device: torch.device):
         model = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=spec.num_labels,
-            problem_type="regression" if spec.is_regression else "single_label_classification",
+            problem_type=spec.kind.problem_type,
             ignore_mismatched_sizes=True,  # a head trained for another label set is replaced, not an error
         )
     except OSError as err:

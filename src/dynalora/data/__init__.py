@@ -31,7 +31,7 @@ from dynalora.data.instruct import (
     load_rotten_tomatoes_instruct,
     tokenize_causal,
 )
-from dynalora.data.tasks import GLUE_TASKS, TaskSpec, compute_metrics
+from dynalora.data.tasks import GLUE_TASKS, Kind, TaskSpec, compute_metrics
 from dynalora.errors import UsageError
 
 __all__ = [
@@ -166,7 +166,7 @@ def tokenize(data: TaskData, tokenizer: PreTrainedTokenizerBase, max_length: int
     Returns:
         Splits with ``input_ids``, ``attention_mask``, (``token_type_ids``) and ``labels``.
     """
-    if data.spec.kind == "causal_lm":
+    if data.spec.kind.generates:
         return tokenize_causal(data, tokenizer, max_length)
     if max_length < 1:
         raise UsageError(f"--max-length must be a positive integer, got {max_length}")
@@ -183,7 +183,7 @@ def tokenize(data: TaskData, tokenizer: PreTrainedTokenizerBase, max_length: int
 
 
 def make_collator(
-    tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None, *, kind: str = "classification"
+    tokenizer: PreTrainedTokenizerBase, pad_to_multiple_of: int | None = None, *, kind: Kind | str = Kind.CLASSIFICATION
 ) -> DataCollatorWithPadding | CausalCollator:
     """Collator that pads each batch to its longest example.
 
@@ -195,6 +195,6 @@ def make_collator(
     Returns:
         A collator returning PyTorch tensors.
     """
-    if kind == "causal_lm":
+    if Kind(kind).generates:
         return CausalCollator(tokenizer.pad_token_id)
     return DataCollatorWithPadding(tokenizer, pad_to_multiple_of=pad_to_multiple_of)

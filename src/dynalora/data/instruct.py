@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from dynalora.data.common import SPLITS, TaskData, _Options
-from dynalora.data.tasks import TaskSpec
+from dynalora.data.tasks import Kind, TaskSpec
 from dynalora.errors import UsageError
 
 IGNORE = -100
@@ -33,11 +33,11 @@ LM_METRICS = ("perplexity", "loss")
 
 
 def instruct_spec(name: str, prompt_column: str = "prompt") -> TaskSpec:
-    return TaskSpec(name, prompt_column, None, 0, False, INSTRUCT_METRICS, "exact_match", kind="causal_lm")
+    return TaskSpec(name, prompt_column, None, 0, False, INSTRUCT_METRICS, "exact_match", kind=Kind.CAUSAL_LM)
 
 
 def lm_spec(name: str, text_column: str = "text") -> TaskSpec:
-    return TaskSpec(name, text_column, None, 0, False, LM_METRICS, "perplexity", kind="causal_lm")
+    return TaskSpec(name, text_column, None, 0, False, LM_METRICS, "perplexity", kind=Kind.CAUSAL_LM)
 
 
 # ------------------------------------------------------------------------------------------ data

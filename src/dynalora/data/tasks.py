@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 from scipy.stats import pearsonr, spearmanr
@@ -15,6 +16,38 @@ from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
 """A metric: ``fn(predictions, labels) -> value``, both arrays of shape (N,)."""
+
+
+class Kind(StrEnum):
+    """What a task's model learns, with the name each library gives it; equal to its value
+    (``spec.kind == "causal_lm"`` holds), so it reads and writes as plain text in JSON."""
+
+    CLASSIFICATION = "classification"
+    REGRESSION = "regression"
+    CAUSAL_LM = "causal_lm"
+
+    @property
+    def generates(self) -> bool:
+        """Next tokens (language modelling, instruction tuning) rather than a task head."""
+        return self is Kind.CAUSAL_LM
+
+    @property
+    def objective(self) -> str:
+        """``--objective``: classification (a task head, floats with --regression) or causal-lm."""
+        return "causal-lm" if self.generates else "classification"
+
+    @property
+    def peft_task_type(self) -> str:
+        return "CAUSAL_LM" if self.generates else "SEQ_CLS"
+
+    @property
+    def problem_type(self) -> str:
+        """transformers' ``config.problem_type`` (what a saved ``model/`` folder was trained for)."""
+        return {"classification": "single_label_classification"}.get(self.value, self.value)
+
+    @classmethod
+    def of_problem_type(cls, problem_type: str) -> Kind:
+        return next(k for k in cls if k.problem_type == problem_type)
 
 
 @dataclass(frozen=True)
@@ -40,23 +73,24 @@ class TaskSpec:
     """Names of the metrics :func:`compute_metrics` returns (keys of :data:`METRICS`)."""
     main_metric: str
     """The metric a results table shows; one of ``metrics``."""
-    kind: str = ""
-    """What the model learns: ``classification``, ``regression`` (both through a task head) or
-    ``causal_lm`` (next tokens: language modelling or instruction tuning, :mod:`dynalora.data.instruct`).
-    Empty: ``regression`` or ``classification``, from ``is_regression``."""
+    kind: Kind | str = ""
+    """What the model learns (a :class:`Kind`; its value is accepted): ``classification``,
+    ``regression`` (both through a task head) or ``causal_lm`` (next tokens: language modelling or
+    instruction tuning, :mod:`dynalora.data.instruct`). Empty: from ``is_regression``."""
 
     def __post_init__(self) -> None:
         if not self.kind:
-            object.__setattr__(self, "kind", "regression" if self.is_regression else "classification")
+            object.__setattr__(self, "kind", Kind.REGRESSION if self.is_regression else Kind.CLASSIFICATION)
         if self.kind not in KINDS:
             raise ValueError(f"kind {self.kind!r} unknown; allowed: {', '.join(KINDS)}")
-        allowed = CAUSAL_METRICS if self.kind == "causal_lm" else tuple(METRICS)
+        object.__setattr__(self, "kind", Kind(self.kind))
+        allowed = CAUSAL_METRICS if self.kind.generates else tuple(METRICS)
         unknown = [m for m in self.metrics if m not in allowed]
         if unknown:
             raise ValueError(f"metrics {unknown} unknown; allowed: {', '.join(allowed)}")
         if self.main_metric not in self.metrics:
             raise ValueError(f"main_metric {self.main_metric!r} must be one of metrics {self.metrics}")
-        if self.kind == "causal_lm":
+        if self.kind.generates:
             if self.num_labels != 0 or self.is_regression:
                 raise ValueError("a causal_lm task has no labels: num_labels 0, is_regression False")
             return
@@ -102,7 +136,7 @@ METRICS: dict[str, MetricFn] = {
 }
 """Metric name -> function of ``(predictions, labels)``."""
 
-KINDS: tuple[str, ...] = ("classification", "regression", "causal_lm")
+KINDS: tuple[str, ...] = tuple(k.value for k in Kind)
 CAUSAL_METRICS: tuple[str, ...] = ("exact_match", "perplexity", "loss")
 """What a causal-LM evaluation measures (:func:`dynalora.data.instruct.evaluate_causal`): greedy
 answers equal to the reference after stripping whitespace, and the per-token loss on the labelled

@@ -136,12 +136,14 @@ def load_trained(folder: str | Path, device: str | torch.device = "cpu") -> nn.M
     """
     from transformers import AutoModelForSequenceClassification
 
+    from dynalora.data.tasks import Kind
     from dynalora.methods import METHODS
     from dynalora.methods.common import MethodOptions
 
     folder = Path(folder)
     info = json.loads((folder / INFO_FILE).read_text())
-    if info["problem_type"] == "causal_lm":
+    kind = Kind.of_problem_type(info["problem_type"])
+    if kind.generates:
         from dynalora.models import load_causal_model
 
         _, model = load_causal_model(info["base_model"], torch.device("cpu"))
@@ -150,10 +152,9 @@ def load_trained(folder: str | Path, device: str | torch.device = "cpu") -> nn.M
             info["base_model"], num_labels=info["num_labels"], problem_type=info["problem_type"],
             ignore_mismatched_sizes=True,
         )  # fmt: skip
-    task_type = "CAUSAL_LM" if info["problem_type"] == "causal_lm" else "SEQ_CLS"
     options = MethodOptions(
         tuple(info["targets"]) if info["targets"] else None, info["rank"], info["alpha"], 0.0, False,
-        task_type=task_type,
+        task_type=kind.peft_task_type,
     )  # fmt: skip
     model, _ = METHODS[info["method"]](model, options)
     saved = load_file(str(folder / ADAPTER_FILE))

@@ -21,11 +21,12 @@ from dynalora.config import (
     DynamicConfig,
 )
 from dynalora.data import DEFAULT_INSTRUCT_TASK, DEFAULT_TASK, INSTRUCT_TASKS, TASKS, resolve_task
+from dynalora.data.tasks import Kind
 from dynalora.errors import UsageError
 from dynalora.methods import REGISTRY
 from dynalora.models import DEFAULT_MODEL, EMBEDDED_LLM, is_decoder
 
-OBJECTIVES = ("classification", "causal-lm")
+OBJECTIVES = tuple(dict.fromkeys(k.objective for k in Kind))  # classification, causal-lm
 # Greedy decoding runs once per example: a causal-LM evaluation scores this many by default.
 DEFAULT_CAUSAL_EVAL_SAMPLES = 200
 # Batch, length and evaluation interval unless given. Causal LM is sized for a CPU: on 2 cores an
@@ -275,8 +276,8 @@ class TrainArgs:
             raise UsageError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         self._resolve_objective()
         if self.gradient_checkpointing is None:
-            self.gradient_checkpointing = self.objective == "causal-lm"
-        sizes = CAUSAL_SIZES if self.objective == "causal-lm" else CLASSIFICATION_SIZES
+            self.gradient_checkpointing = self.generates
+        sizes = CAUSAL_SIZES if self.generates else CLASSIFICATION_SIZES
         for name, value in sizes.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -310,7 +311,7 @@ class TrainArgs:
         if self.preset is None:  # one default does not fit all: dynamic full fine-tuning has its own
             self.preset = "full" if self.method == "full" else "default"
         if self.lr is None:
-            self.lr = method.default_lr(causal=self.objective == "causal-lm", dynamic=self.dynamic)
+            self.lr = method.default_lr(causal=self.generates, dynamic=self.dynamic)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UsageError(f"--lr must be a finite number > 0, got {self.lr}")
         if self.dynamic and method.static:  # refused now, not once the model has loaded
@@ -367,6 +368,11 @@ class TrainArgs:
                 raise UsageError("--push-to-hub needs the Hugging Face Hub, and HF_HUB_OFFLINE is set; drop the flag "
                                  "(model/ holds everything to upload later with `hf upload`)")  # fmt: skip
 
+    @property
+    def generates(self) -> bool:
+        """The objective is next tokens (causal LM), not a task head."""
+        return self.objective == Kind.CAUSAL_LM.objective
+
     def _resolve_objective(self) -> None:
         """What the model learns follows from the model and the data: a decoder, or a prompt
         column, means causal LM; a decoder with no data gets the embedded instruction task."""
@@ -377,7 +383,7 @@ class TrainArgs:
             )
         if self.objective is None:
             causal = self.prompt_column is not None or model_is_decoder(self.model)
-            self.objective = "causal-lm" if causal else "classification"
+            self.objective = (Kind.CAUSAL_LM if causal else Kind.CLASSIFICATION).objective
         if self.objective == "classification":
             if self.prompt_column is not None or self.task in INSTRUCT_TASKS:
                 what = "--prompt-column" if self.prompt_column is not None else f"--task {self.task}"

@@ -43,7 +43,7 @@ from dynalora.adapters import DTYPES, cast_frozen, find_block_list
 from dynalora.checkpointing import enable_checkpointing
 from dynalora.controller import DynamicAllocator
 from dynalora.data import TaskData, load_task, make_collator, tokenize
-from dynalora.data.tasks import TaskSpec, compute_metrics
+from dynalora.data.tasks import Kind, TaskSpec, compute_metrics
 from dynalora.errors import Interrupted, RunError, UsageError
 from dynalora.integrations.trainer import attach
 from dynalora.metering import (
@@ -109,7 +109,7 @@ def trainable_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def method_options(args: TrainArgs, num_steps: int, kind: str = "classification") -> MethodOptions:
+def method_options(args: TrainArgs, num_steps: int, kind: Kind = Kind.CLASSIFICATION) -> MethodOptions:
     """What ``args`` asks of the method's builder, for a run of ``num_steps`` optimizer steps on a task of ``kind``."""
     targets = tuple(t.strip() for t in args.targets.split(",") if t.strip()) if args.targets else None
     return MethodOptions(
@@ -121,7 +121,7 @@ def method_options(args: TrainArgs, num_steps: int, kind: str = "classification"
         num_steps,
         args.seed,
         args.dylora_frozen,
-        "CAUSAL_LM" if kind == "causal_lm" else "SEQ_CLS",
+        Kind(kind).peft_task_type,
     )
 
 
@@ -141,7 +141,7 @@ def evaluate(
         predictions are class ids, floats for regression, or generated text for causal LM
         (:func:`dynalora.training.causal.evaluate_causal`).
     """
-    if spec.kind == "causal_lm":
+    if spec.kind.generates:
         return evaluate_causal(model, loader, spec, device, autocast, tokenizer)
     was_training = model.training
     model.eval()
@@ -260,7 +260,7 @@ def load(args: TrainArgs, device: torch.device, allocate: bool = True) -> Parts:
         seed=args.seed,
         prompt_column=args.prompt_column,
         response_column=args.response_column,
-        causal=args.objective == "causal-lm",
+        causal=args.generates,
     )
     # optimizer steps; the last, shorter accumulation of an epoch is a step too
     batches_per_epoch = math.ceil(len(data.splits["train"]) / args.batch_size)
@@ -670,16 +670,12 @@ def _finish(job: Job, out: Path, records: list[dict[str, Any]], costs: dict[str,
     (out / "predictions.json").write_text(json.dumps(predictions) + "\n")
     info = {"method": args.method, "base_model": job.model_path, "targets": args.targets and args.targets.split(","),
             "rank": args.rank, "alpha": args.alpha, "num_labels": job.spec.num_labels,
-            "problem_type": _PROBLEM_TYPES[job.spec.kind]}  # fmt: skip
+            "problem_type": job.spec.kind.problem_type}  # fmt: skip
     card = model_card(args, metrics, alloc)
     _write_outputs(out, model, job.tokenizer, alloc, records, metrics, info, (card, portable_model_id(args.model)),
                    state_dict)  # fmt: skip
     # (metrics.json is written last: the run is done)
     return metrics
-
-
-# what a saved model/ folder was trained for (methods.load_trained rebuilds the model from it)
-_PROBLEM_TYPES = {"classification": "single_label_classification", "regression": "regression", "causal_lm": "causal_lm"}
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
@@ -790,7 +786,7 @@ def training_arguments(args: TrainArgs, device: torch.device, num_steps: int, ou
     warmup = args.warmup_steps if args.warmup_steps is not None else int(args.warmup_ratio * num_steps)
     precision = _precision(args, device)
     config, extra = TrainingArguments, {}
-    if args.objective == "causal-lm":  # TRL's SFTConfig; our tokenisation (the loss on the answer only) stays
+    if args.generates:  # TRL's SFTConfig; our tokenisation (the loss on the answer only) stays
         from trl import SFTConfig
 
         config = SFTConfig
@@ -902,9 +898,9 @@ class DynaloraTrainer(DynaloraMixin, Trainer):
     """``Trainer`` with dynalora's checkpoints and counted saved activations."""
 
 
-def trainer_class(kind: str) -> type[Trainer]:
+def trainer_class(kind: Kind | str) -> type[Trainer]:
     """:class:`DynaloraTrainer` for a task head; for causal LM the same overrides on TRL's ``SFTTrainer``."""
-    if kind != "causal_lm":
+    if not Kind(kind).generates:
         return DynaloraTrainer
     from trl import SFTTrainer
 
