@@ -39,7 +39,7 @@ check full-ft train --method full --no-dynamic --output-dir "$RUNS/full"
 check dynamic-full-bf16 train --method full --dynamic --inactive-dtype bf16 --state-policy reset \
   --output-dir "$RUNS/dynamic-full-bf16"
 
-# 3. FSDP2 on one CUDA device (nccl), LoRA and DynaLoRA through the library
+# 3. FSDP2 on one CUDA device (nccl), DynaLoRA through the library
 cat >"$RUNS/fsdp2.py" <<'EOF'
 import torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
@@ -61,6 +61,11 @@ print("fsdp2 ok:", alloc.step_count, "steps,", len(alloc.history), "allocations,
 dist.destroy_process_group()
 EOF
 check fsdp2-one-device $PY -m torch.distributed.run --nproc_per_node 1 "$RUNS/fsdp2.py"
+# and from the command line (nccl, one process): the default and dynamic full fine-tuning under --fsdp
+fsdp_train() { $PY -m torch.distributed.run --nproc_per_node 1 -m dynalora train --device cuda --fsdp \
+  --max-train-samples 640 --max-steps 20 --quiet --overwrite "$@"; }
+check fsdp2-cli-default fsdp_train --output-dir "$RUNS/fsdp2-cli-default"
+check fsdp2-cli-dynamic-full fsdp_train --method full --dynamic --output-dir "$RUNS/fsdp2-cli-dynamic-full"
 
 # 4. the default against LoRA on SmolLM2-135M, whole runs side by side (step ratio, total memory)
 check smollm2-compare $PY -m dynalora compare --model embedded:smollm2-135m --device cuda --max-steps 60 \
