@@ -229,7 +229,7 @@ def test_bad_causal_flags_are_one_line(tmp_path, tiny_llama, capsys, extra, mess
 def test_the_embedded_llm_trains_on_the_embedded_instruction_task(tmp_path):
     out = tmp_path / "llm"
     code = main(["train", "--model", "embedded:smollm2-135m", "--max-steps", "2", "--batch-size", "2",
-                 "--max-length", "96", "--max-train-samples", "8", "--max-eval-samples", "4", "--max-test-samples", "4",
+                 "--max-length", "96", "--max-train-samples", "8", "--max-eval-samples", "2", "--max-test-samples", "2",
                  "--eval-every", "0",
                  "--output-dir", str(out), "--quiet"])  # fmt: skip
     assert code == 0

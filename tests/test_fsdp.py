@@ -19,6 +19,9 @@ VARIANTS = {  # the three the issue names: plain LoRA, the default (DynaLoRA), d
     "dynamic-full": ("--method", "full", "--dynamic", "--period", "2", "--lr", "1e-3"),
 }
 # 64 examples, global batch 8 split 4 + 4: both processes see the whole of every batch between them
+# resumed from a checkpoint: the default (allocator, local optimizers and their schedules) and
+# dynamic full fine-tuning (a layer's Adam state sharded); plain LoRA's state is a subset of theirs
+RESUMED = ("dynalora", "dynamic-full")
 STEPS = ("--batch-size", "8", "--max-steps", "20", "--save-every", "10", "--keep-checkpoints", "2", "--eval-every",
          "10", "--adapter-dropout", "0", "--lr", "1e-2", "--quiet")  # fmt: skip
 
@@ -49,14 +52,14 @@ def runs(still_model, csv_task, tmp_path_factory) -> Path:
                for name, flags in VARIANTS.items()}  # fmt: skip
     for code, _, stderr in _finish([_start(_torchrun(a)) for a in sharded.values()], timeout=240):
         assert code == 0, stderr[-3000:]
-    for name in VARIANTS:  # a run that stopped after step 10: its config and that checkpoint
+    for name in RESUMED:  # a run that stopped after step 10: its config and that checkpoint
         whole, cut = root / name / "fsdp", root / name / "resumed"
         (cut / "checkpoints").mkdir(parents=True)
         config = json.loads((whole / "config.json").read_text()) | {"output_dir": str(cut)}
         (cut / "config.json").write_text(json.dumps(config))
         shutil.copytree(checkpoint.checkpoint_dir(whole, 10), checkpoint.checkpoint_dir(cut, 10))
     resumed = [_torchrun([*a[:a.index("--output-dir") + 1], str(root / n / "resumed"), *a[a.index("--output-dir") + 2:],
-                          "--resume"]) for n, a in sharded.items()]  # fmt: skip
+                          "--resume"]) for n, a in sharded.items() if n in RESUMED]  # fmt: skip
     for code, _, stderr in _finish([_start(c) for c in resumed], timeout=240):
         assert code == 0, stderr[-3000:]
     return root
@@ -82,7 +85,7 @@ def test_two_fsdp_processes_train_as_one(runs, variant):
     assert metrics["memory"]["peak_weights"] < 0.6 * full_weights
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", RESUMED)
 def test_an_fsdp_run_resumed_from_its_checkpoint_ends_bitwise_where_it_would_have(runs, variant):
     whole, resumed = runs / variant / "fsdp", runs / variant / "resumed"
     assert json.loads((resumed / "metrics.json").read_text())["resumed_from_step"] == 10

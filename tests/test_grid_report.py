@@ -80,6 +80,20 @@ def test_configurations_are_named_by_what_sets_them_apart(tmp_path):
     ]
 
 
+def test_a_flag_added_mid_grid_does_not_split_a_configuration(tmp_path):
+    """Runs written before a flag existed lack it; those that record it all at one value are the
+    same configuration as the older ones. Reporting flags never split one."""
+    make_run(tmp_path, "old", dynamic={})
+    new = make_run(tmp_path, "new", dynamic={"inactive_dtype": "fp32"}, seed=1)
+    config = json.loads((new / "config.json").read_text())
+    (new / "config.json").write_text(json.dumps(config | {"max_grad_norm": 0.0, "report_to": "none",
+                                                          "resolved_dynamic": {"seed": 1}}))  # fmt: skip
+    assert [len(c.runs) for c in load_grid(tmp_path)] == [2]
+    # once the grid varies the flag, a run without it cannot be placed: it stays on its own
+    make_run(tmp_path, "other", dynamic={"inactive_dtype": "bf16"}, seed=2)
+    assert [len(c.runs) for c in load_grid(tmp_path)] == [1, 1, 1]
+
+
 def _grid(root: Path) -> None:
     """Runs for every figure: plain LoRA, forward/gradient at k 1, 2, 4, random at 1, 2, periods, all-linear."""
     for seed in (0, 1):

@@ -31,10 +31,12 @@ from dynalora.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-# config.json keys that say how a run was kept, not what it trained
+# config.json keys that say how a run was kept or reported, not what it trained (resolved_dynamic:
+# the same settings as metrics.json's "dynamic", with the run's seed)
 _BOOKKEEPING = frozenset({
     "output_dir", "overwrite", "resume", "quiet", "save_every", "keep_checkpoints", "model_path",
-    "resolved_device", "num_processes", "eval_every", "seed", "task", "device", "glue_dir",
+    "resolved_device", "num_processes", "eval_every", "seed", "task", "device", "glue_dir", "resolved_dynamic",
+    "report_to", "logging_steps", "push_to_hub", "hub_model_id",
 })  # fmt: skip
 # settings that run_label already names
 _IN_LABEL = frozenset({"method", "dynamic", "measure", "allocator", "k", "k_modules", "budget", "memory_cap",
@@ -105,14 +107,30 @@ def load_grid(root: str | os.PathLike[str]) -> list[Config]:
         runs.append(run)
     per_task = task_settings(runs)
     recipe = {k for settings in per_task.values() for k in settings}
+    shared = _shared_settings(runs)
     groups: dict[str, Config] = {}
     for run in runs:
-        settings = {k: v for k, v in settings_of(run).items() if k not in recipe}
+        flat = settings_of(run)
+        settings = {k: v for k, v in (shared[flat["dynamic"]] | flat).items() if k not in recipe}
         key = json.dumps(settings, sort_keys=True, default=str)
         groups.setdefault(key, Config(settings)).runs.append(run)
     configs = list(groups.values())
     _name(configs)
     return configs
+
+
+def _shared_settings(runs: Sequence[Mapping[str, Any]]) -> dict[bool, dict[str, Any]]:
+    """Settings that every run recording them shares, with that one value, among the static and
+    among the dynamic runs. A run written before a flag existed lacks it, and ran as its default
+    did; when every run that records the flag has one value, the older runs take it, so that a flag
+    added mid-grid does not split a configuration."""
+    values: dict[bool, dict[str, set[str]]] = {False: {}, True: {}}
+    for run in runs:
+        flat = settings_of(run)
+        for key, value in flat.items():
+            values[flat["dynamic"]].setdefault(key, set()).add(json.dumps(value, sort_keys=True, default=str))
+    return {flag: {k: json.loads(next(iter(v))) for k, v in seen.items() if len(v) == 1}
+            for flag, seen in values.items()}  # fmt: skip
 
 
 def task_settings(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
