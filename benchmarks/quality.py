@@ -277,6 +277,7 @@ def run_one(variant: str, task: str, seed: int, ns: argparse.Namespace) -> dict[
         "num_steps": metrics["num_steps"], "median_step_ms": metrics["median_step_ms"],
         "trainable_params": metrics["trainable_params"],
         "mean_active_trainable_params": metrics["mean_active_trainable_params"],
+        "engine": "trainer",  # rows without it ran on dynalora's own loop (before commit cd72190)
     }  # fmt: skip
     for split in ("validation", "test"):
         p = predictions[split]
