@@ -99,6 +99,11 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         {"method": "full", "dynamic": True, "inactive_dtype": "bf16"},
         "dynamic full fine-tuning (preset full) with inactive layers stored in bf16 (BAdam's class)",
     ),  # fmt: skip
+    "badam-like-bf16": (
+        {"method": "full", "dynamic": True, "allocator": "discounted_stochastic", "k": "0.1",
+         "state_policy": "reset", "optimizer": "global", "inactive_dtype": "bf16"},
+        "BAdam's class: a tenth of the layers at a time, state reset, inactive layers in bf16",
+    ),  # fmt: skip
     "dynamic-full-cutoff-local": (
         {"method": "full", "dynamic": True, "preset": "default", "state_policy": "reset"},
         "dynamic full fine-tuning with the adapters' default (cutoff, budget 0.5, local), reset",
@@ -211,7 +216,8 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
 }
 BASELINES = {"dynavera": "vera", "dynavera-v0.2": "vera", "dynamic-full": "full", "dynamic-full-cutoff-0.35": "full",
              "dynamic-full-cap-0.4": "full", "dynamic-full-cap-0.6": "full",
-             "dynamic-full-cutoff-local": "full", "dynamic-full-bf16": "full"}  # fmt: skip
+             "dynamic-full-cutoff-local": "full", "dynamic-full-bf16": "full",
+             "badam-like-bf16": "full"}  # fmt: skip
 """The plain counterpart each dynamic variant is paired with; every other variant is paired with ``lora``."""
 
 
