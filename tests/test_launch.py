@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from dynalora.cli import main
 from dynalora.training import checkpoint
+from tests.procs import kill_tree, output_of_failed
 from tests.test_cli import read_jsonl
 
 BIN = Path(sys.executable).parent
@@ -56,9 +57,7 @@ def _finish(procs: list[subprocess.Popen], timeout: float = 180.0) -> list[tuple
         pytest.fail(f"a launch did not finish within {timeout:.0f} s")
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            kill_tree(proc)
     return results
 
 
@@ -133,7 +132,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_resume_matches(stil
         deadline = time.monotonic() + 120
         # any complete checkpoint (only the newest two are kept, so not a named one)
         while (seen := checkpoint.latest_checkpoint(stopped)) is None:
-            assert launch.poll() is None and time.monotonic() < deadline, launch.stderr.read()[-3000:]
+            assert launch.poll() is None and time.monotonic() < deadline, output_of_failed(launch)
             time.sleep(0.05)
         workers = subprocess.run(["pgrep", "-P", str(launch.pid)], capture_output=True, text=True).stdout.split()
         assert len(workers) == 2
@@ -143,8 +142,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step_and_resume_matches(stil
         os.kill(int(rank1), signal.SIGTERM)
         ((code, _, stderr),) = _finish([launch])
     finally:
-        if launch.poll() is None:
-            os.killpg(launch.pid, signal.SIGKILL)
+        kill_tree(launch)
     assert code != 0
     saved = checkpoint.latest_checkpoint(stopped)
     per_rank = {

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from dynalora.cli import main
 from dynalora.training import checkpoint, engine
+from tests.procs import kill_tree
 from tests.test_cli import cli_args, read_jsonl
 
 # 64 examples in batches of 8 and 2 micro-batches a step: 4 optimizer steps an epoch, so 14 steps
@@ -97,6 +98,45 @@ def test_resume_after_a_crash_is_bitwise_the_uninterrupted_run(
     # pruned to the newest two (--keep-checkpoints' default)
     steps = [int(p.name.split("-")[1]) for p in checkpoint.list_checkpoints(broken)]
     assert steps == [s for s in range(save_every, 15, save_every)][-2:]
+
+
+def _signal_during_step(monkeypatch, step: int) -> None:
+    """SIGTERM to this process while optimizer step ``step`` runs (after its start, before its optimizer
+    step), as a launcher's or a scheduler's signal would come: caught by the run's own handler."""
+    real = engine.Meter.on_step_begin
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == step - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(engine.Meter, "on_step_begin", on_step_begin)
+
+
+def test_a_stop_request_during_the_last_step_finishes_the_run(tiny_model, csv_task, tmp_path, monkeypatch, capsys):
+    """Nothing is left to resume: the run writes its outputs and exits 0, with no extra step."""
+    _signal_during_step(monkeypatch, 6)
+    out = tmp_path / "run"
+    assert main(cli_args(tiny_model, csv_task, out, "--eval-every", "0")) == 0  # 6 steps
+    assert [r["step"] for r in read_jsonl(out / "log.jsonl") if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert (out / "metrics.json").exists() and checkpoint.latest_checkpoint(out) is None
+    assert "--resume" not in capsys.readouterr().err
+
+
+def test_a_stop_request_mid_step_checkpoints_that_step_and_resume_is_bitwise(
+    tiny_model, csv_task, tmp_path, monkeypatch, capsys
+):
+    recipe = ("--max-steps", "8", "--period", "3", "--eval-every", "0")
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    assert main(cli_args(tiny_model, csv_task, whole, *recipe)) == 0
+    with monkeypatch.context() as patch:
+        _signal_during_step(patch, 5)
+        assert main(cli_args(tiny_model, csv_task, stopped, *recipe)) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert err.count("stopped by SIGTERM after step 5 of 8") == 1 and "--resume" in err  # said once
+    assert checkpoint.latest_checkpoint(stopped).name == "step-000005"
+    assert main(cli_args(tiny_model, csv_task, stopped, *recipe, "--resume")) == 0
+    _same_run(whole, stopped)
 
 
 def test_gradient_accumulation_counts_optimizer_steps(still_model, csv_task, tmp_path):
@@ -198,9 +238,7 @@ def _launch(command: list[str], timeout: float = 120.0, **kwargs) -> subprocess.
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_tree(proc)
 
 
 @pytest.fixture

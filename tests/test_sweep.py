@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,7 @@ import yaml
 
 from dynalora.cli import main
 from dynalora.training.sweep import expand, load_config, run_name, to_argv
+from tests.procs import kill_tree, output_of_failed
 
 ISSUE_EXAMPLE = {
     "name": "embedded",
@@ -239,14 +239,12 @@ def test_ctrl_c_stops_at_a_checkpoint_and_the_same_command_continues(tmp_path, t
         deadline = time.monotonic() + 120
         # any complete checkpoint (only the newest two are kept, so not a named one)
         while (seen := checkpoint.latest_checkpoint(out / "max_steps=100")) is None:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
+            assert proc.poll() is None and time.monotonic() < deadline, output_of_failed(proc)
             time.sleep(0.05)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        kill_tree(proc)
     assert proc.returncode == 128 + signal.SIGINT, err
     assert "sweep stopped; run the same command again to continue" in err
     stopped_at = int(checkpoint.latest_checkpoint(out / "max_steps=100").name.split("-")[1])

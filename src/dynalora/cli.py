@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dynalora: error: {err}", file=sys.stderr)
         return 2
     except Interrupted as err:
-        print(f"dynalora: {err}", file=sys.stderr)
+        err.report()
         return err.exit_code
     except RunError as err:
         print(f"dynalora: error: {err}", file=sys.stderr)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 
 class UsageError(ValueError):
     """Bad user input: a configuration, file, column or label that cannot work.
@@ -26,3 +28,10 @@ class Interrupted(RunError):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum
+        self.reported = False
+
+    def report(self) -> None:
+        """Print the one line on stderr now (once): the command line then does not repeat it."""
+        if not self.reported:
+            print(f"dynalora: {self}", file=sys.stderr, flush=True)
+            self.reported = True

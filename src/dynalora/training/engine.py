@@ -971,6 +971,11 @@ class Meter(TrainerCallback):
             self.last_eval = evaluate(job.unwrapped(), job.eval_loaders["validation"], job.spec, job.device,
                                       job.accelerator.autocast, job.tokenizer)  # fmt: skip
             p.records.append(_eval_record(p.step, "validation", self.last_eval))
+        if self.signum and p.step >= job.num_steps:
+            # training is over: finish the run (its outputs) rather than leave a checkpoint with nothing
+            # left to resume (Trainer, resumed at its last step, would train one step more)
+            logger.warning("%s came with the last step: finishing the run", signal.Signals(self.signum).name)
+            self.signum = 0
         save_every = job.args.save_every
         control.should_save = bool(self.signum or (save_every and p.step % save_every == 0))
         if self.signum:
@@ -1041,11 +1046,14 @@ def run(args: TrainArgs) -> dict[str, Any] | None:
             with PeakMemory(device) as peak:
                 trainer.train(resume_from_checkpoint=str(resume) if resume else None)
             if meter.signum:
-                raise Interrupted(
+                err = Interrupted(
                     f"stopped by {signal.Signals(meter.signum).name} after step {meter.progress.step} of "
                     f"{job.num_steps}; checkpoint in {meter.saved}; continue with the same command and --resume",
                     meter.signum,
                 )
+                # said while our handlers still hold: a launcher may SIGTERM this rank once another has exited
+                err.report()
+                raise err
             p = meter.progress
             costs = {
                 "last_validation": meter.last_eval,

@@ -291,7 +291,7 @@ class Sweep:
         self.progress = progress
         self._stop = threading.Event()
         self._children: set[subprocess.Popen] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a second signal can arrive inside stop()
         self._devices: Queue[str | None] = Queue()
         for device in _devices(jobs):
             self._devices.put(device)
