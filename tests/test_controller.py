@@ -71,7 +71,8 @@ def test_global_optimizer_trains_modules_frozen_when_it_was_built():
 
 @pytest.mark.parametrize("order", ["after_zero_grad", "before_zero_grad"])
 def test_local_schedules_advance_only_when_their_module_trains(order):
-    model, alloc, opt, sched = make(DynamicConfig(k=2, period=3, optimizer="local", allocator="random"))
+    config = DynamicConfig(k=2, period=3, optimizer="local", allocator="random", local_schedule="steps")
+    model, alloc, opt, sched = make(config)
     assert isinstance(opt, LocalOptimizer) and isinstance(sched, LocalScheduler)
     tiny.train(model, alloc, opt, sched, tiny.batches(9), step_before_zero_grad=order == "before_zero_grad")
     for i, (name, module_sched, module_opt) in enumerate(
@@ -79,7 +80,7 @@ def test_local_schedules_advance_only_when_their_module_trains(order):
     ):
         trained = alloc.active_steps[name]
         assert int(sched.trained[i]) == trained
-        assert module_sched.last_epoch == trained  # local_schedule="steps" (the default): one per trained step
+        assert module_sched.last_epoch == trained  # local_schedule="steps": one per trained step
         assert float(sched.position[i]) == trained
         state_steps = [s["step"] for s in module_opt.state.values()]
         assert all(float(s) == trained for s in state_steps) if trained else not state_steps

@@ -116,9 +116,10 @@ def test_cutoff_properties(blocks, per_block, budget, coverage, seed, importance
     assert sum(shares) / len(shares) == pytest.approx(reachable, abs=0.05)
 
 
-def test_local_schedule_is_refused_under_the_global_optimizer():
+def test_local_schedule_is_refused_under_the_global_optimizer_unless_at_its_default():
     with pytest.raises(ValueError, match="local_schedule='run' is read only with optimizer='local'"):
         DynamicConfig(optimizer="global", local_schedule="run")
+    assert DynamicConfig(optimizer="global").local_schedule == "steps"  # the default: accepted, not read
     assert DynamicConfig(local_schedule="run").local_schedule == "run"
 
 

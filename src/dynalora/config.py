@@ -59,8 +59,10 @@ class DynamicConfig:
     W, since LoRA's B starts at zero."""
 
     allocator: str = "cutoff"
-    """Module selection (§3.2): ``topk``, ``threshold``, ``stochastic``, ``discounted_stochastic`` (eq. 3)
-    or ``random`` (k uniformly); or the cost-aware ``cutoff`` (the default): every module at or above
+    """Module selection (§3.2): ``topk`` (ties go to the earlier module), ``threshold``, ``stochastic``
+    (k drawn in proportion to importance), ``discounted_stochastic`` (the same with importance / (C + 1),
+    C the steps a module trained: eq. 3) or ``random`` (k uniformly); or the cost-aware ``cutoff`` (the
+    default, docs/options.md "Cost-aware allocation"): every module at or above
     a cutoff block trains, the cutoff drawn from importance so that the expected backward share is
     ``budget`` (:func:`dynalora.allocators.cutoff`; it ignores ``k``). ``cutoff`` with ``local``
     optimisation was chosen on the quality suite's validation splits: it keeps LoRA's quality at
@@ -73,7 +75,8 @@ class DynamicConfig:
 
     threshold: float = 0.9
     """p of the ``threshold`` allocator, in (0, 1]: the fewest most important modules whose normalised
-    importance (eq. 2) sums to at least p. Read by ``threshold`` only."""
+    importance (eq. 2) sums to at least p; the module that crosses p is included, and at least one
+    module is always selected. Read by ``threshold`` only."""
 
     budget: float = 0.5
     """``cutoff``: expected share of the transformer blocks' work that backward runs through per step,
@@ -102,7 +105,8 @@ class DynamicConfig:
     reallocation, in [0, 1], so that every block learns even when importance ranks it low."""
 
     schedule: str = "periodic"
-    """When to reallocate (§3.3): ``periodic`` every ``period`` optimizer steps, or ``once`` at step ``period``."""
+    """When to reallocate (§3.3): ``periodic`` every ``period`` optimizer steps, or ``once`` at step ``period``
+    (not with ``cutoff``, whose budget is a mean over many draws)."""
 
     period: int = 10
     """Optimizer steps between reallocations; for ``once``, the step (alpha) of the single reallocation.
@@ -118,11 +122,12 @@ class DynamicConfig:
     """``local`` optimisation only: how each module's LR schedule advances. ``steps`` (the default):
     by one on each optimizer step the module trains, so a module that trains in part of the steps
     ends the run part-way along its schedule, at a higher rate. ``run``: by what spans the steps the
-    module is expected to train (:class:`~dynalora.optim.LocalScheduler`), so every module ends near
-    the schedule's end value. ``steps`` is the default because the quality suite measured it better:
-    on seed 0, where nothing else differs, ``run`` lost 0.8-2.1 points on three of the four tasks
-    (``benchmarks/results/quality.md``, variant ``local-run``); a part-time module's higher late
-    rate makes up for its fewer steps."""
+    module is expected to train (:class:`~dynalora.optim.LocalScheduler`; needs the run's length,
+    which ``create_scheduler(num_training_steps=...)``, ``attach`` and ``dynalora train`` give it), so
+    every module ends near the schedule's end value. ``steps`` stays the default because the quality
+    suite (four tasks, three seeds, every run on the Trainer engine) does not favour ``run``: gap to
+    LoRA on the validation mean -2.36 against -1.81 (test -1.79 against -1.39); docs/results.md,
+    "Local schedules that anneal"."""
 
     state_policy: str = "keep"
     """Optimizer state of a deactivated module: ``keep`` (the paper: moments stay and resume),
@@ -149,7 +154,9 @@ class DynamicConfig:
     the default: see docs/results.md, the quality table (variant ``normalize-types``)."""
 
     seed: int = 0
-    """Seed of the allocator's own ``torch.Generator`` (stochastic/random choices, initial selection)."""
+    """Seed of the allocator's own ``torch.Generator`` (stochastic/random choices, initial selection);
+    there is no hidden global RNG. ``cutoff`` shifts its low-discrepancy sequence by
+    frac(seed * (sqrt(2) - 1)) (seed 0: no shift)."""
 
     def __post_init__(self) -> None:
         _check_choice("measure", self.measure, MEASURES)
@@ -161,10 +168,11 @@ class DynamicConfig:
         _check_choice("cap_mode", self.cap_mode, CAP_MODES)
         _check_choice("local_schedule", self.local_schedule, LOCAL_SCHEDULES)
         _check_choice("inactive_dtype", self.inactive_dtype, INACTIVE_DTYPES)
-        if self.optimizer != "local" and self.local_schedule != "steps":
+        if self.optimizer != "local" and self.local_schedule != DynamicConfig.local_schedule:
             raise ValueError(
                 f"local_schedule={self.local_schedule!r} is read only with optimizer='local', not "
-                f"{self.optimizer!r}; allowed: optimizer='local', or leave local_schedule at 'steps'"
+                f"{self.optimizer!r}; allowed: optimizer='local', or leave local_schedule at its default "
+                f"({DynamicConfig.local_schedule!r})"
             )
         k = self.k
         if isinstance(k, bool) or not isinstance(k, (int, float)):
