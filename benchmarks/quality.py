@@ -297,7 +297,8 @@ def run_one(variant: str, task: str, seed: int, ns: argparse.Namespace) -> dict[
     for split in ("validation", "test"):
         p = predictions[split]
         if metric == "exact_match":  # as dynalora.training.causal.exact_match: stripped text
-            correct = np.array([str(a).strip() == str(b).strip() for a, b in zip(p["predictions"], p["labels"])])
+            pairs = zip(p["predictions"], p["labels"], strict=True)
+            correct = np.array([str(a).strip() == str(b).strip() for a, b in pairs])
         else:
             correct = np.asarray(p["predictions"]) == np.asarray(p["labels"])
         row[f"{split}_n"], row[f"{split}_correct"] = len(correct), _pack(correct)
