@@ -39,6 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from dynalora.cli import _quiet_libraries  # noqa: E402
 from dynalora.training import TrainArgs, run  # noqa: E402
+from dynalora.training.causal import matches  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # benchmarks/<name>_findings.md, hand-written, is placed under the generated tables of <name>.md
@@ -296,9 +297,8 @@ def run_one(variant: str, task: str, seed: int, ns: argparse.Namespace) -> dict[
     }  # fmt: skip
     for split in ("validation", "test"):
         p = predictions[split]
-        if metric == "exact_match":  # as dynalora.training.causal.exact_match: stripped text
-            pairs = zip(p["predictions"], p["labels"], strict=True)
-            correct = np.array([str(a).strip() == str(b).strip() for a, b in pairs])
+        if metric == "exact_match":
+            correct = matches(p["predictions"], p["labels"])
         else:
             correct = np.asarray(p["predictions"]) == np.asarray(p["labels"])
         row[f"{split}_n"], row[f"{split}_correct"] = len(correct), _pack(correct)

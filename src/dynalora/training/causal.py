@@ -75,8 +75,13 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, de
     return out
 
 
-def exact_match(predictions: list[str], references: list[str]) -> float:
-    """Share of predictions equal to their reference after stripping whitespace."""
+def matches(predictions: list[str], references: list[str]) -> np.ndarray:
+    """Per example: is the prediction its reference after stripping whitespace? Shape (N,), bool."""
     if len(predictions) != len(references) or not references:
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    return float(np.mean([p.strip() == r.strip() for p, r in zip(predictions, references, strict=True)]))
+    return np.array([str(p).strip() == str(r).strip() for p, r in zip(predictions, references, strict=True)])
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Share of predictions equal to their reference after stripping whitespace."""
+    return float(np.mean(matches(predictions, references)))
