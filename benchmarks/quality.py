@@ -108,6 +108,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         {"method": "full", "dynamic": True, "inactive_dtype": "bf16"},
         "dynamic full fine-tuning (preset full) with inactive layers stored in bf16 (BAdam's class)",
     ),  # fmt: skip
+    "dynamic-full-bf16-cap-0.35": (
+        {"method": "full", "dynamic": True, "inactive_dtype": "bf16", "memory_cap": "0.35", "cap_mode": "recompute"},
+        "dynamic-full-bf16 with block activations capped at 0.35 of full fine-tuning's by recomputation",
+    ),  # fmt: skip
     "badam-like-bf16": (
         {"method": "full", "dynamic": True, "allocator": "discounted_stochastic", "k": "0.1",
          "state_policy": "reset", "optimizer": "global", "inactive_dtype": "bf16"},
@@ -226,7 +230,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
 BASELINES = {"dynavera": "vera", "dynavera-v0.2": "vera", "dynamic-full": "full", "dynamic-full-cutoff-0.35": "full",
              "dynamic-full-cap-0.4": "full", "dynamic-full-cap-0.6": "full",
              "dynamic-full-cutoff-local": "full", "dynamic-full-bf16": "full",
-             "badam-like-bf16": "full"}  # fmt: skip
+             "badam-like-bf16": "full", "dynamic-full-bf16-cap-0.35": "full"}  # fmt: skip
 """The plain counterpart each dynamic variant is paired with; every other variant is paired with ``lora``."""
 
 

@@ -49,15 +49,24 @@ ROWS: dict[str, tuple[dict[str, Any], str]] = {
     "cap-0.5": ({"memory_cap": 0.5}, "the default under --memory-cap 0.5"),
     "cap-0.5-bf16-base": ({"memory_cap": 0.5, "base_dtype": "bf16"}, "--memory-cap 0.5 over a bf16 base"),
     "full": ({"method": "full", "dynamic": False}, "full fine-tuning, AdamW, fp32"),
+    "full-checkpointed": (
+        {"method": "full", "dynamic": False, "gradient_checkpointing": True},
+        "full fine-tuning with every block checkpointed",
+    ),  # fmt: skip
     "dynamic-full": ({"method": "full", "dynamic": True}, "dynamic full fine-tuning, its preset (k 1/3, reset)"),
     "dynamic-full-bf16": (
         {"method": "full", "dynamic": True, "inactive_dtype": "bf16"},
         "the same with inactive layers stored in bf16",
     ),  # fmt: skip
+    "dynamic-full-bf16-cap-0.35": (
+        {"method": "full", "dynamic": True, "inactive_dtype": "bf16", "memory_cap": 0.35, "cap_mode": "recompute"},
+        "bf16 storage, activations capped at 0.35 by recomputation",
+    ),  # fmt: skip
     "badam-like": (BADAM, "a tenth of the layers at a time, state reset (fp32 storage)"),
     "badam-like-bf16": (BADAM | {"inactive_dtype": "bf16"}, "a tenth at a time, inactive layers in bf16"),
 }
 BASELINE = {"full": "full", "dynamic-full": "full", "dynamic-full-bf16": "full", "badam-like": "full",
+            "dynamic-full-bf16-cap-0.35": "full", "full-checkpointed": "full",
             "badam-like-bf16": "full"}  # fmt: skip
 """Each row's baseline on the same model; rows not listed compare with ``lora``."""
 
