@@ -241,15 +241,27 @@ def time_runs(setups: list[Setup], batch, steps: int) -> dict[str, dict[str, lis
     return out
 
 
+TRAINING = ("saved_activations", "gradients", "optimizer_state")
+"""The counted training bytes; ``weights`` (every parameter and buffer) is recorded beside them."""
+
+
 def count_run(s: Setup, batch, steps: int) -> list[dict[str, int]]:
-    """Counted bytes of every step of a run: saved activations, gradients, optimizer state."""
+    """Bytes of every step of a run: saved activations, gradients, optimizer state, and the weights."""
     per_step = []
     for _ in range(steps):
         m = step_memory_breakdown(s.model, s.optimizer, batch)
         if s.allocator is not None:
             s.allocator.step()
-        per_step.append({k: int(m[k]) for k in ("saved_activations", "gradients", "optimizer_state")})
+        per_step.append({k: int(m[k]) for k in (*TRAINING, "weights")})
     return per_step
+
+
+def run_memory(counted: list[dict[str, int]]) -> dict[str, float]:
+    """Peak and mean counted training bytes of a run, and its peak total (weights included) over the steps."""
+    training = [sum(step[k] for k in TRAINING) for step in counted]
+    total = [t + step["weights"] for t, step in zip(training, counted, strict=True)]
+    return {"peak_counted_bytes": max(training), "mean_counted_bytes": statistics.mean(training),
+            "peak_weights_bytes": max(step["weights"] for step in counted), "peak_total_bytes": max(total)}  # fmt: skip
 
 
 def measure_runs(base: nn.Module, batch, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -266,7 +278,7 @@ def measure_runs(base: nn.Module, batch, args: argparse.Namespace) -> list[dict[
     rows = []
     for sp in specs_:
         counted = count_run(build(sp, base), batch, args.memory_steps)
-        totals = [sum(step.values()) for step in counted]
+        memory = run_memory(counted)
         rows.append(
             {
                 "name": sp.name,
@@ -276,12 +288,11 @@ def measure_runs(base: nn.Module, batch, args: argparse.Namespace) -> list[dict[
                 "total_ms": sum(timed[sp.name]["step_ms"]),
                 **timed[sp.name],
                 "counted": counted,
-                "peak_counted_bytes": max(totals),
-                "mean_counted_bytes": statistics.mean(totals),
+                **memory,
                 "peak_saved_activations": max(step["saved_activations"] for step in counted),
             }
         )
-        print(f"  counted {sp.name}: peak {max(totals) / MiB:.1f} MiB", file=sys.stderr, flush=True)
+        print(f"  counted {sp.name}: peak {memory['peak_counted_bytes'] / MiB:.1f} MiB", file=sys.stderr, flush=True)
     return rows
 
 
@@ -294,11 +305,12 @@ def render_runs(runs: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
         f" configuration reallocates every {meta['run_period']} steps (its other settings as named), so the"
         " total covers several selections. Step ratio: total time over the baseline's total. Predicted: the cost"
         " model's mean over the steps (`dynalora.cost`). Memory: counted bytes (saved activations + gradients +"
-        f" optimizer state) of each of {meta['memory_steps']} steps of a fresh run; peak = the highest step.",
+        f" optimizer state) of each of {meta['memory_steps']} steps of a fresh run; peak = the highest step."
+        " Total: the same with the weights (every parameter and buffer at its storage dtype), at its highest step.",
         "",
         "| configuration | baseline | step ratio | predicted | mean depth | peak counted (MiB) | x baseline |"
-        " mean counted x baseline | peak saved activations x baseline |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        " mean counted x baseline | peak saved activations x baseline | peak total (MiB) | total x baseline |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         b = by[r["baseline"]]
@@ -308,7 +320,9 @@ def render_runs(runs: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
             f"| {r['name']} | {r['baseline']} | {r['total_ms'] / b['total_ms']:.3f} | {predicted} | {depth}"
             f" | {r['peak_counted_bytes'] / MiB:,.1f} | {r['peak_counted_bytes'] / b['peak_counted_bytes']:.3f}"
             f" | {r['mean_counted_bytes'] / b['mean_counted_bytes']:.3f}"
-            f" | {r['peak_saved_activations'] / b['peak_saved_activations']:.3f} |"
+            f" | {r['peak_saved_activations'] / b['peak_saved_activations']:.3f}"
+            + (f" | {r['peak_total_bytes'] / MiB:,.1f} | {r['peak_total_bytes'] / b['peak_total_bytes']:.3f} |"
+               if "peak_total_bytes" in r and "peak_total_bytes" in b else " | | |")  # fmt: skip
         )
     return lines
 
@@ -393,6 +407,9 @@ def write_results(
     def mib(x: float | None) -> str:
         return "n/a" if x is None else f"{x / MiB:,.1f}"
 
+    def _total(m: dict[str, int]) -> int | None:  # weights + training bytes, at the measured step
+        return None if "weights" not in m else sum(m[k] for k in ("weights", *TRAINING))
+
     kind = next((r["peak"].get("kind") for r in rows if "kind" in r.get("peak", {})), "n/a")
     # state held in host memory: only with the model on an accelerator (offload, torch's step counters)
     host = any(r["memory"].get("optimizer_state_host") for r in rows)
@@ -405,8 +422,8 @@ def write_results(
         "",
         "| configuration | median step (ms) | x LoRA | params | grads | optimizer"
         + (" | optimizer on host" if host else "")
-        + " | saved activations | grads+opt | peak above model |",
-        "|---|---:|---:|---:|---:|---:|" + ("---:|" if host else "") + "---:|---:|---:|",
+        + " | saved activations | grads+opt | peak above model | weights | total |",
+        "|---|---:|---:|---:|---:|---:|" + ("---:|" if host else "") + "---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         m = r["memory"]
@@ -415,7 +432,8 @@ def write_results(
             f" | {mib(m['gradients'])} | {mib(m['optimizer_state'])}"
             + (f" | {mib(m.get('optimizer_state_host', 0))}" if host else "")
             + f" | {mib(m['saved_activations'])}"
-            f" | {mib(m['gradients'] + m['optimizer_state'])} | {mib(r['peak'].get('peak_above_model_bytes'))} |"
+            f" | {mib(m['gradients'] + m['optimizer_state'])} | {mib(r['peak'].get('peak_above_model_bytes'))}"
+            f" | {mib(m.get('weights'))} | {mib(_total(m))} |"
         )
     lines += ["", "## Step time against the lowest trained layer (LoRA q,v; modules in layers >= d trained)", ""]
     lines += [
@@ -594,7 +612,7 @@ def measure_steps(base: nn.Module, batch, args: argparse.Namespace) -> list[dict
         settle(s, batch)
         params = [p for p in s.model.parameters()]
         memory[s.spec.name] = {k: v for k, v in step_memory_breakdown(s.model, s.optimizer, batch).items() if k in (
-            "parameters", "gradients", "optimizer_state", "optimizer_state_host", "saved_activations")} | {
+            "weights", "parameters", "gradients", "optimizer_state", "optimizer_state_host", "saved_activations")} | {
             "trainable_params": sum(p.numel() for p in params if p.requires_grad)}  # fmt: skip
     print(f"timing {len(setups)} configurations", file=sys.stderr)
     times = time_interleaved(setups, batch, args.rounds, args.steps, args.warmup)

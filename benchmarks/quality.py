@@ -109,7 +109,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         "dynamic full fine-tuning (preset full) with inactive layers stored in bf16 (BAdam's class)",
     ),  # fmt: skip
     "dynamic-full-bf16-cap-0.35": (
-        {"method": "full", "dynamic": True, "inactive_dtype": "bf16", "memory_cap": "0.35", "cap_mode": "recompute"},
+        {"method": "full", "dynamic": True, "inactive_dtype": "bf16", "memory_cap": 0.35, "cap_mode": "recompute"},
         "dynamic-full-bf16 with block activations capped at 0.35 of full fine-tuning's by recomputation",
     ),  # fmt: skip
     "badam-like-bf16": (

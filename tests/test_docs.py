@@ -18,7 +18,7 @@ def _generator():
 def test_generated_docs_match_the_code():
     gen = _generator()
     for page in gen.GENERATED:
-        assert (DOCS / page).read_text() == gen.render(page), f"docs/{page} is stale: run python docs/generate.py"
+        assert (DOCS.parent / page).read_text() == gen.render(page), f"{page} is stale: run python docs/generate.py"
 
 
 def test_every_config_field_and_train_flag_is_documented():
@@ -50,7 +50,7 @@ def test_field_docstrings_and_missing_markers(tmp_path, monkeypatch):
 
     assert gen.field_docstrings(Partly) == {"x": "documented"}
     (tmp_path / "page.md").write_text("no markers here\n")
-    monkeypatch.setattr(gen, "DOCS", tmp_path)
+    monkeypatch.setattr(gen, "ROOT", tmp_path)
     monkeypatch.setattr(gen, "GENERATED", {"page.md": {"table": lambda: "generated"}})
     with pytest.raises(SystemExit, match="lacks the markers of 'table'"):
         gen.render("page.md")
