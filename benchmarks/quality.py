@@ -95,6 +95,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         "v0.2 default: gradient, discounted stochastic, k 2/3, period 10, global",
     ),  # fmt: skip
     "lora": ({"dynamic": False}, "plain PEFT LoRA, the baseline"),
+    "default-bf16-base": ({"base_dtype": "bf16"}, "the default over a bf16 frozen base (--base-dtype bf16)"),
     # the default over other backbones, against their plain counterparts
     "vera": ({"method": "vera", "dynamic": False}, "plain PEFT VeRA"),
     "dynavera": ({"method": "vera"}, "DynaVeRA, today's defaults"),
