@@ -18,6 +18,7 @@ import importlib.util
 import inspect
 import json
 import re
+import statistics
 import sys
 import textwrap
 from pathlib import Path
@@ -199,6 +200,44 @@ def total_memory_table(model: str) -> str:
     return "\n".join(lines)
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def cost_runs_table() -> str:
+    """docs/results.md: ``benchmarks/cost.py``'s whole runs, each row against its own baseline."""
+    rows = json.loads((RESULTS / "cost.json").read_text())["runs"]
+    by = {r["name"]: r for r in rows}
+    lines = ["| configuration | baseline | whole-run step | predicted | peak counted bytes | mean counted bytes"
+             " | total peak |", "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        b = by[r["baseline"]]
+        predicted = _mean(r.get("predicted_step_ratio") or [])
+        total = _ratio(r.get("peak_total_bytes"), b.get("peak_total_bytes"))
+        lines.append(f"| {r['name']} | {r['baseline']} | {_ratio(r['total_ms'], b['total_ms'])}"
+                     f" | {'' if predicted is None else f'{predicted:.3f}'}"
+                     f" | {_ratio(r['peak_counted_bytes'], b['peak_counted_bytes'])}"
+                     f" | {_ratio(r['mean_counted_bytes'], b['mean_counted_bytes'])} | {total} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def llm_cost_table() -> str:
+    """docs/results.md: ``benchmarks/llm_cost.py``'s rows, each against its own baseline."""
+    rows = _results("llm_cost")
+    by = {r["name"]: r for r in rows}
+    lines = ["| configuration | baseline | peak counted bytes | mean counted bytes | total peak | median step |",
+             "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        b = by[r["baseline"]]
+        step = ""
+        if r.get("step_ms") and b.get("step_ms"):
+            step = _ratio(statistics.median(r["step_ms"]), statistics.median(b["step_ms"]))
+        lines.append(f"| {r['name']} | {r['baseline']} | {_ratio(r['peak_counted_bytes'], b['peak_counted_bytes'])}"
+                     f" | {_ratio(r['mean_counted_bytes'], b['mean_counted_bytes'])}"
+                     f" | {_ratio(r.get('peak_total_bytes'), b.get('peak_total_bytes'))} | {step} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 GENERATED = {
     "docs/options.md": {"DynamicConfig": dynamic_config_table},
     "docs/cli.md": {"train flags": train_flags},
@@ -206,6 +245,8 @@ GENERATED = {
     "docs/results.md": {
         "total memory minilm": lambda: total_memory_table("minilm"),
         "total memory smollm2": lambda: total_memory_table("smollm2"),
+        "cost runs": cost_runs_table,
+        "llm cost": llm_cost_table,
     },
 }
 """Pages, relative to the repository's root, and their generated regions."""
