@@ -407,7 +407,7 @@ def write_results(
     def mib(x: float | None) -> str:
         return "n/a" if x is None else f"{x / MiB:,.1f}"
 
-    def _total(m: dict[str, int]) -> int | None:  # weights + training bytes, at the measured step
+    def total(m: dict[str, int]) -> int | None:  # weights + training bytes, at the measured step
         return None if "weights" not in m else sum(m[k] for k in ("weights", *TRAINING))
 
     kind = next((r["peak"].get("kind") for r in rows if "kind" in r.get("peak", {})), "n/a")
@@ -433,7 +433,7 @@ def write_results(
             + (f" | {mib(m.get('optimizer_state_host', 0))}" if host else "")
             + f" | {mib(m['saved_activations'])}"
             f" | {mib(m['gradients'] + m['optimizer_state'])} | {mib(r['peak'].get('peak_above_model_bytes'))}"
-            f" | {mib(m.get('weights'))} | {mib(_total(m))} |"
+            f" | {mib(m.get('weights'))} | {mib(total(m))} |"
         )
     lines += ["", "## Step time against the lowest trained layer (LoRA q,v; modules in layers >= d trained)", ""]
     lines += [

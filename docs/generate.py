@@ -200,19 +200,15 @@ def total_memory_table(model: str) -> str:
     return "\n".join(lines)
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
 def cost_runs_table() -> str:
     """docs/results.md: ``benchmarks/cost.py``'s whole runs, each row against its own baseline."""
-    rows = json.loads((RESULTS / "cost.json").read_text())["runs"]
+    rows = _results("cost")
     by = {r["name"]: r for r in rows}
     lines = ["| configuration | baseline | whole-run step | predicted | peak counted bytes | mean counted bytes"
              " | total peak |", "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
         b = by[r["baseline"]]
-        predicted = _mean(r.get("predicted_step_ratio") or [])
+        predicted = statistics.mean(r["predicted_step_ratio"]) if r.get("predicted_step_ratio") else None
         total = _ratio(r.get("peak_total_bytes"), b.get("peak_total_bytes"))
         lines.append(f"| {r['name']} | {r['baseline']} | {_ratio(r['total_ms'], b['total_ms'])}"
                      f" | {'' if predicted is None else f'{predicted:.3f}'}"
