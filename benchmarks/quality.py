@@ -96,6 +96,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     ),  # fmt: skip
     "lora": ({"dynamic": False}, "plain PEFT LoRA, the baseline"),
     "default-bf16-base": ({"base_dtype": "bf16"}, "the default over a bf16 frozen base (--base-dtype bf16)"),
+    "lora-bf16-base": ({"dynamic": False, "base_dtype": "bf16"}, "plain PEFT LoRA over a bf16 frozen base"),
     # the default over other backbones, against their plain counterparts
     "vera": ({"method": "vera", "dynamic": False}, "plain PEFT VeRA"),
     "dynavera": ({"method": "vera"}, "DynaVeRA, today's defaults"),
