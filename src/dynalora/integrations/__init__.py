@@ -1,5 +1,5 @@
 """Thin adapters that drive :class:`dynalora.DynamicAllocator` (and AdaLoRA) from other training loops."""
 
-from dynalora.integrations.trainer import AdaLoraCallback, DynamicAllocationCallback, attach
+from dynalora.integrations.trainer import AdaLoraCallback, DynamicAllocationCallback, MethodStepCallback, attach
 
-__all__ = ["AdaLoraCallback", "DynamicAllocationCallback", "attach"]
+__all__ = ["AdaLoraCallback", "DynamicAllocationCallback", "MethodStepCallback", "attach"]

@@ -191,17 +191,29 @@ class DynamicAllocationCallback(TrainerCallback):
             torch.save(self.allocator.state_dict(), os.path.join(folder, state_file(args.process_index)))
 
 
-class AdaLoraCallback(TrainerCallback):
-    """Runs PEFT AdaLoRA's ``update_and_allocate`` once per optimizer step inside a ``Trainer``.
+class MethodStepCallback(TrainerCallback):
+    """Runs a method's per-step hook, ``hook(model, step, optimizer)``, once per optimizer step.
 
-    Without it AdaLoRA trains as plain LoRA (peft #1327). ``on_optimizer_step`` comes after
-    ``optimizer.step()`` and before ``zero_grad`` (AdaLoRA reads the gradients), once per optimizer
-    step whatever ``gradient_accumulation_steps`` is; ``state.global_step`` then counts the steps
-    before this one, as ``update_and_allocate`` expects. Set the config's ``total_step`` to the
-    run's optimizer steps.
+    ``on_optimizer_step`` comes after ``optimizer.step()`` and before ``zero_grad`` (AdaLoRA reads
+    the gradients), once per optimizer step whatever ``gradient_accumulation_steps`` is;
+    ``state.global_step`` then counts the steps before this one. Each method's hook is its
+    record's ``hooks.on_optimizer_step`` (:data:`dynalora.methods.REGISTRY`): AdaLoRA's rank
+    allocation, DyLoRA's rank draw, L1RA's pruning.
     """
 
-    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
-        model = kwargs["model"]
-        model = getattr(model, "module", model)  # DDP
-        model.base_model.update_and_allocate(state.global_step)
+    def __init__(self, hook: Any) -> None:
+        self.hook = hook
+
+    def on_optimizer_step(self, args, state: TrainerState, control: TrainerControl, model=None, optimizer=None,
+                          **kwargs):  # fmt: skip
+        self.hook(getattr(model, "module", model), state.global_step, optimizer)  # DDP: the model inside
+
+
+class AdaLoraCallback(MethodStepCallback):
+    """PEFT AdaLoRA's ``update_and_allocate`` once per optimizer step inside a ``Trainer``: without it
+    AdaLoRA trains as plain LoRA (peft #1327). Set the config's ``total_step`` to the run's optimizer steps."""
+
+    def __init__(self) -> None:
+        from dynalora.methods.adalora import on_optimizer_step
+
+        super().__init__(on_optimizer_step)

@@ -35,8 +35,6 @@ DEFAULT_CAUSAL_EVAL_SAMPLES = 200
 # validation pass decodes up to 200 answers (1-2 minutes), so it comes every 200 steps.
 CLASSIFICATION_SIZES = {"batch_size": 32, "max_length": 64, "eval_every": 50}
 CAUSAL_SIZES = {"batch_size": 8, "max_length": 96, "eval_every": 200}
-# Each method's default learning rates, and where they were measured: its Method record (dynalora.methods).
-DEFAULT_LR = {name: m.lr for name, m in REGISTRY.items()}
 METHOD_ONLY = {o: tuple(n for n, m in REGISTRY.items() if o in m.options) for m in REGISTRY.values() for o in m.options}
 """Options that only some methods read (``--dylora-frozen``), and those methods."""
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")

@@ -101,22 +101,20 @@ def write_shared(folder: Path, weights: dict[str, torch.Tensor], state: dict[str
     (folder / "progress.json").write_text(json.dumps(progress) + "\n")
 
 
-def write_rank(folder: Path, rank: int, allocator: dict[str, Any] | None, extra: dict[str, torch.Tensor]) -> None:
-    """The files of one process: its RNG states (and ``extra`` tensors) and its allocator's state."""
-    save_file(rng_state() | extra, str(folder / f"rng-{rank}.safetensors"))
+def write_rank(folder: Path, rank: int, allocator: dict[str, Any] | None) -> None:
+    """The files of one process: its RNG states and its allocator's state."""
+    save_file(rng_state(), str(folder / f"rng-{rank}.safetensors"))
     torch.save(allocator, folder / f"allocator-{rank}.pt")
 
 
-def begin(out: Path, step: int) -> Path:
-    """A fresh temporary folder for the checkpoint of ``step`` (rank 0 calls this)."""
-    tmp = checkpoint_dir(out, step).with_name(checkpoint_dir(out, step).name + ".tmp")
+def begin(tmp: Path) -> None:
+    """A fresh temporary folder ``step-N.tmp`` for a checkpoint (rank 0 calls this)."""
     if tmp.exists():
         shutil.rmtree(tmp)  # left by a crash
     tmp.mkdir(parents=True)
-    return tmp
 
 
-def commit(tmp: Path, keep: int) -> Path:
+def commit(tmp: Path, keep: int) -> None:
     """Flush and rename ``step-N.tmp`` to ``step-N``; then keep only the last ``keep`` checkpoints."""
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
@@ -129,12 +127,6 @@ def commit(tmp: Path, keep: int) -> Path:
     shutil.rmtree(old, ignore_errors=True)
     for old in list_checkpoints(final.parent.parent)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def abort(tmp: Path | None) -> None:
-    if tmp is not None:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load(folder: Path, rank: int, world_size: int) -> tuple[dict[str, torch.Tensor], dict, dict, dict]:

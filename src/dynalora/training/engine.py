@@ -45,7 +45,7 @@ from dynalora.controller import DynamicAllocator
 from dynalora.data import TaskData, load_task, make_collator, tokenize
 from dynalora.data.tasks import Kind, TaskSpec, compute_metrics
 from dynalora.errors import Interrupted, RunError, UsageError
-from dynalora.integrations.trainer import attach
+from dynalora.integrations.trainer import MethodStepCallback, attach
 from dynalora.metering import (
     PeakMemory,
     SavedActivations,
@@ -125,7 +125,7 @@ def method_options(args: TrainArgs, num_steps: int, kind: Kind = Kind.CLASSIFICA
     )
 
 
-def _adamw(model: torch.nn.Module, options: MethodOptions, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def adamw(model: torch.nn.Module, options: MethodOptions, lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(trainable_params(model), lr=lr, weight_decay=weight_decay)
 
 
@@ -167,9 +167,11 @@ def _eval_record(step: int, split: str, result: dict[str, Any]) -> dict[str, Any
 
 
 @dataclass
-class Parts:
-    """What a run trains on: data, the model with its method, the allocator, evaluation loaders."""
+class Job:
+    """One run: its arguments, what :func:`load` built (data, the model with its method, the
+    allocator, evaluation loaders), and the ``Trainer`` that trains it (set by :func:`run`)."""
 
+    args: TrainArgs
     spec: TaskSpec
     model_path: str
     tokenizer: Any
@@ -183,17 +185,8 @@ class Parts:
     eval_loaders: dict[str, DataLoader]
     num_steps: int
     saved_names: frozenset[str]
-
-
-@dataclass
-class Job:
-    """One run: its arguments, what :func:`load` built, and the ``Trainer`` that trains it."""
-
-    args: TrainArgs
-    parts: Parts
+    num_trainable: int
     trainer: Any = None
-    allocator: DynamicAllocator | None = None
-    num_trainable: int = 0
 
     @property
     def accelerator(self) -> Any:
@@ -206,14 +199,6 @@ class Job:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
-
-    @property
-    def optimizer(self) -> Any:
-        return self.trainer.optimizer
-
-    @property
-    def scheduler(self) -> Any:
-        return self.trainer.lr_scheduler
 
     def unwrapped(self) -> torch.nn.Module:
         return self.trainer.model  # Trainer's model is never the DDP wrapper
@@ -232,13 +217,8 @@ class Job:
         """The checkpoint's tensors, looked up now: L1RA replaces its parameters when it resizes."""
         return {n: p for n, p in self.unwrapped().named_parameters() if n in self.saved_names}
 
-    def __getattr__(self, name: str) -> Any:  # spec, tokenizer, eval_loaders, num_steps, hooks, ...
-        if name == "parts":
-            raise AttributeError(name)
-        return getattr(self.parts, name)
 
-
-def load(args: TrainArgs, device: torch.device, allocate: bool = True) -> Parts:
+def load(args: TrainArgs, device: torch.device, allocate: bool = True) -> Job:
     """Load data and model and set up the method on ``device``, and the allocator when ``allocate``
     and the run is dynamic. Raises UsageError on bad input."""
     model_path = resolve_model_path(args.model)
@@ -303,8 +283,12 @@ def load(args: TrainArgs, device: torch.device, allocate: bool = True) -> Parts:
         for split in ("validation", "test")
         if split in tokenized and (split != "test" or data.has_test_labels)
     }
-    return Parts(data.spec, model_path, tokenizer, model, modules, options, allocator, hooks, tokenized, collator,
-                 eval_loaders, num_steps, saved)  # fmt: skip
+    if allocator is not None:
+        trained = allocator.num_params + allocator.num_extra_params
+    else:
+        trained = sum(p.numel() for p in trainable_params(model))
+    return Job(args, data.spec, model_path, tokenizer, model, modules, options, allocator, hooks, tokenized, collator,
+               eval_loaders, num_steps, saved, trained)  # fmt: skip
 
 
 def _shard(model: torch.nn.Module, fsdp: str, modules: list | None) -> list | None:
@@ -448,9 +432,8 @@ def counted_memory(steps: list[dict[str, int]]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def save_checkpoint(job: Job, out: Path, p: Progress, files: dict[str, str] | None = None) -> Path:
-    """Write the checkpoint of step ``p.step`` on every process; returns its folder. ``files``: more
-    text files the main process writes into it (name: content) before it is complete.
+def save_checkpoint(job: Job, out: Path, p: Progress) -> Path:
+    """Write the checkpoint of step ``p.step`` on every process, with Trainer's state; returns its folder.
 
     Every process reaches the same agreements (:func:`_all_ok`), whether or not its own writes
     failed, so a full disk on one of them stops all with one message and none hangs.
@@ -460,28 +443,27 @@ def save_checkpoint(job: Job, out: Path, p: Progress, files: dict[str, str] | No
     # collectives first, on every rank: whole weights; under FSDP each rank keeps its optimizer shard
     sharded = distributed.is_sharded(job.unwrapped())
     weights = {name: distributed.full_tensor(p.detach()) for name, p in job.saved().items()}
-    optimizer = job.optimizer.state_dict()
+    optimizer = job.trainer.optimizer.state_dict()
     try:
         if job.is_main:
-            checkpoint.begin(out, p.step)
+            checkpoint.begin(tmp)
     except OSError as err:
         error = err
     if _all_ok(acc, error is None):
         try:
             allocator = job.allocator.state_dict() if job.allocator else None
-            checkpoint.write_rank(tmp, acc.process_index, allocator, {})
+            checkpoint.write_rank(tmp, acc.process_index, allocator)
             if sharded:
                 torch.save(distributed.local_shards(optimizer), tmp / f"optimizer-{acc.process_index}.pt")
             if job.is_main:
                 state = {
                     "optimizer": None if sharded else optimizer,  # None: one file per rank
-                    "scheduler": job.scheduler.state_dict(),
+                    "scheduler": job.trainer.lr_scheduler.state_dict(),
                     "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                     "method": job.hooks.state_dict(job.unwrapped()) if job.hooks.state_dict else None,
                 }
                 checkpoint.write_shared(tmp, weights, state, p.to_json(acc.num_processes))
-                for name, text in (files or {}).items():
-                    (tmp / name).write_text(text)
+                job.trainer.state.save_to_json(str(tmp / TRAINER_STATE))
         except OSError as err:
             error = err
     if _all_ok(acc, error is None) and job.is_main:
@@ -491,7 +473,7 @@ def save_checkpoint(job: Job, out: Path, p: Progress, files: dict[str, str] | No
             error = err
     if not _all_ok(acc, error is None):
         if job.is_main:
-            checkpoint.abort(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(out)
         reason = f"{error.strerror or error}" if error else "another process could not write its part"
         raise RunError(
@@ -512,7 +494,7 @@ def restore_checkpoint(job: Job, folder: Path) -> Progress:
         missing = sorted(job.saved_names ^ set(weights))[0]
         raise UsageError(f"--resume: {folder} holds other weights than this run ({missing}); allowed: the same model")
     if job.hooks.load_state_dict is not None:  # first: L1RA resizes its layers to the saved ranks
-        job.hooks.load_state_dict(job.unwrapped(), state["method"], job.optimizer)
+        job.hooks.load_state_dict(job.unwrapped(), state["method"], job.trainer.optimizer)
     params = job.saved()
     for name, tensor in weights.items():
         distributed.load_full(params[name], tensor)  # under FSDP, this rank's shard of it
@@ -521,11 +503,11 @@ def restore_checkpoint(job: Job, folder: Path) -> Progress:
         if not shard.exists():
             raise UsageError(f"--resume: {folder} is incomplete ({shard.name} is missing); allowed: a checkpoint "
                              "dynalora wrote")  # fmt: skip
-        job.optimizer.load_state_dict(torch.load(shard, weights_only=True))
-        distributed.reshard_optimizer(job.optimizer)
+        job.trainer.optimizer.load_state_dict(torch.load(shard, weights_only=True))
+        distributed.reshard_optimizer(job.trainer.optimizer)
     else:
-        job.optimizer.load_state_dict(state["optimizer"])
-    job.scheduler.load_state_dict(state["scheduler"])
+        job.trainer.optimizer.load_state_dict(state["optimizer"])
+    job.trainer.lr_scheduler.load_state_dict(state["scheduler"])
     if job.allocator is not None:
         job.allocator.load_state_dict(state["allocator"])
     if acc.scaler is not None and state["scaler"] is not None:
@@ -858,16 +840,9 @@ class DynaloraMixin:
         self.meter.micro_batch(result[0] if return_outputs else result, saved.bytes)
         return result
 
-    def create_optimizer(self, model=None):
-        if self.optimizer is None and self.job.allocator is None:  # attach() builds the dynamic one
-            make = self.job.hooks.make_optimizer or _adamw
-            self.optimizer = make(self.model, self.job.parts.options, self.args.learning_rate, self.args.weight_decay)
-        return super().create_optimizer(model) if self.optimizer is None else self.optimizer
-
     # dynalora's checkpoints: written atomically, read back with weights_only=True
     def _save_checkpoint(self, model, trial) -> None:
-        self.meter.saved = save_checkpoint(self.job, self.meter.out, self.meter.progress,
-                                           files={TRAINER_STATE: _state_json(self.state)})  # fmt: skip
+        self.meter.saved = save_checkpoint(self.job, self.meter.out, self.meter.progress)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         pass  # everything is restored at once, with the optimizer (L1RA resizes before its weights load)
@@ -905,11 +880,6 @@ def trainer_class(kind: Kind | str) -> type[Trainer]:
     from trl import SFTTrainer
 
     return type("DynaloraSFTTrainer", (DynaloraMixin, SFTTrainer), {})
-
-
-def _state_json(state: TrainerState) -> str:
-    """What ``TrainerState.save_to_json`` writes."""
-    return json.dumps(dataclasses.asdict(state), indent=2, sort_keys=True) + "\n"
 
 
 class Meter(TrainerCallback):
@@ -1009,31 +979,31 @@ def run(args: TrainArgs) -> dict[str, Any] | None:
     _precision(args, device)  # refused before anything loads
     if args.fsdp is not None:
         _fsdp_group(device, args.fsdp)
-    parts = load(args, device)  # a setting the allocator refuses is refused here, before any file is written
+    job = load(args, device)  # a setting the allocator refuses is refused here, before any file is written
     out = Path(args.output_dir)
-    targs = training_arguments(args, device, parts.num_steps, out)
+    targs = training_arguments(args, device, job.num_steps, out)
     check_writable(out, targs.process_index)
-    job = Job(args, parts)
+    # a plain run's optimizer is the method's (GaLore, L1RA) or AdamW; attach() builds a dynamic one
+    make = job.hooks.make_optimizer or adamw
+    optimizer = None if job.allocator else make(job.model, job.options, args.lr, args.weight_decay)
     with StopRequest() as stop:
         meter = Meter(job, out, stop)
-        trainer = trainer_class(parts.spec.kind)(
-            model=parts.model,
+        trainer = trainer_class(job.spec.kind)(
+            model=job.model,
             args=targs,
-            train_dataset=parts.tokenized["train"],
-            data_collator=parts.collator,
-            processing_class=parts.tokenizer,
+            train_dataset=job.tokenized["train"],
+            data_collator=job.collator,
+            processing_class=job.tokenizer,
             callbacks=[meter],
+            optimizers=(optimizer, None),
             job=job,
             meter=meter,
         )
         job.trainer = trainer
-        if parts.allocator is not None:
-            job.allocator = attach(trainer, parts.allocator, save_state=False)
-            job.num_trainable = job.allocator.num_params + job.allocator.num_extra_params
-        else:
-            job.num_trainable = sum(p.numel() for p in trainable_params(parts.model))
-        if parts.hooks.on_optimizer_step is not None:  # before zero_grad: AdaLoRA reads the gradients
-            trainer.add_callback(_MethodStep(parts.hooks.on_optimizer_step, job))
+        if job.allocator is not None:
+            attach(trainer, job.allocator, save_state=False)
+        if job.hooks.on_optimizer_step is not None:  # before zero_grad: AdaLoRA reads the gradients
+            trainer.add_callback(MethodStepCallback(job.hooks.on_optimizer_step))
         try:
             error = None
             if job.is_main:
@@ -1089,13 +1059,3 @@ def push(folder: Path, repo_id: str) -> None:
         message = f"--push-to-hub {repo_id}: the upload failed ({first}); the run is complete in {folder}"
         raise RunError(message) from None
     logger.info("uploaded %s to https://huggingface.co/%s", folder, url)
-
-
-class _MethodStep(TrainerCallback):
-    """A method's per-step hook (AdaLoRA's ``update_and_allocate``), after ``optimizer.step()``."""
-
-    def __init__(self, hook: Any, job: Job) -> None:
-        self.hook, self.job = hook, job
-
-    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        self.hook(self.job.unwrapped(), state.global_step, optimizer)
