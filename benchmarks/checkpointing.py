@@ -17,6 +17,10 @@ the counted figure. Run alone, on idle cores:
 
     .venv/bin/python benchmarks/checkpointing.py                 # both models (~25 min on 2 cores)
     .venv/bin/python benchmarks/checkpointing.py --model minilm  # one
+    .venv/bin/python benchmarks/checkpointing.py --memory-only   # count memory again; keep the step times
+
+``--memory-only`` counts bytes (deterministic, so it may run beside other work) and keeps each row's
+step times, cuts and recomputed blocks from the results file, whose ``meta`` then says so.
 
 Writes benchmarks/results/checkpointing.{json,md}.
 """
@@ -80,7 +84,9 @@ def build(row: Row, model: str, base, period: int) -> cost.Setup:
     return setup
 
 
-def measure(model: str, args: argparse.Namespace) -> dict:
+def measure(model: str, args: argparse.Namespace, before: dict | None = None) -> dict:
+    """The rows of ``model``; with ``before`` (that model's earlier results), memory only: the timed
+    fields come from ``before``."""
     torch.manual_seed(0)
     if model == "minilm":
         tokenizer, base = cost.load_base(None, torch.device("cpu"))
@@ -93,6 +99,8 @@ def measure(model: str, args: argparse.Namespace) -> dict:
         batch = llm_cost.fixed_batch(tokenizer, args.batch_size or 4, args.max_length)
         steps, period = args.steps or 30, args.period or 3
     specs = rows()
+    if before is not None:
+        return _count_again(model, specs, base, batch, period, args, before)
     warm = build(specs[0], model, base, period)
     for _ in range(2):  # the process's first steps (thread pools, allocator caches) are paid by nobody
         cost.train_step(warm, batch)
@@ -112,21 +120,43 @@ def measure(model: str, args: argparse.Namespace) -> dict:
             times[s.spec.name].append((time.perf_counter() - t0) * 1e3)
         print(f"  {model}: timed step {i + 1}/{steps}", file=sys.stderr, flush=True)
     del setups
+    timed = {r.name: {"step_ms": times[r.name], "total_ms": sum(times[r.name]), "depth": depth[r.name],
+                      "recomputed_blocks": recompute[r.name]} for r in specs}  # fmt: skip
+    meta = {"batch": list(batch["input_ids"].shape), "steps": steps, "period": period,
+            "memory_steps": args.memory_steps, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "timed_on": time.strftime("%Y-%m-%d")}  # fmt: skip
+    return {"meta": meta, "rows": _count(model, specs, base, batch, period, args, timed)}
+
+
+def _count(model: str, specs: list[Row], base, batch, period: int, args, timed: dict[str, dict]) -> list[dict]:
+    """Each row's counted bytes over a second, untimed run of a fresh copy, beside its ``timed`` fields."""
     out = []
     for r in specs:
         counted = cost.count_run(build(r, model, base, period), batch, args.memory_steps)
         memory = cost.run_memory(counted)
         out.append({"name": r.name, "baseline": r.baseline, "checkpointing": r.checkpointing,
-                    "dynamic": r.dynamic.to_dict() if r.dynamic else None, "step_ms": times[r.name],
-                    "total_ms": sum(times[r.name]), "depth": depth[r.name], "recomputed_blocks": recompute[r.name],
+                    "dynamic": r.dynamic.to_dict() if r.dynamic else None, **timed[r.name],
                     "counted": counted, **memory,
                     "peak_saved_activations": max(s["saved_activations"] for s in counted)})  # fmt: skip
         peak = memory["peak_counted_bytes"] / MiB
         print(f"  {model}: counted {r.name}: peak {peak:.1f} MiB", file=sys.stderr, flush=True)
-    meta = {"batch": list(batch["input_ids"].shape), "steps": steps, "period": period,
-            "memory_steps": args.memory_steps, "threads": torch.get_num_threads(),
-            "torch": torch.__version__}  # fmt: skip
-    return {"meta": meta, "rows": out}
+    return out
+
+
+def _count_again(model: str, specs: list[Row], base, batch, period: int, args, before: dict) -> dict:
+    """--memory-only: the counted bytes again, each row's timed fields kept from ``before``."""
+    old = {r["name"]: r for r in before["rows"]}
+    missing = [r.name for r in specs if r.name not in old]
+    if missing or list(batch["input_ids"].shape) != before["meta"]["batch"] or period != before["meta"]["period"]:
+        raise SystemExit(f"--memory-only: the earlier {model} results do not match these rows and settings "
+                         f"({missing[0] if missing else 'batch or period'}); run without --memory-only")  # fmt: skip
+    keys = ("step_ms", "total_ms", "depth", "recomputed_blocks")
+    timed = {r.name: {k: old[r.name][k] for k in keys} for r in specs}
+    meta = before["meta"] | {"memory_steps": args.memory_steps, "counted_on": time.strftime("%Y-%m-%d"),
+                             "counted_threads": torch.get_num_threads(),
+                             "torch": torch.__version__}  # fmt: skip
+    meta.setdefault("timed_on", "an earlier run")
+    return {"meta": meta, "rows": _count(model, specs, base, batch, period, args, timed)}
 
 
 NAMES = {"minilm": "MiniLM-L6 (6 blocks; LoRA on query, value)", "smollm2": "SmolLM2-135M (30 blocks; all-linear LoRA)"}
@@ -148,7 +178,13 @@ def render(results: dict) -> str:
             f"## {NAMES[model]}",
             "",
             f"Batch {meta['batch'][0]} x {meta['batch'][1]} tokens, {meta['steps']} timed steps per row, reallocating"
-            f" every {meta['period']} steps; memory over {meta['memory_steps']} steps.",
+            f" every {meta['period']} steps; memory over {meta['memory_steps']} steps."
+            + (
+                f" Step times from the timed run of {meta['timed_on']}; bytes counted again on {meta['counted_on']}"
+                " (`--memory-only`)."
+                if "counted_on" in meta
+                else ""
+            ),
             "",
             "| configuration | baseline | whole-run step x baseline | median step (ms) | mean cut | mean blocks"
             " recomputed | peak counted (MiB) | x baseline | peak saved activations x baseline | peak total (MiB)"
@@ -164,8 +200,11 @@ def render(results: dict) -> str:
                 f" | {statistics.median(r['step_ms']):,.0f} | {cut} | {again}"
                 f" | {r['peak_counted_bytes'] / MiB:,.1f} | {r['peak_counted_bytes'] / b['peak_counted_bytes']:.3f}"
                 f" | {r['peak_saved_activations'] / b['peak_saved_activations']:.3f}"
-                + (f" | {r['peak_total_bytes'] / MiB:,.1f} | {r['peak_total_bytes'] / b['peak_total_bytes']:.3f} |"
-                   if "peak_total_bytes" in r and "peak_total_bytes" in b else " | | |")  # fmt: skip
+                + (
+                    f" | {r['peak_total_bytes'] / MiB:,.1f} | {r['peak_total_bytes'] / b['peak_total_bytes']:.3f} |"
+                    if "peak_total_bytes" in r and "peak_total_bytes" in b
+                    else " | | |"
+                )  # fmt: skip
             )
     return "\n".join(lines)
 
@@ -179,6 +218,8 @@ def main() -> None:
     parser.add_argument("--period", type=int, default=None, help="reallocation period (default: 5 MiniLM, 3 SmolLM2)")
     parser.add_argument("--memory-steps", type=int, default=12)
     parser.add_argument("--results-dir", default=str(RESULTS))
+    parser.add_argument("--memory-only", action="store_true",
+                        help="count bytes again; keep the step times of the results file")  # fmt: skip
     args = parser.parse_args()
     from dynalora.cli import _quiet_libraries
 
@@ -188,7 +229,9 @@ def main() -> None:
     path = out / "checkpointing.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     for model in args.model:
-        results[model] = measure(model, args)
+        if args.memory_only and model not in results:
+            raise SystemExit(f"--memory-only: {path} has no {model} results to keep the step times of")
+        results[model] = measure(model, args, results[model] if args.memory_only else None)
         path.write_text(json.dumps(results, indent=1) + "\n")
     (out / "checkpointing.md").write_text(render(results) + "\n")
     print(render(results))
