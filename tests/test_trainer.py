@@ -123,6 +123,21 @@ def test_adalora_callback_reallocates_once_per_optimizer_step(tmp_path, monkeypa
     assert kept == 4 * 4  # pruned from 6 to the budget: target_r x modules
 
 
+def test_method_step_callback_runs_a_hook_once_per_optimizer_step_before_zero_grad(tmp_path):
+    from dynalora.integrations import MethodStepCallback
+
+    seen = []
+
+    def hook(model, step, optimizer):
+        grads = any(p.grad is not None for p in model.parameters() if p.requires_grad)
+        seen.append((step, model is t.model, optimizer is not None, grads))
+
+    t = Trainer(model=tiny.peft_bert(), args=args(tmp_path, 3, gradient_accumulation_steps=2),
+                train_dataset=dataset(), callbacks=[MethodStepCallback(hook)])  # fmt: skip
+    t.train()
+    assert seen == [(step, True, True, True) for step in range(3)]
+
+
 # ------------------------------------------------------------------------------ dynalora.attach
 def _attached(tmp_path, max_steps, config=None, **kw):
     import dynalora
