@@ -200,6 +200,28 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tiny_model, csv_task, tmp_pat
     assert progress["step"] == 2 and weights and state["allocator"]["step"] == 2
 
 
+def test_any_failure_while_writing_a_checkpoint_is_one_line_and_keeps_the_previous(
+    tiny_model, csv_task, tmp_path, monkeypatch, capsys
+):
+    # not only OSError: every process agrees on any failure before it raises, so under several
+    # processes none is left waiting in a collective for the one that failed
+    from transformers.trainer_callback import TrainerState
+
+    real = TrainerState.save_to_json
+
+    def save_to_json(self, path):
+        if "step-000004" in path:
+            raise TypeError("Object of type Tensor is not JSON serializable")
+        real(self, path)
+
+    monkeypatch.setattr(TrainerState, "save_to_json", save_to_json)
+    out = tmp_path / "run"
+    assert main(cli_args(tiny_model, csv_task, out, "--max-steps", "8", "--save-every", "2")) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not JSON serializable" in err and "step-000002 is intact" in err, err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+
+
 def test_resume_refusals_are_one_line(tiny_model, csv_task, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     _crashed_run(monkeypatch, cli_args(tiny_model, csv_task, out, "--save-every", "2"), 3)

@@ -9,9 +9,8 @@ the loss scaler, clipping (``max_grad_norm``), the LR schedule's steps, the prog
   process's stop request in the same all-reduce), time, counted bytes and log record; validation
   every ``--eval-every`` steps (our evaluation: generation and exact match for causal LM); a
   NaN/inf loss stops before its optimizer step; SIGINT/SIGTERM write a checkpoint and stop;
-- :class:`DynaloraTrainer`, four overrides: ``compute_loss`` counts what the forward saves for
-  backward, ``create_optimizer`` keeps a static method's own optimizer (GaLore), and checkpoints
-  are dynalora's (atomic, read back without unpickling, the allocator and method state inside,
+- :class:`DynaloraTrainer`, small overrides: ``compute_loss`` counts what the forward saves for
+  backward, and checkpoints are dynalora's (atomic, read back without unpickling, the allocator and method state inside,
   see :mod:`dynalora.training.checkpoint`) with Trainer's ``trainer_state.json`` beside them, so
   that Trainer itself skips the data already seen when it resumes.
 """
@@ -176,7 +175,6 @@ class Job:
     model_path: str
     tokenizer: Any
     model: torch.nn.Module
-    modules: Any
     options: MethodOptions
     allocator: DynamicAllocator | None
     hooks: Hooks
@@ -218,9 +216,9 @@ class Job:
         return {n: p for n, p in self.unwrapped().named_parameters() if n in self.saved_names}
 
 
-def load(args: TrainArgs, device: torch.device, allocate: bool = True) -> Job:
-    """Load data and model and set up the method on ``device``, and the allocator when ``allocate``
-    and the run is dynamic. Raises UsageError on bad input."""
+def load(args: TrainArgs, device: torch.device) -> Job:
+    """Load data and model and set up the method on ``device``, and the allocator when the run is
+    dynamic. Raises UsageError on bad input."""
     model_path = resolve_model_path(args.model)
 
     from transformers import set_seed
@@ -262,7 +260,7 @@ def load(args: TrainArgs, device: torch.device, allocate: bool = True) -> Job:
         modules = _shard(model, args.fsdp, modules)
     saved = frozenset(n for n, p in model.named_parameters() if p.requires_grad)  # before any module is frozen
     allocator = None
-    if args.dynamic and allocate:
+    if args.dynamic:
         try:
             allocator = DynamicAllocator(model, args.dynamic_config(), modules=modules)
         except ValueError as err:
@@ -287,7 +285,7 @@ def load(args: TrainArgs, device: torch.device, allocate: bool = True) -> Job:
         trained = allocator.num_params + allocator.num_extra_params
     else:
         trained = sum(p.numel() for p in trainable_params(model))
-    return Job(args, data.spec, model_path, tokenizer, model, modules, options, allocator, hooks, tokenized, collator,
+    return Job(args, data.spec, model_path, tokenizer, model, options, allocator, hooks, tokenized, collator,
                eval_loaders, num_steps, saved, trained)  # fmt: skip
 
 
@@ -464,7 +462,7 @@ def save_checkpoint(job: Job, out: Path, p: Progress) -> Path:
                 }
                 checkpoint.write_shared(tmp, weights, state, p.to_json(acc.num_processes))
                 job.trainer.state.save_to_json(str(tmp / TRAINER_STATE))
-        except OSError as err:
+        except Exception as err:  # any failure, on any process, is agreed on below: none waits alone
             error = err
     if _all_ok(acc, error is None) and job.is_main:
         try:
@@ -475,7 +473,7 @@ def save_checkpoint(job: Job, out: Path, p: Progress) -> Path:
         if job.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = latest_checkpoint(out)
-        reason = f"{error.strerror or error}" if error else "another process could not write its part"
+        reason = getattr(error, "strerror", None) or error or "another process could not write its part"
         raise RunError(
             f"cannot write checkpoint {final} ({reason}); "
             + (f"{previous} is intact" if previous else "no earlier checkpoint")
