@@ -234,8 +234,28 @@ def llm_cost_table() -> str:
     return "\n".join(lines)
 
 
+def checkpointing_table() -> str:
+    """docs/options.md: ``benchmarks/checkpointing.py``'s rows on both models, each against its own baseline."""
+    data = json.loads((RESULTS / "checkpointing.json").read_text())
+    models = {"minilm": "MiniLM-L6 (batch {} × {})", "smollm2": "SmolLM2-135M (all-linear, batch {} × {})"}
+    lines = ["| model | configuration | baseline | whole-run step | peak counted bytes | total peak |",
+             "|---|---|---|---:|---:|---:|"]  # fmt: skip
+    for model, title in models.items():
+        rows = data[model]["rows"]
+        by = {r["name"]: r for r in rows}
+        first = True
+        for r in (r for r in rows if r["name"] != r["baseline"]):
+            b = by[r["baseline"]]
+            name = title.format(*data[model]["meta"]["batch"]) if first else ""
+            first = False
+            lines.append(f"| {name} | {r['name']} | {r['baseline']} | {_ratio(r['total_ms'], b['total_ms'])}"
+                         f" | {_ratio(r['peak_counted_bytes'], b['peak_counted_bytes'])}"
+                         f" | {_ratio(r.get('peak_total_bytes'), b.get('peak_total_bytes'))} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 GENERATED = {
-    "docs/options.md": {"DynamicConfig": dynamic_config_table},
+    "docs/options.md": {"DynamicConfig": dynamic_config_table, "checkpointing": checkpointing_table},
     "docs/cli.md": {"train flags": train_flags},
     "README.md": {"headline": headline_table},
     "docs/results.md": {
