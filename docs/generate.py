@@ -150,8 +150,10 @@ HEADLINE = [
     ("the same, `--memory-cap 0.35 --cap-mode recompute`", "MiniLM-L6", "full FT",
      None, ("minilm", "dynamic-full-bf16-cap-0.35"), ("suite", "dynamic-full-bf16-cap-0.35", "full")),
     ("default, all 210 block linears", "SmolLM2-135M", "LoRA",
-     ("llm_cost", "DynaLoRA default (cutoff 0.5, local)", "all-linear lora"), ("smollm2", "default"), None),
-    ("the default over a bf16 base", "SmolLM2-135M", "LoRA", None, ("smollm2", "default-bf16-base"), None),
+     ("llm_cost", "DynaLoRA default (cutoff 0.5, local)", "all-linear lora"), ("smollm2", "default"),
+     ("llm_quality", "default", "lora")),
+    ("the default over a bf16 base", "SmolLM2-135M", "LoRA", None, ("smollm2", "default-bf16-base"),
+     ("llm_quality", "default-bf16-base", "lora")),
     ("BAdam's class: a tenth of the layers at a time, bf16 storage", "SmolLM2-135M", "full FT",
      None, ("smollm2", "badam-like-bf16"), ("llm_quality", "badam-like-bf16", "full")),
 ]  # fmt: skip
