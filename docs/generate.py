@@ -245,11 +245,9 @@ def checkpointing_table() -> str:
     for model, title in models.items():
         rows = data[model]["rows"]
         by = {r["name"]: r for r in rows}
-        first = True
-        for r in (r for r in rows if r["name"] != r["baseline"]):
+        for i, r in enumerate(r for r in rows if r["name"] != r["baseline"]):
             b = by[r["baseline"]]
-            name = title.format(*data[model]["meta"]["batch"]) if first else ""
-            first = False
+            name = "" if i else title.format(*data[model]["meta"]["batch"])
             lines.append(f"| {name} | {r['name']} | {r['baseline']} | {_ratio(r['total_ms'], b['total_ms'])}"
                          f" | {_ratio(r['peak_counted_bytes'], b['peak_counted_bytes'])}"
                          f" | {_ratio(r.get('peak_total_bytes'), b.get('peak_total_bytes'))} |")  # fmt: skip

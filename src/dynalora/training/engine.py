@@ -10,9 +10,10 @@ the loss scaler, clipping (``max_grad_norm``), the LR schedule's steps, the prog
   every ``--eval-every`` steps (our evaluation: generation and exact match for causal LM); a
   NaN/inf loss stops before its optimizer step; SIGINT/SIGTERM write a checkpoint and stop;
 - :class:`DynaloraTrainer`, small overrides: ``compute_loss`` counts what the forward saves for
-  backward, and checkpoints are dynalora's (atomic, read back without unpickling, the allocator and method state inside,
-  see :mod:`dynalora.training.checkpoint`) with Trainer's ``trainer_state.json`` beside them, so
-  that Trainer itself skips the data already seen when it resumes.
+  backward, and checkpoints are dynalora's (atomic, read back without unpickling, the allocator
+  and method state inside, see :mod:`dynalora.training.checkpoint`) with Trainer's
+  ``trainer_state.json`` beside them, so that Trainer itself skips the data already seen when it
+  resumes.
 """
 
 from __future__ import annotations
