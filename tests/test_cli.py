@@ -475,3 +475,132 @@ def test_config_file_gives_flags_and_the_command_line_overrides_it(tiny_model, c
     assert saved["num_steps"] == 6  # the command line's --max-steps 6 over the file's 4
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def _optimizer_seen(monkeypatch) -> list:
+    """The optimizer Trainer steps, as the Meter sees it at each step's end (accelerate's wrapper taken off)."""
+    from dynalora.training.engine import Meter
+
+    seen, real = [], Meter.on_step_end
+
+    def spy(self, args, state, control, model=None, optimizer=None, **kwargs):
+        seen.append(getattr(optimizer, "optimizer", optimizer))
+        return real(self, args, state, control, model=model, optimizer=optimizer, **kwargs)
+
+    monkeypatch.setattr(Meter, "on_step_end", spy)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (("--no-dynamic", "--optim", "sgd"), (torch.optim.SGD, None)),
+        (("--no-dynamic", "--adam-beta2", "0.95", "--adam-epsilon", "1e-6"), (torch.optim.AdamW, ((0.9, 0.95), 1e-6))),
+        (("--optimizer", "global", "--adam-beta1", "0.8"), (torch.optim.AdamW, ((0.8, 0.999), 1e-8))),
+        (("--optimizer", "local", "--optim", "rmsprop"), (torch.optim.RMSprop, None)),
+    ],
+)
+def test_optim_and_adam_settings_build_the_optimizer(tiny_model, csv_task, tmp_path, monkeypatch, extra, expected):
+    seen = _optimizer_seen(monkeypatch)
+    assert main(cli_args(tiny_model, csv_task, tmp_path / "run", *extra)) == 0
+    optimizer = seen[-1]
+    # local optimisation: one optimizer per module, each of the class asked for
+    inner = getattr(optimizer, "optimizers", [optimizer])
+    cls, adam = expected
+    assert len(inner) >= 1 and all(type(o) is cls for o in inner)
+    for o in inner:
+        group = o.param_groups[0]
+        assert group["weight_decay"] == 0.01
+        if adam is not None:
+            assert (group["betas"], group["eps"]) == adam
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["optim"] == (extra[extra.index("--optim") + 1] if "--optim" in extra else "adamw_torch")
+
+
+def test_lr_scheduler_kwargs_shape_the_schedule(tiny_model, csv_task, tmp_path):
+    import math
+
+    out = tmp_path / "run"
+    extra = ("--no-dynamic", "--lr-scheduler-type", "cosine_with_restarts", "--lr-scheduler-kwargs",
+             '{"num_cycles": 2}', "--warmup-steps", "0")  # fmt: skip
+    assert main(cli_args(tiny_model, csv_task, out, *extra)) == 0
+    rates = [r["lr"] for r in read_jsonl(out / "log.jsonl") if r["type"] == "train"]
+    # two cosines over 6 steps: each 3 steps long, back at the peak after the first
+    expected = [1e-2 * 0.5 * (1 + math.cos(math.pi * ((2 * t / 6) % 1.0))) for t in range(1, 7)]
+    expected[-1] = 0.0  # the schedule ends at 0
+    assert rates == pytest.approx(expected, abs=1e-12)
+    assert rates[2] == pytest.approx(1e-2)  # the restart: only num_cycles=2 gives it
+
+
+def test_label_smoothing_mixes_the_loss_linearly(tiny_model, csv_task, tmp_path):
+    # Smoothing by e trains on (1 - e) * NLL + e * (the loss against uniform targets): the first
+    # step's loss (same weights, same batch) is linear in e, which no other change of the loss is.
+    first = []
+    for e in ("0", "0.2", "0.4"):
+        out = tmp_path / f"run-{e}"
+        assert main(cli_args(tiny_model, csv_task, out, "--no-dynamic", "--label-smoothing-factor", e)) == 0
+        first.append(next(r["loss"] for r in read_jsonl(out / "log.jsonl") if r["type"] == "train"))
+    assert abs(first[1] - first[0]) > 1e-4
+    assert first[2] - first[1] == pytest.approx(first[1] - first[0], abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--optim", "sgd", "--adam-beta2", "0.9"), "--adam-beta2 is read by --optim adamw_torch and adamw_torch_fused only"),
+        (("--optim", "adafactor"), "argument --optim: invalid choice"),
+        (("--method", "galore", "--optim", "sgd"), "--optim: --method galore builds its own optimizer"),
+        (("--lr-scheduler-kwargs", '{"num_cycles": 2}'), "linear takes no 'num_cycles'; allowed: nothing"),
+        (("--lr-scheduler-type", "cosine", "--lr-scheduler-kwargs", "{num_cycles: 2}"), "is not a JSON object"),
+        (("--lr-scheduler-type", "warmup_stable_decay"), "num_decay_steps"),
+        (("--label-smoothing-factor", "0.1", "--regression"), "--label-smoothing-factor smooths class targets"),
+        (("--per_device_train_batch_size", "8"), "--per_device_train_batch_size (transformers' TrainingArguments) "
+                                                  "is set by dynalora train itself; use --batch-size"),
+        (("--eval-strategy=steps",), "use --eval-every N"),
+        (("--optim_args", "x=1"), "--optim_args is a setting of transformers' TrainingArguments that dynalora "
+                                  "train does not apply"),
+        (("--packing",), "--packing is a setting of TRL's SFTConfig"),
+        (("--not_a_flag_anywhere", "1"), "unrecognized arguments: --not_a_flag_anywhere 1"),
+    ],
+)
+def test_training_arguments_flags_are_applied_or_refused_in_one_line(tiny_model, csv_task, tmp_path, capsys, extra,
+                                                                     message):  # fmt: skip
+    out = tmp_path / "run"
+    try:
+        code = main(cli_args(tiny_model, csv_task, out, *extra))
+    except SystemExit as exit:  # argparse's own refusals
+        code = exit.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_every_training_arguments_field_is_taken_or_refused_in_one_line(capsys):
+    # each field of TrainingArguments and SFTConfig: a dynalora train flag of that name (or an alias), or
+    # refused naming it; none slips in as an abbreviation of one of ours
+    import dataclasses
+
+    from transformers import TrainingArguments
+    from trl import SFTConfig
+
+    from dynalora.cli import build_parser
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    ours = {flag for action in train._actions for flag in action.option_strings}
+    for name in ("learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "optim", "adam_beta2",
+                 "weight_decay", "max_grad_norm", "gradient_accumulation_steps", "gradient_checkpointing", "bf16",
+                 "report_to", "logging_steps", "save_steps", "save_total_limit", "num_train_epochs", "output_dir",
+                 "push_to_hub", "fsdp", "label_smoothing_factor", "dataloader_num_workers", "max_length"):  # fmt: skip
+        assert "--" + name in ours, name
+    refused = 0
+    for name in sorted({f.name for f in (*dataclasses.fields(TrainingArguments), *dataclasses.fields(SFTConfig))}):
+        if "--" + name in ours:
+            continue
+        with pytest.raises(SystemExit) as exit:
+            parser.parse_args(["train", f"--{name}=1"])
+        err = capsys.readouterr().err.strip()
+        assert exit.value.code == 2 and f"--{name} " in err and "\n" not in err and "unrecognized" not in err, err
+        refused += 1
+    assert refused > 80

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import typing
@@ -24,6 +25,11 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports bad input as one line (no usage dump) and exit code 2."""
 
     def error(self, message: str) -> typing.NoReturn:
+        if message.startswith("unrecognized arguments: "):  # a transformers/TRL flag gets its own reason
+            from dynalora.training.args import refuse_hf_flag
+
+            flags = [w for w in message.split(": ", 1)[1].split() if w.startswith("--")]
+            message = next((line for line in map(refuse_hf_flag, flags) if line), message)
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -232,7 +238,12 @@ def with_config_file(argv: list[str]) -> list[str]:
     for key, value in values.items():
         name = str(key).lstrip("-").replace("-", "_")
         if name not in fields:
-            raise UsageError(f"--config {path}: {key} is not a `dynalora train` flag; see `dynalora train --help`")
+            from dynalora.training.args import refuse_hf_flag
+
+            why = refuse_hf_flag(name) or f"{key} is not a `dynalora train` flag; see `dynalora train --help`"
+            raise UsageError(f"--config {path}: {why}")
+        if name == "lr_scheduler_kwargs" and isinstance(value, dict):  # a mapping in YAML, JSON on the command line
+            value = json.dumps(value)
         if not (value is None or isinstance(value, (str, int, float, bool))):
             raise UsageError(f"--config {path}: {key} = {value!r}; allowed: a string, number or boolean")
         flags[name] = value

@@ -48,8 +48,10 @@ def state_file(rank: int) -> str:
 
 
 SUPPORTED_OPTIMIZERS = (torch.optim.AdamW, torch.optim.Adam, torch.optim.SGD, torch.optim.Adagrad, torch.optim.RMSprop)
-"""``TrainingArguments.optim`` choices :func:`attach` can build (one per module under ``local``):
-torch's own optimizers, whose state is per parameter."""
+"""The optimizer classes :func:`attach` can build (one per module under ``local``): torch's own,
+whose state is per parameter."""
+SUPPORTED_OPTIM = ("adamw_torch", "adamw_torch_fused", "sgd", "adagrad", "rmsprop")
+"""Their ``TrainingArguments.optim`` names (``dynalora train --optim``)."""
 
 
 def attach(
@@ -88,7 +90,7 @@ def attach(
     model = trainer.model
     optimizer_cls, kwargs = trainer.get_optimizer_cls_and_kwargs(args, model)
     if optimizer_cls not in SUPPORTED_OPTIMIZERS:
-        allowed = "adamw_torch, adamw_torch_fused, sgd, adagrad, rmsprop"
+        allowed = ", ".join(SUPPORTED_OPTIM)
         name = getattr(args.optim, "value", args.optim)
         raise ValueError(f"optim={name!r} is not supported by dynalora.attach; allowed: {allowed}")
     if isinstance(config, DynamicAllocator):

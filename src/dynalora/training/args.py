@@ -23,6 +23,7 @@ from dynalora.config import (
 from dynalora.data import DEFAULT_INSTRUCT_TASK, DEFAULT_TASK, INSTRUCT_TASKS, TASKS, resolve_task
 from dynalora.data.tasks import Kind
 from dynalora.errors import UsageError
+from dynalora.integrations.trainer import SUPPORTED_OPTIM
 from dynalora.methods import REGISTRY
 from dynalora.models import DEFAULT_MODEL, EMBEDDED_LLM, is_decoder
 
@@ -37,7 +38,9 @@ CLASSIFICATION_SIZES = {"batch_size": 32, "max_length": 64, "eval_every": 50}
 CAUSAL_SIZES = {"batch_size": 8, "max_length": 96, "eval_every": 200}
 METHOD_ONLY = {o: tuple(n for n, m in REGISTRY.items() if o in m.options) for m in REGISTRY.values() for o in m.options}
 """Options that only some methods read (``--dylora-frozen``), and those methods."""
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "cosine_with_min_lr", "polynomial", "constant",
+                 "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay")  # fmt: skip
+ADAM_OPTIMS = ("adamw_torch", "adamw_torch_fused")
 FSDP_WORDS = ("full_shard", "shard_grad_op", "auto_wrap", "offload")
 # Files that mark a folder as holding a run; --overwrite is needed to write over them.
 RUN_FILES = (
@@ -154,11 +157,11 @@ class TrainArgs:
         "selection (default: off)"
     )
     lr: float | None = _opt(
-        "peak learning rate of AdamW (default: by method, from its record in dynalora.methods; 5e-4 for LoRA on "
+        "peak learning rate (default: by method, from its record in dynalora.methods; 5e-4 for LoRA on "
         "decoders)",
         aliases=("--learning-rate",),
     )
-    weight_decay: float = _opt("AdamW weight decay", default=0.01)
+    weight_decay: float = _opt("the optimizer's weight decay, on every trained tensor", default=0.01)
     lr_scheduler_type: str = _opt(
         "learning-rate schedule after the warm-up (transformers' get_scheduler)", default="linear",
         choices=LR_SCHEDULERS,
@@ -170,6 +173,24 @@ class TrainArgs:
         "(0: no clipping; transformers' Trainer clips at 1.0, the recipes measured here ran without)",
         default=0.0,
     )
+    optim: str = _opt(
+        "optimizer, by transformers' name (dynamic runs with --optimizer local: one per module; --method galore "
+        "and l1ra build their own)",
+        default="adamw_torch",
+        choices=SUPPORTED_OPTIM,
+    )
+    adam_beta1: float = _opt("Adam's beta1 (--optim adamw_torch, adamw_torch_fused)", default=0.9)
+    adam_beta2: float = _opt("Adam's beta2 (--optim adamw_torch, adamw_torch_fused)", default=0.999)
+    adam_epsilon: float = _opt("Adam's epsilon (--optim adamw_torch, adamw_torch_fused)", default=1e-8)
+    lr_scheduler_kwargs: str | None = _opt(
+        "the schedule's own arguments, a JSON object: num_cycles (cosine, cosine_with_restarts), lr_end and power "
+        "(polynomial), min_lr or min_lr_rate (cosine_with_min_lr), num_decay_steps (warmup_stable_decay), ..."
+    )
+    label_smoothing_factor: float = _opt(
+        "smooth the one-hot targets of the cross-entropy loss by this much, in [0, 1) (classification and causal LM)",
+        default=0.0,
+    )
+    dataloader_num_workers: int = _opt("processes that load training batches (0: the main process)", default=0)
     batch_size: int | None = _opt(
         "training batch size: the global batch, split over the processes (default: 32; 8 for causal LM)"
     )
@@ -292,6 +313,7 @@ class TrainArgs:
         if self.max_grad_norm and self.fp16:
             raise UsageError("--max-grad-norm with --fp16 is not supported (the loss scaler would clip scaled "
                              "gradients); allowed: --bf16, or no clipping")  # fmt: skip
+        self._check_optimizer()
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise UsageError(f"--warmup-steps must be an int >= 0, got {self.warmup_steps}")
         if self.base_dtype != "fp32" and (self.bf16 or self.fp16):
@@ -325,6 +347,61 @@ class TrainArgs:
             self.dynamic_config()  # validate now, before anything is loaded or written
         if self.fsdp is not None:
             self._check_fsdp()
+
+    def _check_optimizer(self) -> None:
+        """--optim and its Adam settings, --lr-scheduler-kwargs, --label-smoothing-factor: what applies, or one line."""
+        adam = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
+        given = [name for name, default in adam.items() if getattr(self, name) != default]
+        own = REGISTRY[self.method].hooks.make_optimizer is not None
+        if own and (given or self.optim != "adamw_torch"):
+            flag = "--" + (given[0] if given else "optim").replace("_", "-")
+            raise UsageError(f"{flag}: --method {self.method} builds its own optimizer; drop the flag")
+        if given and self.optim not in ADAM_OPTIMS:
+            raise UsageError(f"--{given[0].replace('_', '-')} is read by --optim {' and '.join(ADAM_OPTIMS)} only, "
+                             f"not {self.optim}; drop it, or choose one of those")  # fmt: skip
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if not (math.isfinite(self.adam_epsilon) and self.adam_epsilon > 0):
+            raise UsageError(f"--adam-epsilon must be a finite number > 0, got {self.adam_epsilon}")
+        if not 0 <= self.label_smoothing_factor < 1:
+            raise UsageError(f"--label-smoothing-factor must be in [0, 1), got {self.label_smoothing_factor}")
+        if self.label_smoothing_factor and self.regression:
+            raise UsageError("--label-smoothing-factor smooths class targets; --regression has none; drop one")
+        if self.dataloader_num_workers < 0:
+            raise UsageError(f"--dataloader-num-workers must be >= 0, got {self.dataloader_num_workers}")
+        self.scheduler_kwargs()  # refused now, not when training starts
+
+    def scheduler_kwargs(self) -> dict[str, Any]:
+        """--lr-scheduler-kwargs as a dict, checked against --lr-scheduler-type's own arguments."""
+        import inspect
+        import json
+
+        import torch
+        from transformers import get_scheduler
+        from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
+
+        flag = f"--lr-scheduler-kwargs {self.lr_scheduler_kwargs!r}"
+        try:
+            kwargs = json.loads(self.lr_scheduler_kwargs or "{}")
+        except json.JSONDecodeError:
+            kwargs = None
+        if not isinstance(kwargs, dict):
+            raise UsageError(f'{flag} is not a JSON object; e.g. \'{{"num_cycles": 2}}\'')
+        params = inspect.signature(TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(self.lr_scheduler_type)]).parameters
+        own = [n for n in params if n not in ("optimizer", "num_warmup_steps", "num_training_steps", "last_epoch")]
+        for key in kwargs:
+            if key not in own:
+                raise UsageError(f"{flag}: {self.lr_scheduler_type} takes no {key!r}; "
+                                 f"allowed: {', '.join(own) or 'nothing (drop the flag)'}")  # fmt: skip
+        try:  # the values: the schedule itself checks them
+            probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+            get_scheduler(self.lr_scheduler_type, probe, num_warmup_steps=0, num_training_steps=10,
+                          scheduler_specific_kwargs=kwargs)  # fmt: skip
+        except (TypeError, ValueError) as err:
+            what = flag if self.lr_scheduler_kwargs else f"--lr-scheduler-type {self.lr_scheduler_type}"
+            raise UsageError(f"{what}: {str(err).strip().splitlines()[0]}; give --lr-scheduler-kwargs") from None
+        return kwargs
 
     def _check_fsdp(self) -> None:
         """--fsdp: HF's words that FSDP2 has a meaning for, and methods whose tensors it can shard."""
@@ -433,10 +510,10 @@ GROUPS = {
     "dynamic allocation (dynalora.DynamicConfig)": tuple(f.name for f in fields(DynamicConfig) if f.name != "seed")
     + ("dynamic", "preset"),
     "training (transformers' TrainingArguments)": (
-        "lr", "weight_decay", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "max_grad_norm", "batch_size",
+        "lr", "optim", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "lr_scheduler_type",
+        "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps", "max_grad_norm", "label_smoothing_factor", "batch_size",
         "epochs", "max_steps", "gradient_accumulation_steps", "gradient_checkpointing", "fsdp", "bf16", "fp16",
-        "device",
-        "seed", "eval_every"),
+        "device", "dataloader_num_workers", "seed", "eval_every"),
     "outputs, checkpoints and reporting": ("output_dir", "overwrite", "resume", "save_every", "keep_checkpoints",
                                            "quiet", "report_to", "logging_steps", "push_to_hub", "hub_model_id"),
 }  # fmt: skip
@@ -477,6 +554,56 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag, **options, help=help_text, metavar=f.name.upper())
         for alias in hidden:
             group.add_argument(alias, **options, help=argparse.SUPPRESS, dest=f.name)
+
+
+HF_INSTEAD = {
+    "per_device_train_batch_size": "--batch-size, the global batch (split over the processes)",
+    "per_device_eval_batch_size": "--batch-size (evaluation batches are twice it)",
+    "use_cpu": "--device cpu",
+    "eval_strategy": "--eval-every N",
+    "save_strategy": "--save-every N",
+    "logging_strategy": "--logging-steps N with --report-to",
+    "resume_from_checkpoint": "--resume",
+    "disable_tqdm": "--quiet",
+    "gradient_checkpointing_kwargs": "--gradient-checkpointing (non-reentrant; frozen lower blocks are skipped)",
+    "activation_checkpointing": "--gradient-checkpointing",
+    "fsdp_config": "--fsdp WORDS",
+    "deepspeed": "--fsdp (FSDP2)",
+    "dataset_text_field": "--text-column",
+    "max_seq_length": "--max-length",
+    "completion_only_loss": "--prompt-column and --response-column (the loss falls on the response only)",
+    "assistant_only_loss": "--prompt-column and --response-column (the loss falls on the response only)",
+    "hub_strategy": "--push-to-hub (it uploads model/ once, at the end)",
+}
+"""transformers' and TRL's training settings that ``dynalora train`` sets itself, and what to use instead."""
+
+
+def refuse_hf_flag(flag: str) -> str | None:
+    """One line refusing ``flag`` (``--optim_args``, ``--per-device-train-batch-size=8``) when it names a field of
+    ``TrainingArguments`` or ``SFTConfig`` that ``dynalora train`` does not take; None for any other word."""
+    from transformers import TrainingArguments
+
+    name = flag.split("=")[0].lstrip("-").replace("-", "_")
+    known = {f.name for f in fields(TrainingArguments)}
+    owner = "transformers' TrainingArguments"
+    if name.startswith("no_") and name[3:] in known:  # HF's --no_X of a field that defaults to True
+        name = name[3:]
+    if name not in known:
+        try:
+            from trl import SFTConfig
+
+            known = {f.name for f in fields(SFTConfig)}
+        except ImportError:
+            known = set()
+        if name not in known and name not in HF_INSTEAD:
+            return None
+        owner = "TRL's SFTConfig"
+    if name in ("do_train", "do_eval", "do_predict"):
+        return f"--{name} ({owner}) is not needed: dynalora train trains, validates and tests; drop it"
+    if name in HF_INSTEAD:
+        return f"--{name} ({owner}) is set by dynalora train itself; use {HF_INSTEAD[name]}"
+    return (f"--{name} is a setting of {owner} that dynalora train does not apply; its training settings are "
+            "listed by dynalora train --help (a Trainer of your own takes any, with dynalora.attach)")  # fmt: skip
 
 
 def as_flag_message(err: ValueError) -> str:

@@ -241,6 +241,8 @@ def load(args: TrainArgs, device: torch.device) -> Job:
         response_column=args.response_column,
         causal=args.generates,
     )
+    if args.label_smoothing_factor and data.spec.is_regression:
+        raise UsageError(f"--label-smoothing-factor smooths class targets; --task {args.task} is a regression; drop it")
     # optimizer steps; the last, shorter accumulation of an epoch is a step too
     batches_per_epoch = math.ceil(len(data.splits["train"]) / args.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
@@ -781,8 +783,14 @@ def training_arguments(args: TrainArgs, device: torch.device, num_steps: int, ou
         max_steps=num_steps,
         learning_rate=args.lr,
         weight_decay=args.weight_decay,
-        optim="adamw_torch",
+        optim=args.optim,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_epsilon=args.adam_epsilon,
         lr_scheduler_type=args.lr_scheduler_type,
+        lr_scheduler_kwargs=args.scheduler_kwargs(),
+        label_smoothing_factor=args.label_smoothing_factor,
+        dataloader_num_workers=args.dataloader_num_workers,
         warmup_steps=warmup,
         max_grad_norm=args.max_grad_norm,
         seed=args.seed,
@@ -982,9 +990,13 @@ def run(args: TrainArgs) -> dict[str, Any] | None:
     out = Path(args.output_dir)
     targs = training_arguments(args, device, job.num_steps, out)
     check_writable(out, targs.process_index)
-    # a plain run's optimizer is the method's (GaLore, L1RA) or AdamW; attach() builds a dynamic one
-    make = job.hooks.make_optimizer or adamw
-    optimizer = None if job.allocator else make(job.model, job.options, args.lr, args.weight_decay)
+    # a plain run's optimizer is the method's (GaLore, L1RA) or --optim's; attach() builds a dynamic one
+    optimizer = None
+    if job.allocator is None and job.hooks.make_optimizer is not None:
+        optimizer = job.hooks.make_optimizer(job.model, job.options, args.lr, args.weight_decay)
+    elif job.allocator is None:
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(targs, job.model)
+        optimizer = optimizer_cls(trainable_params(job.model), weight_decay=args.weight_decay, **kwargs)
     with StopRequest() as stop:
         meter = Meter(job, out, stop)
         trainer = trainer_class(job.spec.kind)(
