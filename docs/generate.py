@@ -76,6 +76,7 @@ def dynamic_config_table() -> str:
 def train_flags() -> str:
     """``dynalora train``'s flags by group, as ``--help`` lists them."""
     from dynalora.cli import build_parser
+    from dynalora.training.args import flag_names
 
     parser = build_parser()
     train = next(
@@ -92,7 +93,7 @@ def train_flags() -> str:
             continue
         lines += ["", f"**{group.title}**", ""]
         for action in actions:
-            names = ", ".join(f"`{o}`" for o in action.option_strings)
+            names = ", ".join(f"`{o}`" for o in flag_names(action))
             text = (action.help or "").replace("%(default)s", str(action.default)).replace("%%", "%")
             if action.choices and "choices:" not in text:
                 text += f" (choices: {', '.join(map(str, action.choices))})"

@@ -466,12 +466,18 @@ def test_config_file_gives_flags_and_the_command_line_overrides_it(tiny_model, c
     assert main([*cli_args(tiny_model, csv_task, out), "--config", str(config)]) == 2
     err = capsys.readouterr().err.strip()
     assert "learning_rate_is_not_a_flag is not a `dynalora train` flag" in err and "\n" not in err
-    config.write_text("lr: 0.05\nallocator: topk\nk: 2\nmax-steps: 4\n")
+    config.write_text("per_device_train_batch_size: 4\n")  # a transformers setting dynalora sets itself
+    assert main([*cli_args(tiny_model, csv_task, out), "--config", str(config)]) == 2
+    assert "per_device_train_batch_size (transformers' TrainingArguments) is set by dynalora" in capsys.readouterr().err
+    # transformers' names work in the file as on the command line: learning_rate for lr
+    config.write_text("learning_rate: 0.05\nallocator: topk\nk: 2\nmax-steps: 4\nlr_scheduler_kwargs: {power: 2.0}\n"
+                      "lr_scheduler_type: polynomial\n")  # fmt: skip
     argv = cli_args(tiny_model, csv_task, out)  # it sets --max-steps 6 and --lr 1e-2 itself
     argv.remove("--lr"), argv.remove("1e-2")
     assert main(["train", "--config", str(config), *argv[1:]]) == 0
     saved = json.loads((out / "config.json").read_text())
     assert saved["lr"] == 0.05 and saved["allocator"] == "topk" and saved["k"] == "2"  # from the file
+    assert json.loads(saved["lr_scheduler_kwargs"]) == {"power": 2.0}  # a mapping in YAML
     assert saved["num_steps"] == 6  # the command line's --max-steps 6 over the file's 4
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "no such file" in capsys.readouterr().err
@@ -554,11 +560,16 @@ def test_label_smoothing_mixes_the_loss_linearly(tiny_model, csv_task, tmp_path)
         (("--lr-scheduler-type", "cosine", "--lr-scheduler-kwargs", "{num_cycles: 2}"), "is not a JSON object"),
         (("--lr-scheduler-type", "warmup_stable_decay"), "num_decay_steps"),
         (("--label-smoothing-factor", "0.1", "--regression"), "--label-smoothing-factor smooths class targets"),
-        (("--per_device_train_batch_size", "8"), "--per_device_train_batch_size (transformers' TrainingArguments) "
-                                                  "is set by dynalora train itself; use --batch-size"),
+        (
+            ("--per_device_train_batch_size", "8"),
+            "--per_device_train_batch_size (transformers' TrainingArguments) "
+            "is set by dynalora train itself; use --batch-size",
+        ),
         (("--eval-strategy=steps",), "use --eval-every N"),
-        (("--optim_args", "x=1"), "--optim_args is a setting of transformers' TrainingArguments that dynalora "
-                                  "train does not apply"),
+        (
+            ("--optim_args", "x=1"),
+            "--optim_args is a setting of transformers' TrainingArguments that dynalora train does not apply",
+        ),
         (("--packing",), "--packing is a setting of TRL's SFTConfig"),
         (("--not_a_flag_anywhere", "1"), "unrecognized arguments: --not_a_flag_anywhere 1"),
     ],

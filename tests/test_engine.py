@@ -5,7 +5,7 @@ import json
 import pytest
 
 from dynalora.cli import build_parser, main
-from dynalora.training.args import GROUPS, TrainArgs
+from dynalora.training.args import ARG_GROUPS, TrainArgs
 from tests.test_cli import cli_args
 
 
@@ -20,15 +20,38 @@ def test_version(capsys):
 def test_help_groups_every_flag_and_lists_choices():
     import dataclasses
 
-    grouped = [name for names in GROUPS.values() for name in names]
+    from transformers import HfArgumentParser
+
+    grouped = [f.name for group in ARG_GROUPS for f in dataclasses.fields(group)]
     fields = [f.name for f in dataclasses.fields(TrainArgs)]
-    assert sorted(grouped) == sorted(fields)  # each flag in exactly one group
+    assert sorted(grouped) == sorted(fields) and len(set(grouped)) == len(grouped)  # each flag in one group
     train = build_parser()._subparsers._group_actions[0].choices["train"]
+    assert isinstance(train, HfArgumentParser)  # transformers' parser, over dynalora's dataclasses
     text = train.format_help()
-    for title in GROUPS:
-        assert f"\n{title}:\n" in text
+    for group in ARG_GROUPS:
+        assert f"\n{group._argument_group_name}:\n" in text
     method = next(a for a in train._actions if "--method" in a.option_strings)
     assert "(choices: lora, dora, vera" in method.help
+    # one spelling per flag in the help; the underscore one parses too
+    assert "  --max-grad-norm MAX_GRAD_NORM\n" in text and "--max_grad_norm" not in text.split("\n\n", 1)[1]
+    assert "  --dynamic, --no-dynamic\n" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "dynamic", "checkpointing", "fsdp"),
+    [
+        ([], None, None, None),
+        (["--dynamic"], True, None, None),
+        (["--no-dynamic"], False, None, None),
+        (["--no_dynamic", "--gradient_checkpointing"], False, True, None),
+        (["--dynamic", "false", "--no-gradient-checkpointing"], False, False, None),
+        (["--fsdp"], None, None, "full_shard auto_wrap"),
+        (["--fsdp", "shard_grad_op"], None, None, "shard_grad_op"),
+    ],
+)
+def test_boolean_and_optional_value_flags(argv, dynamic, checkpointing, fsdp):
+    ns = build_parser().parse_args(["train", *argv])
+    assert (ns.dynamic, ns.gradient_checkpointing, ns.fsdp) == (dynamic, checkpointing, fsdp)
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,7 @@ def test_the_issue_example_expands_without_duplicating_plain_runs(tmp_path):
 def test_dashes_and_a_list_of_grids(tmp_path):
     config = {
         "name": "two",
-        "base": {"max-steps": 3, "allocator": "topk"},
+        "base": {"max-steps": 3, "allocator": "topk", "learning_rate": 0.01},  # transformers' names work too
         "grid": [
             {"method": ["lora"], "k": ["1/3", "2/3"]},
             {"method": ["lora", "vera"], "dynamic": [False]},
@@ -62,7 +62,7 @@ def test_dashes_and_a_list_of_grids(tmp_path):
     runs = expand(load_config(_write(tmp_path, config)), tmp_path / "out")
     assert [r.name for r in runs] == ["method=lora,k=1_3", "method=lora,k=2_3", "method=lora,dynamic=false",
                                       "method=vera,dynamic=false"]  # fmt: skip
-    assert all(r.args.max_steps == 3 for r in runs)
+    assert all(r.args.max_steps == 3 and r.args.lr == 0.01 for r in runs)
 
 
 def test_method_only_flags_leave_other_methods():
@@ -84,6 +84,8 @@ def test_dylora_frozen_applies_to_dylora_only(tmp_path):
     ("config", "expected"),
     [
         ({"grid": {"rnak": [4]}}, "grid.rnak: not a `dynalora train` flag"),
+        ({"grid": {"eval_strategy": ["steps"]}},
+         "grid.eval_strategy: --eval_strategy (transformers' TrainingArguments) is set by dynalora train itself"),
         ({"grid": {"rank": 4}}, "grid.rank = 4; allowed: a non-empty list of values"),
         ({"grid": {"rank": []}}, "grid.rank = []; allowed: a non-empty list"),
         ({"grid": {"method": ["lora", "nope"]}}, "run method=nope: argument --method: invalid choice: 'nope'"),

@@ -18,19 +18,20 @@ from pathlib import Path
 from typing import Any
 
 from dynalora.errors import Interrupted, RunError, UsageError
-from dynalora.training.args import add_train_flags
+from dynalora.training.args import TrainParser
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports bad input as one line (no usage dump) and exit code 2."""
 
     def error(self, message: str) -> typing.NoReturn:
-        if message.startswith("unrecognized arguments: "):  # a transformers/TRL flag gets its own reason
-            from dynalora.training.args import refuse_hf_flag
+        # a train flag it does not know reaches the top parser: a transformers/TRL one says why
+        self.exit(2, f"{self.prog}: error: {TrainParser.explain(message)}\n")
 
-            flags = [w for w in message.split(": ", 1)[1].split() if w.startswith("--")]
-            message = next((line for line in map(refuse_hf_flag, flags) if line), message)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+
+def _subparser(train_flags: bool = False, **kwargs: Any) -> argparse.ArgumentParser:
+    """``train`` and ``compare`` parse with transformers' HfArgumentParser (:class:`TrainParser`)."""
+    return TrainParser(**kwargs) if train_flags else _Parser(**kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,15 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="dynalora", description="Dynamic low-rank module allocation (DynaLoRA) fine-tuning.")
     parser.add_argument("--version", action="version", version=f"dynalora {version('dynalora')}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    train = sub.add_parser("train", help="fine-tune one model on one task, dynamic or plain")
-    add_train_flags(train)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_subparser)
+    train = sub.add_parser("train", help="fine-tune one model on one task, dynamic or plain", train_flags=True)
     config_help = "a YAML or JSON file of train flags (lr: 0.002, method: dora, ...); flags given here override it"
     train.add_argument("--config", metavar="FILE", help=config_help)
     compare = sub.add_parser(
-        "compare", help="run DynaLoRA and plain LoRA (--no-dynamic) with the same recipe and print a table"
+        "compare",
+        help="run DynaLoRA and plain LoRA (--no-dynamic) with the same recipe and print a table",
+        train_flags=True,
     )
-    add_train_flags(compare)
     compare.add_argument("--config", metavar="FILE", help=config_help)
     compare.add_argument(
         "--methods",
@@ -223,7 +224,7 @@ def with_config_file(argv: list[str]) -> list[str]:
         raise UsageError(f"--config {path}: no such file")
     import yaml
 
-    from dynalora.training import TrainArgs
+    from dynalora.training.args import field_name, refuse_hf_flag
     from dynalora.training.sweep import to_argv
 
     try:
@@ -233,14 +234,11 @@ def with_config_file(argv: list[str]) -> list[str]:
     if not isinstance(values, dict):
         what = type(values).__name__
         raise UsageError(f"--config {path}: must be a mapping of train flags (e.g. lr: 0.002), got {what}")
-    fields = {f.name for f in dataclasses.fields(TrainArgs)}
     flags = {}
     for key, value in values.items():
-        name = str(key).lstrip("-").replace("-", "_")
-        if name not in fields:
-            from dynalora.training.args import refuse_hf_flag
-
-            why = refuse_hf_flag(name) or f"{key} is not a `dynalora train` flag; see `dynalora train --help`"
+        name = field_name(key)  # HF's names too: learning_rate for lr
+        if name is None:
+            why = refuse_hf_flag(str(key)) or f"{key} is not a `dynalora train` flag; see `dynalora train --help`"
             raise UsageError(f"--config {path}: {why}")
         if name == "lr_scheduler_kwargs" and isinstance(value, dict):  # a mapping in YAML, JSON on the command line
             value = json.dumps(value)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import math
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from transformers import HfArgumentParser
 
 from dynalora.config import (
     ALLOCATORS,
@@ -62,23 +64,22 @@ _DEFAULT_K = "2/3" if _DEFAULTS.k == 2 / 3 else str(_DEFAULTS.k)
 
 
 def _opt(help: str, **kw: Any) -> Any:
+    """A field and its flag: ``help``, and ``choices``, ``aliases`` (each also with underscores), ``nargs``..."""
+    if "aliases" in kw:  # transformers' spellings too: --learning_rate as well as --learning-rate
+        kw["aliases"] = tuple(dict.fromkeys(a for n in kw["aliases"] for a in (n, "--" + n[2:].replace("-", "_"))))
     return field(default=kw.pop("default", None), metadata={"help": help, **kw})
 
 
 @dataclass
-class TrainArgs:
-    """Everything ``dynalora train`` takes; each field is one ``--flag`` (underscores become dashes)."""
+class ModelArgs:
+    """The model and the fine-tuning method."""
 
+    _argument_group_name = "model and method"  # HfArgumentParser: the --help group
     model: str = _opt(
         "Hugging Face model id, local folder or .gguf file; embedded:minilm-l6 (an encoder) or "
         "embedded:smollm2-135m (a decoder LLM)",
         default=DEFAULT_MODEL,
         aliases=("--model-name-or-path",),
-    )
-    task: str | None = _opt(
-        f"task to fine-tune on (default: custom when --train-file is given, else {DEFAULT_TASK}; "
-        f"{DEFAULT_INSTRUCT_TASK} for decoder models)",
-        choices=TASKS,
     )
     method: str = _opt("fine-tuning method", default="lora", choices=tuple(REGISTRY))
     targets: str | None = _opt(
@@ -89,7 +90,59 @@ class TrainArgs:
     alpha: float = _opt("LoRA alpha (scaling = alpha / r)", default=16.0, aliases=("--lora-alpha",))
     adapter_dropout: float = _opt("dropout on the adapter input", default=0.1, aliases=("--lora-dropout",))
     dylora_frozen: bool = _opt("--method dylora: update only row/column b of the rank b drawn each step", default=False)
-    dynamic: bool | None = _opt("dynamic allocation (default: on for lora/dora/vera, off for full/bitfit)")
+    base_dtype: str = _opt(
+        "storage dtype of the frozen weights; adapters, their gradients and optimizer state stay float32, and "
+        "the forward runs under autocast at this dtype (fp16: CUDA only)",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+    )
+
+
+@dataclass
+class DataArgs:
+    """The task and its data."""
+
+    _argument_group_name = "data"  # HfArgumentParser: the --help group
+    task: str | None = _opt(
+        f"task to fine-tune on (default: custom when --train-file is given, else {DEFAULT_TASK}; "
+        f"{DEFAULT_INSTRUCT_TASK} for decoder models)",
+        choices=TASKS,
+    )
+    objective: str | None = _opt(
+        "classification (a task head; --regression for floats) or causal-lm (next tokens: instruction tuning "
+        "with --prompt-column/--response-column, language modelling on --text-column alone) "
+        "(default: causal-lm for decoder models and with --prompt-column, else classification)",
+        choices=OBJECTIVES,
+    )
+    max_length: int | None = _opt("maximum tokens per example (default: 64; 96 for causal LM)")
+    max_train_samples: int | None = _opt("use only this many training examples")
+    max_eval_samples: int | None = _opt(
+        "validate on N examples drawn at random (seed 0) from the validation split (the test split has its own cap)"
+    )
+    max_test_samples: int | None = _opt(
+        "test on N examples drawn at random (seed 0); metrics.json records test_examples (default: the whole split)"
+    )
+    glue_dir: str | None = _opt("folder of the official GLUE TSV files (offline GLUE)")
+    train_file: str | None = _opt("training file for --task custom (.csv/.json/.jsonl)")
+    validation_file: str | None = _opt("validation file for --task custom")
+    test_file: str | None = _opt("test file for --task custom (optional)")
+    text_column: str = _opt("text column of custom files", default="text")
+    text_pair_column: str | None = _opt("second text column of custom files")
+    label_column: str = _opt("label column of custom files", default="label")
+    regression: bool = _opt("custom labels are floats (regression)", default=False)
+    prompt_column: str | None = _opt("instruction column of custom causal-LM files (with --response-column)")
+    response_column: str | None = _opt("answer column of custom causal-LM files; the loss falls on it only")
+
+
+@dataclass
+class DynamicArgs:
+    """Dynamic allocation: ``--dynamic``, and :class:`dynalora.DynamicConfig`'s fields (None: the preset's)."""
+
+    _argument_group_name = "dynamic allocation (dynalora.DynamicConfig)"  # HfArgumentParser: the --help group
+    # bool | None: --X alone is True (HfArgumentParser gives such fields no bare form of their own)
+    dynamic: bool | None = _opt(
+        "dynamic allocation (default: on for lora/dora/vera, off for full/bitfit)", nargs="?", const=True
+    )
     preset: str | None = _opt(
         "starting point of the dynamic settings below; each flag given overrides it "
         "(default: full for --method full, else default)",
@@ -154,24 +207,20 @@ class TrainArgs:
     )
     normalize_types: bool | None = _opt(
         "divide each module's importance by the mean of its type (the same layer in every block) before "
-        "selection (default: off)"
+        "selection (default: off)",
+        nargs="?",
+        const=True,
     )
+
+
+@dataclass
+class TrainingArgs:
+    """Training, by transformers' ``TrainingArguments`` names where it has one (aliases where dynalora's differs)."""
+
+    _argument_group_name = "training (transformers' TrainingArguments)"  # HfArgumentParser: the --help group
     lr: float | None = _opt(
-        "peak learning rate (default: by method, from its record in dynalora.methods; 5e-4 for LoRA on "
-        "decoders)",
+        "peak learning rate (default: by method, from its record in dynalora.methods; 5e-4 for LoRA on decoders)",
         aliases=("--learning-rate",),
-    )
-    weight_decay: float = _opt("the optimizer's weight decay, on every trained tensor", default=0.01)
-    lr_scheduler_type: str = _opt(
-        "learning-rate schedule after the warm-up (transformers' get_scheduler)", default="linear",
-        choices=LR_SCHEDULERS,
-    )  # fmt: skip
-    warmup_ratio: float = _opt("fraction of steps of linear warm-up", default=0.06)
-    warmup_steps: int | None = _opt("steps of linear warm-up; overrides --warmup-ratio")
-    max_grad_norm: float = _opt(
-        "clip the norm of every trained tensor's gradient, together, at this value before each optimizer step "
-        "(0: no clipping; transformers' Trainer clips at 1.0, the recipes measured here ran without)",
-        default=0.0,
     )
     optim: str = _opt(
         "optimizer, by transformers' name (dynamic runs with --optimizer local: one per module; --method galore "
@@ -182,45 +231,74 @@ class TrainArgs:
     adam_beta1: float = _opt("Adam's beta1 (--optim adamw_torch, adamw_torch_fused)", default=0.9)
     adam_beta2: float = _opt("Adam's beta2 (--optim adamw_torch, adamw_torch_fused)", default=0.999)
     adam_epsilon: float = _opt("Adam's epsilon (--optim adamw_torch, adamw_torch_fused)", default=1e-8)
+    weight_decay: float = _opt("the optimizer's weight decay, on every trained tensor", default=0.01)
+    lr_scheduler_type: str = _opt(
+        "learning-rate schedule after the warm-up (transformers' get_scheduler)", default="linear",
+        choices=LR_SCHEDULERS,
+    )  # fmt: skip
     lr_scheduler_kwargs: str | None = _opt(
         "the schedule's own arguments, a JSON object: num_cycles (cosine, cosine_with_restarts), lr_end and power "
         "(polynomial), min_lr or min_lr_rate (cosine_with_min_lr), num_decay_steps (warmup_stable_decay), ..."
+    )
+    warmup_ratio: float = _opt("fraction of steps of linear warm-up", default=0.06)
+    warmup_steps: int | None = _opt("steps of linear warm-up; overrides --warmup-ratio")
+    max_grad_norm: float = _opt(
+        "clip the norm of every trained tensor's gradient, together, at this value before each optimizer step "
+        "(0: no clipping; transformers' Trainer clips at 1.0, the recipes measured here ran without)",
+        default=0.0,
     )
     label_smoothing_factor: float = _opt(
         "smooth the one-hot targets of the cross-entropy loss by this much, in [0, 1) (classification and causal LM)",
         default=0.0,
     )
-    dataloader_num_workers: int = _opt("processes that load training batches (0: the main process)", default=0)
     batch_size: int | None = _opt(
         "training batch size: the global batch, split over the processes (default: 32; 8 for causal LM)"
     )
     epochs: float = _opt("training epochs (ignored with --max-steps)", default=1.0, aliases=("--num-train-epochs",))
     max_steps: int | None = _opt("stop after this many optimizer steps")
-    max_length: int | None = _opt("maximum tokens per example (default: 64; 96 for causal LM)")
-    max_train_samples: int | None = _opt("use only this many training examples")
-    max_eval_samples: int | None = _opt(
-        "validate on N examples drawn at random (seed 0) from the validation split (the test split has its own cap)"
+    gradient_accumulation_steps: int = _opt(
+        "micro-batches of --batch-size per optimizer step; every schedule counts optimizer steps", default=1
     )
-    max_test_samples: int | None = _opt(
-        "test on N examples drawn at random (seed 0); metrics.json records test_examples (default: the whole split)"
+    gradient_checkpointing: bool | None = _opt(
+        "activation checkpointing of the transformer blocks (non-reentrant); with --dynamic, blocks below the "
+        "lowest trained one are neither checkpointed nor run backward (default: on for causal LM, as TRL's "
+        "SFTConfig: 0.24x the counted bytes of the default on SmolLM2-135M for a 1.24x step; off for classification)",
+        nargs="?",
+        const=True,
     )
+    fsdp: str | None = _opt(
+        "shard the model over the processes with FSDP2 (fully_shard, each transformer block its own unit); "
+        "--fsdp alone is full_shard. Also HF's words, space-separated: full_shard or shard_grad_op (keep "
+        "gathered weights from forward to backward), auto_wrap (always on), offload (shards and optimizer state "
+        "on the CPU; CUDA only). Start with torchrun --nproc_per_node N -m dynalora train --fsdp",
+        nargs="?",
+        const="full_shard auto_wrap",
+    )
+    bf16: bool = _opt("bfloat16 autocast (CUDA)", default=False)
+    fp16: bool = _opt("float16 autocast with loss scaling (CUDA)", default=False)
+    device: str | None = _opt("cpu or cuda (default: cuda when available)")
+    dataloader_num_workers: int = _opt("processes that load training batches (0: the main process)", default=0)
+    seed: int = _opt("random seed (data order, initialisation, allocation)", default=0)
     eval_every: int | None = _opt(
         "evaluate on the validation split every N steps (0: only at the end) (default: 50; 200 for causal LM)",
         aliases=("--eval-steps",),
     )
-    seed: int = _opt("random seed (data order, initialisation, allocation)", default=0)
-    gradient_accumulation_steps: int = _opt(
-        "micro-batches of --batch-size per optimizer step; every schedule counts optimizer steps", default=1
-    )
+
+
+@dataclass
+class OutputArgs:
+    """Outputs, checkpoints and reporting."""
+
+    _argument_group_name = "outputs, checkpoints and reporting"  # HfArgumentParser: the --help group
+    output_dir: str = _opt("folder for config, metrics, logs, plots and the trained weights", default="runs/train")
+    overwrite: bool = _opt("write over a run already in --output-dir", default=False)
+    resume: bool = _opt("continue the run in --output-dir from its newest checkpoint", default=False)
     save_every: int = _opt(
         "write a checkpoint every N optimizer steps under --output-dir/checkpoints (0: only on SIGINT/SIGTERM)",
         default=0,
         aliases=("--save-steps",),
     )
     keep_checkpoints: int = _opt("keep only the newest N checkpoints", default=2, aliases=("--save-total-limit",))
-    resume: bool = _opt("continue the run in --output-dir from its newest checkpoint", default=False)
-    output_dir: str = _opt("folder for config, metrics, logs, plots and the trained weights", default="runs/train")
-    overwrite: bool = _opt("write over a run already in --output-dir", default=False)
     quiet: bool = _opt("no progress bar", default=False)
     report_to: str = _opt(
         "where Trainer also reports the training loss and learning rate: none, all, or a comma-separated list of "
@@ -233,44 +311,11 @@ class TrainArgs:
         default=False,
     )
     hub_model_id: str | None = _opt("the Hub repository for --push-to-hub (default: the --output-dir folder's name)")
-    gradient_checkpointing: bool | None = _opt(
-        "activation checkpointing of the transformer blocks (non-reentrant); with --dynamic, blocks below the "
-        "lowest trained one are neither checkpointed nor run backward (default: on for causal LM, as TRL's "
-        "SFTConfig: 0.24x the counted bytes of the default on SmolLM2-135M for a 1.24x step; off for classification)"
-    )
-    fsdp: str | None = _opt(
-        "shard the model over the processes with FSDP2 (fully_shard, each transformer block its own unit); "
-        "--fsdp alone is full_shard. Also HF's words, space-separated: full_shard or shard_grad_op (keep "
-        "gathered weights from forward to backward), auto_wrap (always on), offload (shards and optimizer state "
-        "on the CPU; CUDA only). Start with torchrun --nproc_per_node N -m dynalora train --fsdp",
-        nargs="?",
-        const="full_shard auto_wrap",
-    )
-    base_dtype: str = _opt(
-        "storage dtype of the frozen weights; adapters, their gradients and optimizer state stay float32, and "
-        "the forward runs under autocast at this dtype (fp16: CUDA only)",
-        default="fp32",
-        choices=("fp32", "bf16", "fp16"),
-    )
-    bf16: bool = _opt("bfloat16 autocast (CUDA)", default=False)
-    fp16: bool = _opt("float16 autocast with loss scaling (CUDA)", default=False)
-    device: str | None = _opt("cpu or cuda (default: cuda when available)")
-    glue_dir: str | None = _opt("folder of the official GLUE TSV files (offline GLUE)")
-    train_file: str | None = _opt("training file for --task custom (.csv/.json/.jsonl)")
-    validation_file: str | None = _opt("validation file for --task custom")
-    test_file: str | None = _opt("test file for --task custom (optional)")
-    text_column: str = _opt("text column of custom files", default="text")
-    text_pair_column: str | None = _opt("second text column of custom files")
-    label_column: str = _opt("label column of custom files", default="label")
-    regression: bool = _opt("custom labels are floats (regression)", default=False)
-    objective: str | None = _opt(
-        "classification (a task head; --regression for floats) or causal-lm (next tokens: instruction tuning "
-        "with --prompt-column/--response-column, language modelling on --text-column alone) "
-        "(default: causal-lm for decoder models and with --prompt-column, else classification)",
-        choices=OBJECTIVES,
-    )
-    prompt_column: str | None = _opt("instruction column of custom causal-LM files (with --response-column)")
-    response_column: str | None = _opt("answer column of custom causal-LM files; the loss falls on it only")
+
+
+@dataclass
+class TrainArgs(OutputArgs, TrainingArgs, DynamicArgs, DataArgs, ModelArgs):
+    """Everything ``dynalora train`` takes: the five groups of flags in one, checked before anything loads."""
 
     def __post_init__(self) -> None:
         for name in ("rank", "batch_size", "max_length", "period", "gradient_accumulation_steps", "keep_checkpoints",
@@ -387,7 +432,7 @@ class TrainArgs:
         except json.JSONDecodeError:
             kwargs = None
         if not isinstance(kwargs, dict):
-            raise UsageError(f'{flag} is not a JSON object; e.g. \'{{"num_cycles": 2}}\'')
+            raise UsageError(f"{flag} is not a JSON object; e.g. '{{\"num_cycles\": 2}}'")
         params = inspect.signature(TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(self.lr_scheduler_type)]).parameters
         own = [n for n in params if n not in ("optimizer", "num_warmup_steps", "num_training_steps", "last_epoch")]
         for key in kwargs:
@@ -501,59 +546,83 @@ def model_is_decoder(model: str) -> bool:
     return is_decoder(model)
 
 
-GROUPS = {
-    "model and method": ("model", "method", "targets", "rank", "alpha", "adapter_dropout", "dylora_frozen",
-                         "base_dtype"),
-    "data": ("task", "objective", "max_length", "max_train_samples", "max_eval_samples", "max_test_samples", "glue_dir",
-             "train_file", "validation_file", "test_file", "text_column", "text_pair_column", "label_column",
-             "regression", "prompt_column", "response_column"),
-    "dynamic allocation (dynalora.DynamicConfig)": tuple(f.name for f in fields(DynamicConfig) if f.name != "seed")
-    + ("dynamic", "preset"),
-    "training (transformers' TrainingArguments)": (
-        "lr", "optim", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "lr_scheduler_type",
-        "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps", "max_grad_norm", "label_smoothing_factor", "batch_size",
-        "epochs", "max_steps", "gradient_accumulation_steps", "gradient_checkpointing", "fsdp", "bf16", "fp16",
-        "device", "dataloader_num_workers", "seed", "eval_every"),
-    "outputs, checkpoints and reporting": ("output_dir", "overwrite", "resume", "save_every", "keep_checkpoints",
-                                           "quiet", "report_to", "logging_steps", "push_to_hub", "hub_model_id"),
-}  # fmt: skip
-"""``--help`` shows the flags in these groups; every TrainArgs field is in one (tested)."""
+ARG_GROUPS = (ModelArgs, DataArgs, DynamicArgs, TrainingArgs, OutputArgs)
+"""``dynalora train``'s flags, one ``HfArgumentParser`` dataclass per ``--help`` group."""
 
 
-def add_train_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainArgs field: name, type, default, choices and help all come from the dataclass."""
-    hints = typing.get_type_hints(TrainArgs)
-    group_of = {name: title for title, names in GROUPS.items() for name in names}
-    groups = {title: parser.add_argument_group(title) for title in GROUPS}
-    for f in fields(TrainArgs):
-        group = groups[group_of[f.name]]
-        flag = "--" + f.name.replace("_", "-")
-        # transformers' spellings too (--learning_rate as well as --learning-rate) and HF's names
-        # (--learning-rate for --lr); hidden, so that help and errors name one flag
-        names = [flag, *f.metadata.get("aliases", ())]
-        hidden = [n for n in dict.fromkeys([*names, *("--" + n[2:].replace("-", "_") for n in names)]) if n != flag]
-        kind = hints[f.name]
-        default = f.default if f.default is not MISSING else None
-        help_text = f.metadata.get("help", "")
-        if f.metadata.get("choices"):
-            help_text += f" (choices: {', '.join(map(str, f.metadata['choices']))})"
-        if default is not None and kind is not bool:
-            help_text += f" (default: {default})"
-        if f.metadata.get("aliases"):
-            help_text += f" (also {', '.join(f.metadata['aliases'])})"
-        if kind in (bool, bool | None):
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
-            for alias in hidden:
-                group.add_argument(alias, action=argparse.BooleanOptionalAction, default=default,
-                                    help=argparse.SUPPRESS, dest=f.name)  # fmt: skip
-            continue
-        base = next(t for t in typing.get_args(kind) if t is not type(None)) if typing.get_args(kind) else kind
-        options = {"type": base, "default": default, "choices": f.metadata.get("choices")}
-        if "nargs" in f.metadata:  # --fsdp alone, or --fsdp "full_shard offload"
-            options |= {"nargs": f.metadata["nargs"], "const": f.metadata["const"]}
-        group.add_argument(flag, **options, help=help_text, metavar=f.name.upper())
-        for alias in hidden:
-            group.add_argument(alias, **options, help=argparse.SUPPRESS, dest=f.name)
+class TrainParser(HfArgumentParser):
+    """transformers' ``HfArgumentParser`` over :data:`ARG_GROUPS` (every flag also with underscores, as
+    in transformers' scripts), with ``--no-X`` for every boolean flag and help that names one spelling."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("usage", "%(prog)s [--flag VALUE ...] (each below; also --flag_name and --config FILE)")
+        super().__init__(ARG_GROUPS, formatter_class=_FlagHelp, **kwargs)
+        hints = typing.get_type_hints(TrainArgs)
+        booleans = {name for name, kind in hints.items() if kind in (bool, bool | None)}
+        for action in list(self._actions):
+            if action.dest not in _FIELD_NAMES:
+                continue
+            meta, action.metavar = _FIELDS[action.dest].metadata, action.dest.upper()  # not {a,b,c,...}
+            if action.choices:
+                action.help += f" (choices: {', '.join(map(str, action.choices))})"
+            if action.default is not None and action.default is not False:
+                action.help += f" (default: {action.default})"
+            if meta.get("aliases"):
+                action.help += f" (also {', '.join(a for a in meta['aliases'] if '_' not in a)})"
+            if action.dest in booleans:  # after the flag itself: its default stays the field's
+                dash = action.dest.replace("_", "-")
+                hidden = {"dest": action.dest, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
+                group = self._group_of(action)
+                group.add_argument(f"--no-{dash}", f"--no_{action.dest}", action="store_false", **hidden)
+
+    def _group_of(self, action: argparse.Action) -> argparse._ArgumentGroup:
+        return next(g for g in self._action_groups if action in g._group_actions)
+
+    @staticmethod
+    def explain(message: str) -> str:
+        """argparse's message, or, for a transformers/TRL flag, why it is refused (:func:`refuse_hf_flag`)."""
+        if message.startswith("unrecognized arguments: "):
+            flags = [w for w in message.split(": ", 1)[1].split() if w.startswith("--")]
+            message = next((line for line in map(refuse_hf_flag, flags) if line), message)
+        head, sep, rest = message.partition(": ")
+        if sep and head.startswith("argument --") and "/" in head:  # one spelling: --max-grad-norm, not all three
+            names = head.removeprefix("argument ").split("/")
+            message = f"argument {next((n for n in names if '_' not in n), names[0])}: {rest}"
+        return message
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {self.explain(message)}\n")  # one line, no usage dump
+
+
+_FIELDS = {f.name: f for f in fields(TrainArgs)}
+_FIELD_NAMES = frozenset(_FIELDS)
+_ALIASES = {a.lstrip("-").replace("-", "_"): f.name for f in _FIELDS.values() for a in f.metadata.get("aliases", ())}
+
+
+def field_name(key: str) -> str | None:
+    """The TrainArgs field that a key of a config file names (``lr``, ``learning_rate``, ``--lora-r``), or None."""
+    name = str(key).lstrip("-").replace("-", "_")
+    return name if name in _FIELD_NAMES else _ALIASES.get(name)
+
+
+def flag_names(action: argparse.Action) -> list[str]:
+    """How help shows a flag: its dashed name, and ``--no-X`` beside a boolean's."""
+    if action.dest not in _FIELD_NAMES or not action.option_strings:
+        return list(action.option_strings)
+    dash = "--" + action.dest.replace("_", "-")
+    return [dash, "--no-" + dash[2:]] if action.const is True else [dash]
+
+
+class _FlagHelp(argparse.HelpFormatter):
+    """One spelling per flag (``--max-grad-norm``): the underscore forms and aliases are in its help."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if action.dest not in _FIELD_NAMES or not action.option_strings:
+            return super()._format_action_invocation(action)
+        names = flag_names(action)
+        if action.nargs == 0 or action.const is True:
+            return ", ".join(names)
+        return f"{names[0]} {self._format_args(action, action.dest.upper())}"
 
 
 HF_INSTEAD = {

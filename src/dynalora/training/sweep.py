@@ -70,11 +70,6 @@ def dynamic_only() -> frozenset[str]:
     return frozenset({f.name for f in fields(DynamicConfig)} - {"seed"}) & train.keys() | {"preset"}
 
 
-class _RaisingParser(argparse.ArgumentParser):
-    def error(self, message: str) -> Any:
-        raise UsageError(message)
-
-
 @dataclass(frozen=True)
 class Run:
     """One run of a grid.
@@ -162,14 +157,16 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _flags(path: Path, where: str, section: Any) -> dict[str, Any]:
     if not isinstance(section, dict):
         raise UsageError(f"{path}: {where} must be a mapping of `dynalora train` flags, got {type(section).__name__}")
-    train = _train_fields()
+    from dynalora.training.args import field_name, refuse_hf_flag
+
     out = {}
     for key, value in section.items():
-        name = str(key).lstrip("-").replace("-", "_")
+        name = field_name(key) or str(key)  # HF's names too: learning_rate for lr
         if name in OWNED:
             raise UsageError(f"{path}: {where}.{key}: the sweep sets it for each run; allowed: any other train flag")
-        if name not in train:
-            raise UsageError(f"{path}: {where}.{key}: not a `dynalora train` flag; see `dynalora train --help`")
+        if field_name(key) is None:
+            why = refuse_hf_flag(str(key)) or "not a `dynalora train` flag; see `dynalora train --help`"
+            raise UsageError(f"{path}: {where}.{key}: {why}")
         values = value if isinstance(value, list) else [value]
         for v in values:
             if not (v is None or isinstance(v, (str, int, float, bool))):
@@ -185,10 +182,13 @@ def expand(config: Mapping[str, Any], output_dir: str | os.PathLike[str]) -> lis
         UsageError: a run's flags are not valid (the message names the run and the flag).
     """
     from dynalora.training import TrainArgs
-    from dynalora.training.args import add_train_flags
+    from dynalora.training.args import TrainParser
 
-    parser = _RaisingParser(prog="dynalora train", add_help=False)
-    add_train_flags(parser)
+    class Raising(TrainParser):  # a bad run of the grid names itself: the caller adds the run
+        def error(self, message: str) -> Any:
+            raise UsageError(self.explain(message))
+
+    parser = Raising(prog="dynalora train", add_help=False)
     only_dynamic = dynamic_only()
     points = []
     for grid in config["grids"]:
