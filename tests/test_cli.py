@@ -520,7 +520,7 @@ def test_optim_and_adam_settings_build_the_optimizer(tiny_model, csv_task, tmp_p
         if adam is not None:
             assert (group["betas"], group["eps"]) == adam
     config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["optim"] == (extra[extra.index("--optim") + 1] if "--optim" in extra else "adamw_torch")
+    assert config["optim"] == (extra[extra.index("--optim") + 1] if "--optim" in extra else None)  # None: adamw_torch
 
 
 def test_lr_scheduler_kwargs_shape_the_schedule(tiny_model, csv_task, tmp_path):
@@ -572,6 +572,15 @@ def test_label_smoothing_mixes_the_loss_linearly(tiny_model, csv_task, tmp_path)
         ),
         (("--packing",), "--packing is a setting of TRL's SFTConfig"),
         (("--not_a_flag_anywhere", "1"), "unrecognized arguments: --not_a_flag_anywhere 1"),
+        (("--optim", "sgd", "--adam-beta1", "0.9"), "--adam-beta1 is read by"),  # given, even at its default
+        (("--no-fsdp",), "--fsdp takes a value and has no --no- form; omit it"),
+        (("--optim", "local"), "the dynamic setting of global or local optimisation is --optimizer"),
+        (
+            ("--lr", "5e-4", "--lr-scheduler-type", "polynomial", "--lr-scheduler-kwargs", '{"lr_end": 0.001}'),
+            "lr_end (0.001) must be smaller than initial lr (0.0005)",
+        ),
+        (("--lr-scheduler-type", "inverse_sqrt", "--lr-scheduler-kwargs", '{"timescale": 0}'), "division by zero"),
+        (("--label-smoothing-factor", "0.1", "--task", "stsb"), "--task stsb has none"),
     ],
 )
 def test_training_arguments_flags_are_applied_or_refused_in_one_line(tiny_model, csv_task, tmp_path, capsys, extra,
@@ -615,3 +624,17 @@ def test_every_training_arguments_field_is_taken_or_refused_in_one_line(capsys):
         assert exit.value.code == 2 and f"--{name} " in err and "\n" not in err and "unrecognized" not in err, err
         refused += 1
     assert refused > 80
+
+
+def test_scheduler_kwargs_are_kept_in_one_spelling_and_causal_lm_refuses_label_smoothing():
+    from dynalora.errors import UsageError
+    from dynalora.training import TrainArgs
+
+    spaced = TrainArgs(lr_scheduler_type="cosine", lr_scheduler_kwargs='{ "num_cycles" : 2 }')
+    assert (
+        spaced.lr_scheduler_kwargs
+        == TrainArgs(lr_scheduler_type="cosine", lr_scheduler_kwargs='{"num_cycles":2}').lr_scheduler_kwargs
+    )
+    assert TrainArgs(lr_scheduler_kwargs="{}").lr_scheduler_kwargs is None  # the same run as no flag: --resume agrees
+    with pytest.raises(UsageError, match="TRL's SFTTrainer deprecates it"):
+        TrainArgs(model="embedded:smollm2-135m", label_smoothing_factor=0.1)

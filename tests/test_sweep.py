@@ -52,7 +52,9 @@ def test_the_issue_example_expands_without_duplicating_plain_runs(tmp_path):
 def test_dashes_and_a_list_of_grids(tmp_path):
     config = {
         "name": "two",
-        "base": {"max-steps": 3, "allocator": "topk", "learning_rate": 0.01},  # transformers' names work too
+        # transformers' names work too; the schedule's kwargs may be a mapping
+        "base": {"max-steps": 3, "allocator": "topk", "learning_rate": 0.01, "lr_scheduler_type": "cosine",
+                 "lr_scheduler_kwargs": {"num_cycles": 0.25}},  # fmt: skip
         "grid": [
             {"method": ["lora"], "k": ["1/3", "2/3"]},
             {"method": ["lora", "vera"], "dynamic": [False]},
@@ -63,6 +65,7 @@ def test_dashes_and_a_list_of_grids(tmp_path):
     assert [r.name for r in runs] == ["method=lora,k=1_3", "method=lora,k=2_3", "method=lora,dynamic=false",
                                       "method=vera,dynamic=false"]  # fmt: skip
     assert all(r.args.max_steps == 3 and r.args.lr == 0.01 for r in runs)
+    assert all(r.args.scheduler_kwargs() == {"num_cycles": 0.25} for r in runs)
 
 
 def test_method_only_flags_leave_other_methods():

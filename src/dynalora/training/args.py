@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -23,7 +24,7 @@ from dynalora.config import (
     DynamicConfig,
 )
 from dynalora.data import DEFAULT_INSTRUCT_TASK, DEFAULT_TASK, INSTRUCT_TASKS, TASKS, resolve_task
-from dynalora.data.tasks import Kind
+from dynalora.data.tasks import GLUE_TASKS, Kind
 from dynalora.errors import UsageError
 from dynalora.integrations.trainer import SUPPORTED_OPTIM
 from dynalora.methods import REGISTRY
@@ -43,6 +44,8 @@ METHOD_ONLY = {o: tuple(n for n, m in REGISTRY.items() if o in m.options) for m 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "cosine_with_min_lr", "polynomial", "constant",
                  "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay")  # fmt: skip
 ADAM_OPTIMS = ("adamw_torch", "adamw_torch_fused")
+ADAM_FIELDS = ("adam_beta1", "adam_beta2", "adam_epsilon")
+REGRESSION_TASKS = tuple(name for name, spec in GLUE_TASKS.items() if spec.is_regression)
 FSDP_WORDS = ("full_shard", "shard_grad_op", "auto_wrap", "offload")
 # Files that mark a folder as holding a run; --overwrite is needed to write over them.
 RUN_FILES = (
@@ -222,15 +225,15 @@ class TrainingArgs:
         "peak learning rate (default: by method, from its record in dynalora.methods; 5e-4 for LoRA on decoders)",
         aliases=("--learning-rate",),
     )
-    optim: str = _opt(
+    # None: not given (the defaults are transformers'), so that a flag that does not apply is refused
+    optim: str | None = _opt(
         "optimizer, by transformers' name (dynamic runs with --optimizer local: one per module; --method galore "
-        "and l1ra build their own)",
-        default="adamw_torch",
+        "and l1ra build their own) (default: adamw_torch)",
         choices=SUPPORTED_OPTIM,
     )
-    adam_beta1: float = _opt("Adam's beta1 (--optim adamw_torch, adamw_torch_fused)", default=0.9)
-    adam_beta2: float = _opt("Adam's beta2 (--optim adamw_torch, adamw_torch_fused)", default=0.999)
-    adam_epsilon: float = _opt("Adam's epsilon (--optim adamw_torch, adamw_torch_fused)", default=1e-8)
+    adam_beta1: float | None = _opt("Adam's beta1 (--optim adamw_torch, adamw_torch_fused) (default: 0.9)")
+    adam_beta2: float | None = _opt("Adam's beta2 (--optim adamw_torch, adamw_torch_fused) (default: 0.999)")
+    adam_epsilon: float | None = _opt("Adam's epsilon (--optim adamw_torch, adamw_torch_fused) (default: 1e-8)")
     weight_decay: float = _opt("the optimizer's weight decay, on every trained tensor", default=0.01)
     lr_scheduler_type: str = _opt(
         "learning-rate schedule after the warm-up (transformers' get_scheduler)", default="linear",
@@ -358,7 +361,6 @@ class TrainArgs(OutputArgs, TrainingArgs, DynamicArgs, DataArgs, ModelArgs):
         if self.max_grad_norm and self.fp16:
             raise UsageError("--max-grad-norm with --fp16 is not supported (the loss scaler would clip scaled "
                              "gradients); allowed: --bf16, or no clipping")  # fmt: skip
-        self._check_optimizer()
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise UsageError(f"--warmup-steps must be an int >= 0, got {self.warmup_steps}")
         if self.base_dtype != "fp32" and (self.bf16 or self.fp16):
@@ -379,6 +381,7 @@ class TrainArgs(OutputArgs, TrainingArgs, DynamicArgs, DataArgs, ModelArgs):
             self.lr = method.default_lr(causal=self.generates, dynamic=self.dynamic)
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UsageError(f"--lr must be a finite number > 0, got {self.lr}")
+        self._check_optimizer()  # after the learning rate: the schedule is checked at it
         if self.dynamic and method.static:  # refused now, not once the model has loaded
             raise UsageError(method.static)
         if not self.dynamic:
@@ -395,32 +398,38 @@ class TrainArgs(OutputArgs, TrainingArgs, DynamicArgs, DataArgs, ModelArgs):
 
     def _check_optimizer(self) -> None:
         """--optim and its Adam settings, --lr-scheduler-kwargs, --label-smoothing-factor: what applies, or one line."""
-        adam = {"adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8}
-        given = [name for name, default in adam.items() if getattr(self, name) != default]
-        own = REGISTRY[self.method].hooks.make_optimizer is not None
-        if own and (given or self.optim != "adamw_torch"):
-            flag = "--" + (given[0] if given else "optim").replace("_", "-")
+        given = [
+            name for name in ("optim", "adam_beta1", "adam_beta2", "adam_epsilon") if getattr(self, name) is not None
+        ]
+        if given and REGISTRY[self.method].hooks.make_optimizer is not None:
+            flag = "--" + given[0].replace("_", "-")
             raise UsageError(f"{flag}: --method {self.method} builds its own optimizer; drop the flag")
-        if given and self.optim not in ADAM_OPTIMS:
-            raise UsageError(f"--{given[0].replace('_', '-')} is read by --optim {' and '.join(ADAM_OPTIMS)} only, "
+        adam = [name for name in given if name != "optim"]
+        if adam and (self.optim or "adamw_torch") not in ADAM_OPTIMS:
+            raise UsageError(f"--{adam[0].replace('_', '-')} is read by --optim {' and '.join(ADAM_OPTIMS)} only, "
                              f"not {self.optim}; drop it, or choose one of those")  # fmt: skip
         for name in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, name) < 1:
+            if getattr(self, name) is not None and not 0 <= getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
-        if not (math.isfinite(self.adam_epsilon) and self.adam_epsilon > 0):
+        if self.adam_epsilon is not None and not (math.isfinite(self.adam_epsilon) and self.adam_epsilon > 0):
             raise UsageError(f"--adam-epsilon must be a finite number > 0, got {self.adam_epsilon}")
         if not 0 <= self.label_smoothing_factor < 1:
             raise UsageError(f"--label-smoothing-factor must be in [0, 1), got {self.label_smoothing_factor}")
-        if self.label_smoothing_factor and self.regression:
-            raise UsageError("--label-smoothing-factor smooths class targets; --regression has none; drop one")
+        if self.label_smoothing_factor and (self.regression or self.task in REGRESSION_TASKS):
+            what = "--regression" if self.regression else f"--task {self.task}"
+            raise UsageError(f"--label-smoothing-factor smooths class targets; {what} has none; drop one")
+        if self.label_smoothing_factor and self.generates:  # TRL deprecates it: an extra forward pass per step
+            raise UsageError("--label-smoothing-factor is for classification here; TRL's SFTTrainer deprecates it "
+                             "for causal LM (it costs an extra forward pass each step); drop it")  # fmt: skip
         if self.dataloader_num_workers < 0:
             raise UsageError(f"--dataloader-num-workers must be >= 0, got {self.dataloader_num_workers}")
-        self.scheduler_kwargs()  # refused now, not when training starts
+        kwargs = self.scheduler_kwargs()  # refused now, not when training starts
+        # one spelling of the same kwargs, so that --resume and a sweep compare them as equal
+        self.lr_scheduler_kwargs = json.dumps(kwargs, sort_keys=True) if kwargs else None
 
     def scheduler_kwargs(self) -> dict[str, Any]:
         """--lr-scheduler-kwargs as a dict, checked against --lr-scheduler-type's own arguments."""
         import inspect
-        import json
 
         import torch
         from transformers import get_scheduler
@@ -439,13 +448,18 @@ class TrainArgs(OutputArgs, TrainingArgs, DynamicArgs, DataArgs, ModelArgs):
             if key not in own:
                 raise UsageError(f"{flag}: {self.lr_scheduler_type} takes no {key!r}; "
                                  f"allowed: {', '.join(own) or 'nothing (drop the flag)'}")  # fmt: skip
-        try:  # the values: the schedule itself checks them
-            probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-            get_scheduler(self.lr_scheduler_type, probe, num_warmup_steps=0, num_training_steps=10,
-                          scheduler_specific_kwargs=kwargs)  # fmt: skip
-        except (TypeError, ValueError) as err:
-            what = flag if self.lr_scheduler_kwargs else f"--lr-scheduler-type {self.lr_scheduler_type}"
-            raise UsageError(f"{what}: {str(err).strip().splitlines()[0]}; give --lr-scheduler-kwargs") from None
+        try:  # the values: the schedule itself checks them, over a few steps at the run's rate
+            probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=self.lr)
+            schedule = get_scheduler(self.lr_scheduler_type, probe, num_warmup_steps=2, num_training_steps=10,
+                                     scheduler_specific_kwargs=kwargs)  # fmt: skip
+            for _ in range(10):
+                probe.step()
+                schedule.step()
+        except (TypeError, ValueError, ArithmeticError) as err:
+            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if not self.lr_scheduler_kwargs:
+                flag, why = f"--lr-scheduler-type {self.lr_scheduler_type}", f"{why}; give --lr-scheduler-kwargs"
+            raise UsageError(f"{flag}: {why}") from None
         return kwargs
 
     def _check_fsdp(self) -> None:
@@ -573,7 +587,8 @@ class TrainParser(HfArgumentParser):
                 dash = action.dest.replace("_", "-")
                 hidden = {"dest": action.dest, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
                 group = self._group_of(action)
-                group.add_argument(f"--no-{dash}", f"--no_{action.dest}", action="store_false", **hidden)
+                names = dict.fromkeys((f"--no-{dash}", f"--no_{action.dest}", f"--no-{action.dest}"))
+                group.add_argument(*names, action="store_false", **hidden)
 
     def _group_of(self, action: argparse.Action) -> argparse._ArgumentGroup:
         return next(g for g in self._action_groups if action in g._group_actions)
@@ -584,6 +599,10 @@ class TrainParser(HfArgumentParser):
         if message.startswith("unrecognized arguments: "):
             flags = [w for w in message.split(": ", 1)[1].split() if w.startswith("--")]
             message = next((line for line in map(refuse_hf_flag, flags) if line), message)
+        if message.startswith("argument --optim: invalid choice: 'local'") or message.startswith(
+            "argument --optim: invalid choice: 'global'"
+        ):  # --optim local was --optimizer local, by abbreviation, before --optim existed
+            return f"{message}; the dynamic setting of global or local optimisation is --optimizer"
         head, sep, rest = message.partition(": ")
         if sep and head.startswith("argument --") and "/" in head:  # one spelling: --max-grad-norm, not all three
             names = head.removeprefix("argument ").split("/")
@@ -655,6 +674,8 @@ def refuse_hf_flag(flag: str) -> str | None:
     name = flag.split("=")[0].lstrip("-").replace("-", "_")
     known = {f.name for f in fields(TrainingArguments)}
     owner = "transformers' TrainingArguments"
+    if name.startswith("no_") and field_name(name[3:]) is not None:  # --no-fsdp; in a config file, fsdp: false
+        return f"--{name[3:]} takes a value and has no --no- form; omit it (in a config file: drop the key)"
     if name.startswith("no_") and name[3:] in known:  # HF's --no_X of a field that defaults to True
         name = name[3:]
     if name not in known:
@@ -666,7 +687,7 @@ def refuse_hf_flag(flag: str) -> str | None:
             known = set()
         if name not in known and name not in HF_INSTEAD:
             return None
-        owner = "TRL's SFTConfig"
+        owner = "TRL's SFTConfig" if name in known else "TRL's SFTConfig, in older versions"
     if name in ("do_train", "do_eval", "do_predict"):
         return f"--{name} ({owner}) is not needed: dynalora train trains, validates and tests; drop it"
     if name in HF_INSTEAD:

@@ -56,7 +56,7 @@ from dynalora.metering import (
 from dynalora.methods import REGISTRY, Hooks, MethodOptions, is_own, save_adapter
 from dynalora.models import load_model, portable_model_id, resolve_model_path
 from dynalora.training import checkpoint
-from dynalora.training.args import RUN_FILES, TrainArgs, as_flag_message
+from dynalora.training.args import ADAM_FIELDS, RUN_FILES, TrainArgs, as_flag_message
 from dynalora.training.causal import evaluate_causal
 from dynalora.training.checkpoint import latest_checkpoint, load_rng
 
@@ -241,8 +241,6 @@ def load(args: TrainArgs, device: torch.device) -> Job:
         response_column=args.response_column,
         causal=args.generates,
     )
-    if args.label_smoothing_factor and data.spec.is_regression:
-        raise UsageError(f"--label-smoothing-factor smooths class targets; --task {args.task} is a regression; drop it")
     # optimizer steps; the last, shorter accumulation of an epoch is a step too
     batches_per_epoch = math.ceil(len(data.splits["train"]) / args.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
@@ -539,6 +537,7 @@ RESUME_FREE = (
     "logging_steps",
     "push_to_hub",
     "hub_model_id",
+    "dataloader_num_workers",  # batches are drawn in the main process: workers only collate them
 )
 
 
@@ -783,10 +782,8 @@ def training_arguments(args: TrainArgs, device: torch.device, num_steps: int, ou
         max_steps=num_steps,
         learning_rate=args.lr,
         weight_decay=args.weight_decay,
-        optim=args.optim,
-        adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2,
-        adam_epsilon=args.adam_epsilon,
+        optim=args.optim or "adamw_torch",
+        **{name: value for name in ADAM_FIELDS if (value := getattr(args, name)) is not None},  # else transformers'
         lr_scheduler_type=args.lr_scheduler_type,
         lr_scheduler_kwargs=args.scheduler_kwargs(),
         label_smoothing_factor=args.label_smoothing_factor,

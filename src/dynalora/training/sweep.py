@@ -167,6 +167,9 @@ def _flags(path: Path, where: str, section: Any) -> dict[str, Any]:
         if field_name(key) is None:
             why = refuse_hf_flag(str(key)) or "not a `dynalora train` flag; see `dynalora train --help`"
             raise UsageError(f"{path}: {where}.{key}: {why}")
+        if name == "lr_scheduler_kwargs":  # a mapping in YAML, JSON on the command line
+            value = [json.dumps(v) if isinstance(v, dict) else v for v in value] if isinstance(value, list) else (
+                json.dumps(value) if isinstance(value, dict) else value)  # fmt: skip
         values = value if isinstance(value, list) else [value]
         for v in values:
             if not (v is None or isinstance(v, (str, int, float, bool))):
