@@ -251,7 +251,7 @@ class TrainingArgs:
         default=0.0,
     )
     label_smoothing_factor: float = _opt(
-        "smooth the one-hot targets of the cross-entropy loss by this much, in [0, 1) (classification and causal LM)",
+        "smooth the one-hot targets of the cross-entropy loss by this much, in [0, 1) (classification tasks)",
         default=0.0,
     )
     batch_size: int | None = _opt(
