@@ -31,8 +31,20 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+from dynalora import DynamicConfig  # noqa: E402
+
 ROWS = ("lora", "default", "memory cap 0.5", "cutoff budget 0.35 global", "all-linear lora",
         "all-linear cutoff budget 1/3", "full")  # fmt: skip
+_FULL_PRESET = {"allocator": "discounted_stochastic", "optimizer": "global", "k": 1 / 3, "state_policy": "reset"}
+EXTRA = (
+    # the price of a memory cap kept by recomputation (what `--memory-cap 0.35 --cap-mode recompute` adds to
+    # `--method full --dynamic`): the capped blocks' forward runs again in backward; FLOPs do not depend on
+    # the storage dtype, so fp32 storage stands for --inactive-dtype bf16 here
+    cost.Spec("dynamic-full preset", "full", DynamicConfig(**_FULL_PRESET), baseline="full"),
+    cost.Spec("dynamic-full preset cap 0.35 recompute", "full",
+              DynamicConfig(**_FULL_PRESET, memory_cap=0.35, cap_mode="recompute"), baseline="full"),
+)  # fmt: skip
+"""Rows beyond cost.py's: ``--rows`` may name them."""
 
 
 class _Ops(TorchDispatchMode):
@@ -59,7 +71,7 @@ class _Calls:
 
 
 def count(name: str, base, batch, steps: int, period: int) -> dict[str, float]:
-    spec = {sp.name: cost.with_period(sp, period) for sp in cost.run_specs()}[name]
+    spec = {sp.name: cost.with_period(sp, period) for sp in (*cost.run_specs(), *EXTRA)}[name]
     setup = cost.build(spec, base)
     for _ in range(2):
         cost.train_step(setup, batch)
@@ -94,10 +106,11 @@ def main() -> None:
         print(name, rows[name], file=sys.stderr, flush=True)
     meta = {"steps": args.steps, "period": args.period, "batch": [32, 64], "torch": torch.__version__}
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    base_row = rows.get("lora")
+    baselines = {sp.name: sp.baseline for sp in (*cost.run_specs(), *EXTRA)}
     for name, r in rows.items():
-        ratio = f"{r['gflops_per_step'] / base_row['gflops_per_step']:.3f}" if base_row else ""
-        print(f"{name:32s} {r['gflops_per_step']:8.2f} GFLOP  x lora {ratio}  {r['aten_ops_per_step']:7.1f} ops  "
+        base_row = rows.get(baselines[name])
+        ratio = f"x {baselines[name]} {r['gflops_per_step'] / base_row['gflops_per_step']:.3f}" if base_row else ""
+        print(f"{name:32s} {r['gflops_per_step']:8.2f} GFLOP  {ratio}  {r['aten_ops_per_step']:7.1f} ops  "
               f"{r['python_calls_per_step']:8.0f} calls")  # fmt: skip
 
 
