@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -90,28 +91,52 @@ def count(name: str, base, batch, steps: int, period: int) -> dict[str, float]:
             "mean_active_modules": sum(active) / len(active) if active else None}  # fmt: skip
 
 
+def time_rows(names: list[str], base, batch, steps: int, period: int) -> dict[str, list[float]]:
+    """Step times (ms) of whole runs of the rows, interleaved step by step (:func:`cost.time_runs`)."""
+    by_name = {sp.name: cost.with_period(sp, period) for sp in (*cost.run_specs(), *EXTRA)}
+    warm = cost.build(cost.Spec("warm-up", "lora"), base)
+    for _ in range(3):  # the process's first steps (thread pools, caches): paid by nobody
+        cost.train_step(warm, batch)
+    del warm
+    setups = [cost.build(by_name[n], base) for n in names]
+    return {n: t["step_ms"] for n, t in cost.time_runs(setups, batch, steps).items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", default=list(ROWS))
     parser.add_argument("--steps", type=int, default=60, help="counted steps per row (cost.py's run_steps)")
     parser.add_argument("--period", type=int, default=5, help="reallocation period (cost.py's run_period)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "work_count.json"))
+    parser.add_argument("--time", action="store_true",
+                        help="also time the rows as cost.py's whole runs do (interleaved step by step in this "
+                             "process), after counting; only on a quiet machine")  # fmt: skip
     args = parser.parse_args()
     torch.manual_seed(0)
     tokenizer, base = cost.load_base(None, torch.device("cpu"))
     batch = cost.fixed_batch(tokenizer, 32, 64, torch.device("cpu"))
+    baselines = {sp.name: sp.baseline for sp in (*cost.run_specs(), *EXTRA)}
     rows = {}
     for name in args.rows:
         rows[name] = count(name, base, batch, args.steps, args.period)
         print(name, rows[name], file=sys.stderr, flush=True)
     meta = {"steps": args.steps, "period": args.period, "batch": [32, 64], "torch": torch.__version__}
+    if args.time:
+        timed = time_rows(args.rows, base, batch, args.steps, args.period)
+        meta["threads"] = torch.get_num_threads()
+        for name in args.rows:
+            rows[name]["median_step_ms"] = statistics.median(timed[name])
+            rows[name]["total_ms"] = sum(timed[name])
+        for name in args.rows:
+            if baselines[name] in timed:
+                rows[name]["total_vs_baseline"] = rows[name]["total_ms"] / rows[baselines[name]]["total_ms"]
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    baselines = {sp.name: sp.baseline for sp in (*cost.run_specs(), *EXTRA)}
     for name, r in rows.items():
         base_row = rows.get(baselines[name])
         ratio = f"x {baselines[name]} {r['gflops_per_step'] / base_row['gflops_per_step']:.3f}" if base_row else ""
+        timed = f"  time x {baselines[name]} {r['total_vs_baseline']:.3f}" if "total_vs_baseline" in r else ""
         print(f"{name:32s} {r['gflops_per_step']:8.2f} GFLOP  {ratio}  {r['aten_ops_per_step']:7.1f} ops  "
-              f"{r['python_calls_per_step']:8.0f} calls")  # fmt: skip
+              f"{r['python_calls_per_step']:8.0f} calls{timed}")  # fmt: skip
 
 
 if __name__ == "__main__":
