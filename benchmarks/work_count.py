@@ -48,6 +48,11 @@ EXTRA = (
 """Rows beyond cost.py's: ``--rows`` may name them."""
 
 
+def specs(period: int) -> dict[str, cost.Spec]:
+    """Every row by name (cost.py's whole runs and :data:`EXTRA`), reallocating every ``period`` steps."""
+    return {sp.name: cost.with_period(sp, period) for sp in (*cost.run_specs(), *EXTRA)}
+
+
 class _Ops(TorchDispatchMode):
     """Counts every aten operator dispatched while it is active."""
 
@@ -72,7 +77,7 @@ class _Calls:
 
 
 def count(name: str, base, batch, steps: int, period: int) -> dict[str, float]:
-    spec = {sp.name: cost.with_period(sp, period) for sp in (*cost.run_specs(), *EXTRA)}[name]
+    spec = specs(period)[name]
     setup = cost.build(spec, base)
     for _ in range(2):
         cost.train_step(setup, batch)
@@ -93,7 +98,7 @@ def count(name: str, base, batch, steps: int, period: int) -> dict[str, float]:
 
 def time_rows(names: list[str], base, batch, steps: int, period: int) -> dict[str, list[float]]:
     """Step times (ms) of whole runs of the rows, interleaved step by step (:func:`cost.time_runs`)."""
-    by_name = {sp.name: cost.with_period(sp, period) for sp in (*cost.run_specs(), *EXTRA)}
+    by_name = specs(period)
     warm = cost.build(cost.Spec("warm-up", "lora"), base)
     for _ in range(3):  # the process's first steps (thread pools, caches): paid by nobody
         cost.train_step(warm, batch)
@@ -115,7 +120,7 @@ def main() -> None:
     torch.manual_seed(0)
     tokenizer, base = cost.load_base(None, torch.device("cpu"))
     batch = cost.fixed_batch(tokenizer, 32, 64, torch.device("cpu"))
-    baselines = {sp.name: sp.baseline for sp in (*cost.run_specs(), *EXTRA)}
+    baselines = {name: sp.baseline for name, sp in specs(args.period).items()}
     rows = {}
     for name in args.rows:
         rows[name] = count(name, base, batch, args.steps, args.period)
@@ -134,9 +139,9 @@ def main() -> None:
     for name, r in rows.items():
         base_row = rows.get(baselines[name])
         ratio = f"x {baselines[name]} {r['gflops_per_step'] / base_row['gflops_per_step']:.3f}" if base_row else ""
-        timed = f"  time x {baselines[name]} {r['total_vs_baseline']:.3f}" if "total_vs_baseline" in r else ""
+        time_ratio = f"  time x {baselines[name]} {r['total_vs_baseline']:.3f}" if "total_vs_baseline" in r else ""
         print(f"{name:32s} {r['gflops_per_step']:8.2f} GFLOP  {ratio}  {r['aten_ops_per_step']:7.1f} ops  "
-              f"{r['python_calls_per_step']:8.0f} calls{timed}")  # fmt: skip
+              f"{r['python_calls_per_step']:8.0f} calls{time_ratio}")  # fmt: skip
 
 
 if __name__ == "__main__":
