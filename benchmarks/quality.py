@@ -95,6 +95,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         "v0.2 default: gradient, discounted stochastic, k 2/3, period 10, global",
     ),  # fmt: skip
     "lora": ({"dynamic": False}, "plain PEFT LoRA, the baseline"),
+    "default-period-5": ({"period": 5}, "the default reallocating every 5 steps (8 draws in a 40-step run)"),
     "default-bf16-base": ({"base_dtype": "bf16"}, "the default over a bf16 frozen base (--base-dtype bf16)"),
     "lora-bf16-base": ({"dynamic": False, "base_dtype": "bf16"}, "plain PEFT LoRA over a bf16 frozen base"),
     # the default over other backbones, against their plain counterparts
