@@ -130,11 +130,9 @@ def main() -> None:
         timed = time_rows(args.rows, base, batch, args.steps, args.period)
         meta["threads"] = torch.get_num_threads()
         for name in args.rows:
-            rows[name]["median_step_ms"] = statistics.median(timed[name])
-            rows[name]["total_ms"] = sum(timed[name])
-        for name in args.rows:
+            rows[name] |= {"median_step_ms": statistics.median(timed[name]), "total_ms": sum(timed[name])}
             if baselines[name] in timed:
-                rows[name]["total_vs_baseline"] = rows[name]["total_ms"] / rows[baselines[name]]["total_ms"]
+                rows[name]["total_vs_baseline"] = sum(timed[name]) / sum(timed[baselines[name]])
     Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     for name, r in rows.items():
         base_row = rows.get(baselines[name])
