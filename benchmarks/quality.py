@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.stats
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -302,6 +303,9 @@ def run_one(variant: str, task: str, seed: int, ns: argparse.Namespace) -> dict[
         "mean_active_trainable_params": metrics["mean_active_trainable_params"],
         "engine": "trainer",  # rows without it ran on dynalora's own loop (before commit cd72190)
     }  # fmt: skip
+    for split in ("validation", "test"):  # the mean cross-entropy of the labelled tokens: continuous, less noisy
+        if "loss" in metrics[split]:
+            row[f"{split}_loss"] = metrics[split]["loss"]
     for split in ("validation", "test"):
         p = predictions[split]
         if metric == "exact_match":
@@ -345,6 +349,17 @@ def paired_gap(
     return 100 * float(d.mean()), 100 * float(lo), 100 * float(hi), 100 * float(boot.std())
 
 
+def loss_gap(rows: list[dict[str, Any]], base: list[dict[str, Any]], split: str) -> tuple[float, float, float, int]:
+    """Mean over seeds of (eval loss - baseline eval loss) on the same examples, as a percentage of the
+    baseline's loss, with a 95% t interval over seeds (the runs store the loss, not each example's), and
+    the number of seeds. Negative: lower loss than the baseline."""
+    d = np.array([100 * (r[f"{split}_loss"] / b[f"{split}_loss"] - 1) for r, b in zip(rows, base, strict=True)])
+    if len(d) < 2:
+        return float(d.mean()), float("nan"), float("nan"), len(d)
+    half = float(scipy.stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half), len(d)
+
+
 MDG_FACTOR = 1.96 + 0.84
 """A true gap of (1.96 + 0.84) standard errors is found at the 5% level 80% of the time."""
 
@@ -357,16 +372,21 @@ def detectable(per_task: dict[str, Any], tasks: list[str], split: str = "test") 
     return {t: MDG_FACTOR * v for t, v in se.items()}, MDG_FACTOR * mean_se
 
 
+def _engine(row: dict[str, Any]) -> str:
+    return row.get("engine", "loop")  # rows without it ran on dynalora's own loop (before commit cd72190)
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per variant and task: accuracy mean/std, paired gaps to the variant's baseline (:data:`BASELINES`;
-    on the seeds the baseline also has), cost figures."""
+    on the seeds the baseline also has, on the same engine), cost figures."""
     summary: dict[str, dict[str, Any]] = {}
     for variant in dict.fromkeys(r["variant"] for r in rows):
         per_task = {}
         for task in _tasks(rows):
             runs = [r for r in rows if r["variant"] == variant and r["task"] == task]
             lora = {r["seed"]: r for r in rows if r["variant"] == baseline_of(variant) and r["task"] == task}
-            paired = [r for r in runs if r["seed"] in lora]
+            # a gap pairs runs of one engine only: Trainer and dynalora's own loop draw another data order
+            paired = [r for r in runs if r["seed"] in lora and _engine(r) == _engine(lora[r["seed"]])]
             if not runs:
                 continue
             test = [r["test"] for r in runs]
@@ -383,6 +403,10 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                 entry["validation_gap"] = paired_gap(paired, base, "validation")
                 entry["step_ratio"] = statistics.median(r["median_step_ms"] / lora[r["seed"]]["median_step_ms"]
                                                         for r in paired)  # fmt: skip
+            for split in ("validation", "test"):
+                with_loss = [r for r in paired if f"{split}_loss" in r and f"{split}_loss" in lora[r["seed"]]]
+                if variant != baseline_of(variant) and with_loss:
+                    entry[f"{split}_loss_gap"] = loss_gap(with_loss, [lora[r["seed"]] for r in with_loss], split)
             for key in ("active_fraction", "lr_share_mean", "lr_share_min", "min_update_fraction"):
                 if key in runs[0]:
                     entry[key] = statistics.mean(r[key] for r in runs)
@@ -474,6 +498,30 @@ def render(rows: list[dict[str, Any]], summary: dict[str, dict[str, Any]], findi
         mean = _mean_gap(per_task, "validation_gap", tasks)
         cells = [_gap(per_task.get(t, {}), "validation_gap") for t in tasks]
         lines.append(f"| {variant} | " + " | ".join(cells) + f" | {'' if mean is None else f'{mean:+.2f}'} |")
+    with_loss = [v for v, per_task in summary.items() if any("test_loss_gap" in e for e in per_task.values())]
+    if with_loss:
+        lines += [
+            "",
+            "## Eval loss against the baseline (runs that record it)",
+            "",
+            "Mean cross-entropy of the answer tokens, as a percentage of the baseline's on the same seed (negative:"
+            " lower loss), with a 95% t interval over seeds and the number of seeds paired. Continuous, so it"
+            " separates configurations that exact match on a few hundred answers cannot.",
+            "",
+            "| variant | " + " | ".join(f"{t} test (validation)" for t in tasks) + " |",
+            "|---|" + "---:|" * len(tasks),
+        ]
+        for variant in with_loss:
+            cells = []
+            for t in tasks:
+                e = summary[variant].get(t, {})
+                if "test_loss_gap" not in e:
+                    cells.append("")
+                    continue
+                g, lo, hi, n = e["test_loss_gap"]
+                val = e.get("validation_loss_gap", (float("nan"),))[0]
+                cells.append(f"{g:+.1f}% [{lo:+.1f}, {hi:+.1f}] ({val:+.1f}%), {n} seeds")
+            lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     lines += ["", "## Accuracy (mean ± std over seeds)", ""]
     lines += ["| variant | " + " | ".join(f"{t} test (validation)" for t in tasks) + " |",
               "|---|" + "---:|" * len(tasks)]  # fmt: skip

@@ -120,17 +120,22 @@ def _seeds(seeds: list[int]) -> str:
 
 def _quality_gap(suite: str, variant: str, baseline: str, note: str = "") -> str:
     """Mean over tasks of (accuracy - the baseline's on the same seed), test split, in points, with the
-    tasks and seeds it covers; blank when the variant has no paired run."""
+    tasks and seeds it covers; blank when the variant has no paired run. Runs pair only on one engine
+    (rows without ``engine`` ran on dynalora's own loop, which draws another data order than Trainer)."""
     rows = _results(suite)
-    base = {(r["task"], r["seed"]): r["test"] for r in rows if r["variant"] == baseline}
+
+    def key(r: dict) -> tuple[str, int, str]:
+        return r["task"], r["seed"], r.get("engine", "loop")
+
+    base = {key(r): r["test"] for r in rows if r["variant"] == baseline}
     per_task: dict[str, list[float]] = {}
     for r in rows:
-        if r["variant"] == variant and (r["task"], r["seed"]) in base:
-            per_task.setdefault(r["task"], []).append(100 * (r["test"] - base[(r["task"], r["seed"])]))
+        if r["variant"] == variant and key(r) in base:
+            per_task.setdefault(r["task"], []).append(100 * (r["test"] - base[key(r)]))
     if not per_task:
         return ""
     gap = sum(sum(v) / len(v) for v in per_task.values()) / len(per_task)
-    seeds = sorted({r["seed"] for r in rows if r["variant"] == variant and (r["task"], r["seed"]) in base})
+    seeds = sorted({r["seed"] for r in rows if r["variant"] == variant and key(r) in base})
     what = "task" if len(per_task) == 1 else "tasks"
     sign = "−" if gap < 0 else "+"
     return f"{sign}{abs(gap):.2f} ({len(per_task)} {what}, {_seeds(seeds)}{note})"

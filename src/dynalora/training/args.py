@@ -144,7 +144,10 @@ class DynamicArgs:
     _argument_group_name = "dynamic allocation (dynalora.DynamicConfig)"  # HfArgumentParser: the --help group
     # bool | None: --X alone is True (HfArgumentParser gives such fields no bare form of their own)
     dynamic: bool | None = _opt(
-        "dynamic allocation (default: on for lora/dora/vera, off for full/bitfit)", nargs="?", const=True
+        "dynamic allocation (default: on for lora, dora, vera, dvora, hydra and dylora; off for full; "
+        "refused by bitfit, adalora, l1ra and galore, which have nothing to allocate or allocate by their own rule)",
+        nargs="?",
+        const=True,
     )
     preset: str | None = _opt(
         "starting point of the dynamic settings below; each flag given overrides it "
