@@ -38,23 +38,25 @@ def collect() -> list[dict]:
     runs = {r["name"]: r for r in json.loads((RESULTS / "cost.json").read_text()).get("runs", [])}
     points = []
     for suite in SUITES:
-        summary = quality.summarise(json.loads((RESULTS / f"{suite}.json").read_text())["runs"])
-        points += _points(suite, summary, runs)
+        rows = json.loads((RESULTS / f"{suite}.json").read_text())["runs"]
+        tasks = [t for t in quality._tasks(rows) if t in quality.TASKS or t in quality.DROPPED_TASKS]
+        points += _points(suite, quality.summarise(rows), runs, tasks)
     return points
 
 
-def _points(suite: str, summary: dict, runs: dict) -> list[dict]:
+def _points(suite: str, summary: dict, runs: dict, tasks: list[str]) -> list[dict]:
+    """One point per variant that ran every task of the suite, paired with LoRA on each."""
     points = []
     for variant, cost_name in COST_RUN.items():
         per_task = summary.get(variant)
         run = runs.get(cost_name)
-        if per_task is None or run is None or not all(t in per_task for t in quality.TASKS):
+        if per_task is None or run is None or not all(t in per_task for t in tasks):
             continue
-        if variant != "lora" and not all("test_gap" in per_task[t] for t in quality.TASKS):
+        if variant != "lora" and not all("test_gap" in per_task[t] for t in tasks):
             continue  # not paired with LoRA on every task (another engine, or no common seed)
         base = runs[run["baseline"]]
-        gaps = [per_task[t].get("test_gap", (0.0,))[0] for t in quality.TASKS]
-        val = [per_task[t].get("validation_gap", (0.0,))[0] for t in quality.TASKS]
+        gaps = [per_task[t].get("test_gap", (0.0,))[0] for t in tasks]
+        val = [per_task[t].get("validation_gap", (0.0,))[0] for t in tasks]
         seeds = sorted({s for e in per_task.values() for s in e["seeds"]})
         points.append(
             {
