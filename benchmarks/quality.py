@@ -99,6 +99,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "default-period-5": ({"period": 5}, "the default reallocating every 5 steps (8 draws in a 40-step run)"),
     "default-bf16-base": ({"base_dtype": "bf16"}, "the default over a bf16 frozen base (--base-dtype bf16)"),
     "lora-bf16-base": ({"dynamic": False, "base_dtype": "bf16"}, "plain PEFT LoRA over a bf16 frozen base"),
+    "default-bf16-base-budget-0.7": (
+        {"base_dtype": "bf16", "budget": 0.7},
+        "the default over a bf16 frozen base with --budget 0.7 (lower blocks train in more of the steps)",
+    ),  # fmt: skip
     # the default over other backbones, against their plain counterparts
     "vera": ({"method": "vera", "dynamic": False}, "plain PEFT VeRA"),
     "dynavera": ({"method": "vera"}, "DynaVeRA, today's defaults"),
