@@ -7,7 +7,8 @@ configuration runs before step i + 1 of any, in a new seeded order each step):
   QLoRA recipe run): blocks below the cut run neither backward nor recomputation;
 - the recompute cap (``memory_cap=0.5, cap_mode="recompute"``) and today's exclusion cap
   (``cap_mode="exclude"``) against LoRA without checkpointing;
-- the default without checkpointing against LoRA, for reference.
+- the default without checkpointing against LoRA, for reference;
+- ``--budget 0.7`` (the setting the docs give for short runs) with and without checkpointing.
 
 Every dynamic row reallocates every ``--period`` steps from its own measured importance. Memory:
 counted bytes (saved activations kept by the forward + gradients + optimizer state) of every step
@@ -66,6 +67,8 @@ def rows() -> list[Row]:
         Row("default", "lora", DynamicConfig()),
         Row("lora + checkpointing", "lora + checkpointing", None, True),
         Row("default + checkpointing", "lora + checkpointing", DynamicConfig(), True),
+        Row("budget 0.7", "lora", DynamicConfig(budget=0.7)),
+        Row("budget 0.7 + checkpointing", "lora + checkpointing", DynamicConfig(budget=0.7), True),
         Row("exclusion cap 0.5 (today)", "lora", DynamicConfig(memory_cap=0.5)),
         Row("recompute cap 0.5", "lora", DynamicConfig(memory_cap=0.5, **recompute)),
         Row("recompute cap 0.4", "lora", DynamicConfig(memory_cap=0.4, **recompute)),

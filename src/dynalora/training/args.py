@@ -268,7 +268,7 @@ class TrainingArgs:
     gradient_checkpointing: bool | None = _opt(
         "activation checkpointing of the transformer blocks (non-reentrant); with --dynamic, blocks below the "
         "lowest trained one are neither checkpointed nor run backward (default: on for causal LM, as TRL's "
-        "SFTConfig: 0.24x the counted bytes of the default on SmolLM2-135M for a 1.24x step; off for classification)",
+        "SFTConfig: 0.24x the counted bytes of the default on SmolLM2-135M for a 1.2x step; off for classification)",
         nargs="?",
         const=True,
     )
