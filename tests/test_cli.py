@@ -307,6 +307,50 @@ def test_learning_rate_defaults_by_method(method, dynamic, lr):
     assert TrainArgs(method=method, dynamic=dynamic, lr=3e-4).lr == 3e-4
 
 
+# What each method reads of the options that not every method reads, written out here by hand from
+# the builders (VeRA and DVoRA scale by trained vectors, not alpha; GaLore projects every linear
+# weight at --rank; plain full fine-tuning and BitFit have no adapter).
+ADAPTER = {"targets", "rank", "alpha", "adapter_dropout"}
+READS = {"lora": ADAPTER, "dora": ADAPTER, "hydra": ADAPTER, "adalora": ADAPTER, "l1ra": ADAPTER,
+         "dylora": ADAPTER | {"dylora_frozen"}, "vera": ADAPTER - {"alpha"}, "dvora": ADAPTER - {"alpha"},
+         "full": {"targets"}, "bitfit": set(), "galore": {"rank"}}  # fmt: skip
+GIVEN = {"targets": "query", "rank": 4, "alpha": 4.0, "adapter_dropout": 0.2, "dylora_frozen": True}
+
+
+@pytest.mark.parametrize("method", sorted(READS))
+@pytest.mark.parametrize("option", sorted(GIVEN))
+def test_an_option_the_method_does_not_read_is_refused(method, option):
+    from dynalora.errors import UsageError
+    from dynalora.training import TrainArgs
+
+    dynamic = True if method == "full" else None  # full reads --targets when dynamic (plain: see below)
+    if option in READS[method]:
+        assert getattr(TrainArgs(method=method, dynamic=dynamic, **{option: GIVEN[option]}), option) == GIVEN[option]
+    else:
+        flag = "--" + option.replace("_", "-")
+        with pytest.raises(UsageError, match=f"{flag} applies to --method .* only, not {method}; drop it"):
+            TrainArgs(method=method, dynamic=dynamic, **{option: GIVEN[option]})
+    TrainArgs(method=method, dynamic=dynamic)  # the defaults are accepted by every method
+
+
+def test_plain_full_fine_tuning_refuses_targets(tiny_model, csv_task, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(cli_args(tiny_model, csv_task, out, "--method", "full", "--targets", "query")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "plain --method full trains every weight" in err
+    assert not (out / "config.json").exists()
+
+
+def test_max_test_samples_without_a_test_split_is_refused(tiny_model, csv_task, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = cli_args(tiny_model, csv_task, out, "--max-test-samples", "2")
+    del argv[argv.index("--test-file") : argv.index("--test-file") + 2]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--max-test-samples: --task custom has no labelled test split" in err
+    assert not (out / "config.json").exists()
+
+
 def test_output_dir_under_a_file_is_refused(tiny_model, csv_task, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("mine")
@@ -357,11 +401,18 @@ def test_evaluating_more_often_does_not_change_training(tiny_model, csv_task, tm
 
 def test_compare_methods_runs_each_plain_and_dynamic_where_it_has_one(tiny_model, csv_task, tmp_path, capsys):
     root = tmp_path / "cmp"
-    argv = cli_args(tiny_model, csv_task, root, "--max-steps", "4", "--methods", "lora,adalora,bitfit,hydra,dvora")
+    argv = cli_args(tiny_model, csv_task, root, "--max-steps", "4", "--rank", "4", "--alpha", "4",
+                    "--methods", "lora,adalora,bitfit,hydra,dvora")  # fmt: skip
     argv[0] = "compare"
     assert main(argv) == 0
     expected = ["lora-dynamic", "lora", "adalora", "bitfit", "hydra-dynamic", "hydra", "dvora-dynamic", "dvora"]
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted(expected)
+    # each method got the options it reads; the others stay at their defaults (8, 16.0) where it would refuse them
+    config = {name: json.loads((root / name / "config.json").read_text()) for name in expected}
+    assert {name: (c["rank"], c["alpha"]) for name, c in config.items()} == {
+        "lora-dynamic": (4, 4.0), "lora": (4, 4.0), "adalora": (4, 4.0), "bitfit": (8, 16.0),
+        "hydra-dynamic": (4, 4.0), "hydra": (4, 4.0), "dvora-dynamic": (4, 16.0), "dvora": (4, 16.0),
+    }  # fmt: skip
     table = (root / "compare.md").read_text()
     labels = ["DynaLoRA", "| LoRA", "AdaLoRA", "BitFit", "DynaHydra", "| Hydra", "DynaDVoRA", "| DVoRA"]
     assert all(label in table for label in labels), table

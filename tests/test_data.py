@@ -217,6 +217,24 @@ def test_glue_errors(glue: Path, tmp_path: Path) -> None:
     assert "entailment, not_entailment" in message
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [({"text_column": "review"}, "--text-column"), ({"label_column": "stars"}, "--label-column"),
+     ({"text_pair_column": "b"}, "--text-pair-column"), ({"prompt_column": "q", "response_column": "a"},
+     "--prompt-column")],
+)  # fmt: skip
+def test_custom_columns_are_refused_for_a_built_in_task(kwargs, flag) -> None:
+    message = usage_error(f"{flag} names a column of custom files, and --task rotten_tomatoes has its own",
+                          task="rotten_tomatoes", **kwargs)  # fmt: skip
+    assert message.endswith("pass your files with --train-file")
+    load_task("rotten_tomatoes", text_column="text", label_column="label")  # the columns it has: accepted
+
+
+def test_glue_dir_is_refused_for_a_task_outside_glue(tmp_path) -> None:
+    usage_error("--glue-dir holds GLUE's files, and --task rotten_tomatoes is not a GLUE task", task="rotten_tomatoes",
+                glue_dir=str(tmp_path))  # fmt: skip
+
+
 def test_glue_without_dir_asks_for_glue_dir() -> None:
     # the Hub is unreachable in tests (HF_DATASETS_OFFLINE=1)
     usage_error("--glue-dir", task="sst2")

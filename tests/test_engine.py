@@ -61,6 +61,7 @@ def test_boolean_and_optional_value_flags(argv, dynamic, checkpointing, fsdp):
         (("--push-to-hub",), "--push-to-hub needs the Hugging Face Hub, and HF_HUB_OFFLINE is set"),
         (("--hub-model-id", "me/run"), "--hub-model-id names the repository of --push-to-hub"),
         (("--logging-steps", "0"), "--logging-steps must be >= 1"),
+        (("--logging-steps", "5"), "--logging-steps sets how often Trainer reports to --report-to, which is none"),
     ],
 )
 def test_reporting_flags_refused_in_one_line(tiny_model, csv_task, tmp_path, capsys, monkeypatch, flags, says):
@@ -107,3 +108,10 @@ def test_a_checkpoint_of_the_old_loop_is_refused_in_one_line(tiny_model, csv_tas
     assert main([*argv, "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "written by an earlier dynalora" in err and "--overwrite" in err
+
+
+def test_logging_steps_go_with_report_to():
+    from dynalora.training import TrainArgs
+
+    assert TrainArgs().logging_steps == 10  # recorded as before: --resume compares it with older runs
+    assert TrainArgs(logging_steps=5, report_to="all").logging_steps == 5

@@ -133,16 +133,23 @@ def _compare_variants(ns: argparse.Namespace) -> list[tuple[bool, str, str]]:
 
 def _cmd_compare(ns: argparse.Namespace) -> int:
     from dynalora.analysis.report import compare_table, load_run
-    from dynalora.training import RUN_FILES, run
+    from dynalora.training import RUN_FILES, TrainArgs, run
+    from dynalora.training.args import METHOD_ONLY
     from dynalora.training.sweep import dynamic_only
 
     root = Path(ns.output_dir)
     # The dynamic settings go to the dynamic variants only: a plain run refuses them.
     plain = {**vars(ns), **dict.fromkeys(dynamic_only() & vars(ns).keys())}
+    # A method's own options (--rank, --dylora-frozen) go to the methods that read them, as in a sweep.
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainArgs)}
+
+    def unread(method: str) -> dict[str, Any]:
+        return {o: defaults[o] for o, owners in METHOD_ONLY.items() if method not in owners}
+
     # Each variant resolves its own defaults (e.g. the learning rate of each method, dynamic or plain).
     variants = [
         _train_args(argparse.Namespace(**{**(vars(ns) if dynamic else plain), "method": method, "dynamic": dynamic,
-                                          "output_dir": str(root / name)}))
+                                          "output_dir": str(root / name), **unread(method)}))
         for dynamic, method, name in _compare_variants(ns)
     ]  # fmt: skip
     held = [root / "compare.md"] + [Path(v.output_dir) / f for v in variants for f in RUN_FILES]

@@ -135,8 +135,17 @@ def load_task(
         )
     if regression and task != "custom":
         raise UsageError(f"--regression applies to --task custom only, got --task {task}")
+    # the columns of custom files: a built-in task has its own, and would ignore them
+    columns = {"--text-column": text_column != "text", "--label-column": label_column != "label",
+               "--text-pair-column": text_pair_column is not None, "--prompt-column": prompt_column is not None,
+               "--response-column": response_column is not None}  # fmt: skip
+    given = [flag for flag, differs in columns.items() if differs]
+    if given and task != "custom":
+        raise UsageError(f"{given[0]} names a column of custom files, and --task {task} has its own; drop it, or "
+                         "pass your files with --train-file")  # fmt: skip
     if glue_dir is not None and task not in GLUE_TASKS:
-        logger.warning("--glue-dir is ignored for --task %s", task)
+        raise UsageError(f"--glue-dir holds GLUE's files, and --task {task} is not a GLUE task; drop it, or choose "
+                         f"one of {', '.join(GLUE_TASKS)}")  # fmt: skip
     opts = _Options(glue_dir, files, text_column, text_pair_column, label_column, regression, prompt_column,
                     response_column, causal)  # fmt: skip
     if task == "custom" and causal:

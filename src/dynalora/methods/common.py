@@ -59,6 +59,10 @@ class Hooks:
     make_optimizer: Callable[[nn.Module, MethodOptions, float, float], Any] | None = None
 
 
+ADAPTER_OPTIONS = ("targets", "rank", "alpha", "adapter_dropout")
+"""What an adapter method reads of ``dynalora train``'s flags; a method record names those it reads."""
+
+
 @dataclass(frozen=True)
 class Method:
     """Everything the package knows about one ``--method``, in the method's own file; the registry,
@@ -77,7 +81,9 @@ class Method:
         trains_base: its trained tensors are the model's own weights (``--base-dtype`` does not apply).
         shardable: ``--fsdp`` can shard it (its trained tensors are plain parameters, saved by PEFT or
             transformers).
-        options: ``TrainArgs`` fields that only this method reads.
+        options: the ``TrainArgs`` fields, among those that not every method reads, that this one
+            reads (:data:`ADAPTER_OPTIONS` by default); ``dynalora train`` refuses any other of
+            them at a value other than its default.
     """
 
     name: str
@@ -90,7 +96,7 @@ class Method:
     hooks: Hooks = Hooks()
     trains_base: bool = False
     shardable: bool = False
-    options: tuple[str, ...] = ()
+    options: tuple[str, ...] = ADAPTER_OPTIONS
 
     def default_lr(self, causal: bool, dynamic: bool) -> float:
         if dynamic and self.lr_dynamic is not None:

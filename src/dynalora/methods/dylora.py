@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dynalora.methods.common import Built, Hooks, Method, MethodOptions, adapter_targets
+from dynalora.methods.common import ADAPTER_OPTIONS, Built, Hooks, Method, MethodOptions, adapter_targets
 from dynalora.methods.tuner import ADAPTER, OwnTunerLayer, wrap_linears
 
 
@@ -142,4 +142,6 @@ HOOKS = Hooks(
 )
 
 
-METHOD = Method("dylora", build, lr=2e-3, lr_causal=5e-4, dynamic=True, hooks=HOOKS, options=("dylora_frozen",))
+METHOD = Method(
+    "dylora", build, lr=2e-3, lr_causal=5e-4, dynamic=True, hooks=HOOKS, options=(*ADAPTER_OPTIONS, "dylora_frozen")
+)

@@ -12,11 +12,16 @@ from dynalora.methods.common import ALL_LINEAR, Built, Method, MethodOptions, ch
 def full(model: nn.Module, opts: MethodOptions) -> Built:
     """Full fine-tuning; with ``dynamic``, each target linear layer is a module trained only while
     selected, everything else but the head stays frozen (as LISA/BAdam do by layers)."""
-    if not opts.dynamic:
-        model.requires_grad_(True)
-        return model, None
     # default and all-linear: every linear layer of the transformer blocks (find_linear_modules' own default)
     custom = opts.targets not in (None, (ALL_LINEAR,))
+    if not opts.dynamic:
+        if custom:
+            raise UsageError(
+                f"--targets {','.join(opts.targets)} chooses the layers that dynamic full fine-tuning allocates; "
+                "plain --method full trains every weight; add --dynamic, or drop --targets"
+            )
+        model.requires_grad_(True)
+        return model, None
     if custom:
         check_targets(model, opts.targets)
     modules = find_linear_modules(model, opts.targets if custom else None)
@@ -45,5 +50,5 @@ def bitfit(model: nn.Module, opts: MethodOptions) -> Built:
 # only part of the time and takes a larger one. Its rate was chosen on mean validation accuracy
 # (benchmarks/quality.py, seeds 0-2): 0.8118 at 2e-4, 0.8133 at 3e-4, 0.8091 at 5e-4 (1e-4 scored
 # 0.8127 on test, against 0.8184 for 2e-4).
-FULL = Method("full", full, lr=5e-5, lr_dynamic=3e-4, trains_base=True, shardable=True)
-BITFIT = Method("bitfit", bitfit, lr=1e-3, static=BITFIT_STATIC, shardable=True)  # the paper's rate
+FULL = Method("full", full, lr=5e-5, lr_dynamic=3e-4, trains_base=True, shardable=True, options=("targets",))
+BITFIT = Method("bitfit", bitfit, lr=1e-3, static=BITFIT_STATIC, shardable=True, options=())  # the paper's rate

@@ -137,4 +137,4 @@ HOOKS = Hooks(make_optimizer=make_optimizer)
 # Validation (benchmarks/results/methods.md, seed 0): 5e-5 0.798, 2e-5 0.770, 1e-4 0.818; at 100
 # steps 5e-5 0.663, 1e-4 0.776 (benchmarks/results/short_runs.md; the 1e-4 runs on the Trainer engine):
 # 1e-4 holds at both.
-METHOD = Method("galore", build, lr=1e-4, static=STATIC, hooks=HOOKS, trains_base=True)
+METHOD = Method("galore", build, lr=1e-4, static=STATIC, hooks=HOOKS, trains_base=True, options=("rank",))

@@ -39,5 +39,6 @@ def dora(model: nn.Module, opts: MethodOptions) -> Built:
 LORA = Method("lora", lora, lr=2e-3, lr_causal=5e-4, dynamic=True, shardable=True)
 DORA = Method("dora", dora, lr=2e-3, lr_causal=5e-4, dynamic=True, shardable=True)  # LoRA's rates
 # VeRA: chosen on the validation split of one epoch of Rotten Tomatoes (benchmarks/results/backbones.md):
-# 2e-3 0.654, 3e-2 0.779, 1e-1 0.779; the smaller of the tied two.
-VERA = Method("vera", vera, lr=3e-2, dynamic=True, shardable=True)
+# 2e-3 0.654, 3e-2 0.779, 1e-1 0.779; the smaller of the tied two. Its trained scaling vectors take
+# the place of alpha.
+VERA = Method("vera", vera, lr=3e-2, dynamic=True, shardable=True, options=("targets", "rank", "adapter_dropout"))

@@ -40,7 +40,7 @@ DEFAULT_CAUSAL_EVAL_SAMPLES = 200
 CLASSIFICATION_SIZES = {"batch_size": 32, "max_length": 64, "eval_every": 50}
 CAUSAL_SIZES = {"batch_size": 8, "max_length": 96, "eval_every": 200}
 METHOD_ONLY = {o: tuple(n for n, m in REGISTRY.items() if o in m.options) for m in REGISTRY.values() for o in m.options}
-"""Options that only some methods read (``--dylora-frozen``), and those methods."""
+"""Options that only some methods read (``--rank``, ``--dylora-frozen``), and those methods."""
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "cosine_with_min_lr", "polynomial", "constant",
                  "constant_with_warmup", "inverse_sqrt", "warmup_stable_decay")  # fmt: skip
 ADAM_OPTIMS = ("adamw_torch", "adamw_torch_fused")
@@ -60,6 +60,11 @@ RUN_FILES = (
     "checkpoints",
     "ranks.png",
 )
+
+
+def _refused_by(option: str) -> str:
+    """``; refused by --method full, bitfit``: the methods whose record does not read ``option``."""
+    return "; refused by --method " + ", ".join(n for n, m in REGISTRY.items() if option not in m.options)
 
 
 _DEFAULTS = DynamicConfig()
@@ -87,11 +92,17 @@ class ModelArgs:
     method: str = _opt("fine-tuning method", default="lora", choices=tuple(REGISTRY))
     targets: str | None = _opt(
         "comma-separated layer names to adapt, or all-linear for every linear layer of the blocks "
-        "(default: query,value; full: all-linear)"
+        "(default: query,value; full: all-linear; plain full fine-tuning trains every weight)" + _refused_by("targets")
     )
-    rank: int = _opt("adapter rank r", default=8, aliases=("--lora-r",))
-    alpha: float = _opt("LoRA alpha (scaling = alpha / r)", default=16.0, aliases=("--lora-alpha",))
-    adapter_dropout: float = _opt("dropout on the adapter input", default=0.1, aliases=("--lora-dropout",))
+    rank: int = _opt(
+        "adapter rank r (galore: its projection's)" + _refused_by("rank"), default=8, aliases=("--lora-r",)
+    )
+    alpha: float = _opt(
+        "LoRA alpha (scaling = alpha / r)" + _refused_by("alpha"), default=16.0, aliases=("--lora-alpha",)
+    )
+    adapter_dropout: float = _opt(
+        "dropout on the adapter input" + _refused_by("adapter_dropout"), default=0.1, aliases=("--lora-dropout",)
+    )
     dylora_frozen: bool = _opt("--method dylora: update only row/column b of the rank b drawn each step", default=False)
     base_dtype: str = _opt(
         "storage dtype of the frozen weights; adapters, their gradients and optimizer state stay float32, and "
@@ -311,7 +322,7 @@ class OutputArgs:
         "installed integrations (tensorboard, wandb, mlflow, ...)",
         default="none",
     )
-    logging_steps: int = _opt("report to --report-to every N optimizer steps", default=10)
+    logging_steps: int | None = _opt("report to --report-to every N optimizer steps (default: 10)")
     push_to_hub: bool = _opt(
         "upload the trained model/ folder (adapter, tokenizer, model card) to the Hugging Face Hub at the end",
         default=False,
@@ -344,6 +355,11 @@ class TrainArgs(OutputArgs, TrainingArgs, DynamicArgs, DataArgs, ModelArgs):
             raise UsageError(f"--adapter-dropout must be in [0, 1), got {self.adapter_dropout}")
         if not 0 <= self.warmup_ratio < 1:
             raise UsageError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, owners in METHOD_ONLY.items():  # an option this method does not read, set: refused, not ignored
+            if getattr(self, name) != defaults[name] and self.method not in owners:
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"{flag} applies to --method {', '.join(owners)} only, not {self.method}; drop it")
         self._resolve_objective()
         if self.gradient_checkpointing is None:
             self.gradient_checkpointing = self.generates
@@ -352,10 +368,6 @@ class TrainArgs(OutputArgs, TrainingArgs, DynamicArgs, DataArgs, ModelArgs):
             if getattr(self, name) is None:
                 setattr(self, name, value)
         self.task = resolve_task(self.task, self.train_file)
-        for name, owners in METHOD_ONLY.items():  # a method's own option, given to another method
-            if getattr(self, name) and self.method not in owners:
-                flag = "--" + name.replace("_", "-")
-                raise UsageError(f"{flag} applies to --method {', '.join(owners)} only, not {self.method}")
         if self.bf16 and self.fp16:
             raise UsageError("--bf16 and --fp16 exclude each other; choose one")
         self._check_reporting()
@@ -496,6 +508,11 @@ class TrainArgs(OutputArgs, TrainingArgs, DynamicArgs, DataArgs, ModelArgs):
                 if name not in available:
                     allowed = ", ".join(["none", "all", *available])
                     raise UsageError(f"--report-to {name}: not an installed integration; allowed here: {allowed}")
+        if self.logging_steps is not None and self.report_to == "none":  # log.jsonl has every step regardless
+            raise UsageError("--logging-steps sets how often Trainer reports to --report-to, which is none; "
+                             "add --report-to, or drop it (log.jsonl records every step)")  # fmt: skip
+        if self.logging_steps is None:
+            self.logging_steps = 10
         if self.hub_model_id is not None and not self.push_to_hub:
             raise UsageError("--hub-model-id names the repository of --push-to-hub; add --push-to-hub, or drop it")
         if self.push_to_hub:
@@ -536,7 +553,7 @@ class TrainArgs(OutputArgs, TrainingArgs, DynamicArgs, DataArgs, ModelArgs):
             )
         if self.regression:
             raise UsageError("--regression needs --objective classification; a causal LM predicts tokens")
-        if self.targets is None:
+        if self.targets is None and "targets" in REGISTRY[self.method].options:
             self.targets = "all-linear"  # decoders: attention and MLP, as LoRA is used on LLMs
         if self.max_eval_samples is None:
             self.max_eval_samples = DEFAULT_CAUSAL_EVAL_SAMPLES

@@ -241,6 +241,9 @@ def load(args: TrainArgs, device: torch.device) -> Job:
         response_column=args.response_column,
         causal=args.generates,
     )
+    if args.max_test_samples is not None and not ("test" in data.splits and data.has_test_labels):
+        raise UsageError(f"--max-test-samples: --task {args.task} has no labelled test split to sample (custom "
+                         "tasks: --test-file); drop it")  # fmt: skip
     # optimizer steps; the last, shorter accumulation of an epoch is a step too
     batches_per_epoch = math.ceil(len(data.splits["train"]) / args.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
