@@ -419,6 +419,8 @@ def test_compare_methods_runs_each_plain_and_dynamic_where_it_has_one(tiny_model
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert len(rows) == len(expected)
     capsys.readouterr()
+    assert main([*argv, "--method", "vera", "--overwrite"]) == 2  # two names for what runs: refused
+    assert "--method vera and --methods both name what compare runs" in capsys.readouterr().err
     argv[-1] = "lora,l2ra"
     argv += ["--overwrite"]
     assert main(argv) == 2

@@ -186,3 +186,11 @@ def test_report_dir_and_single_runs(tmp_path, capsys):
     assert "LoRA" in capsys.readouterr().out
     assert main(["report", str(run), "--report-dir", str(tmp_path / "x")]) == 2
     assert "--report-dir is for a folder of run folders" in capsys.readouterr().err
+
+
+def test_format_is_refused_for_a_grid(tmp_path, capsys):
+    make_run(tmp_path / "grid", "lora-0")
+    assert main(["report", str(tmp_path / "grid"), "--format", "markdown"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "a grid's report is report.md" in err
+    assert not (tmp_path / "grid" / "report.md").exists()

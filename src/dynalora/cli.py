@@ -117,6 +117,11 @@ def _compare_variants(ns: argparse.Namespace) -> list[tuple[bool, str, str]]:
         if ns.dynamic is False:
             raise UsageError("compare runs the dynamic and the plain variant itself; drop --no-dynamic")
         return [(True, ns.method, "dynamic"), (False, ns.method, "plain")]
+    from dynalora.training import TrainArgs
+
+    if ns.method != TrainArgs.__dataclass_fields__["method"].default:
+        raise UsageError(f"--method {ns.method} and --methods both name what compare runs; list it in --methods, "
+                         "and drop --method")  # fmt: skip
     methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -192,6 +197,9 @@ def _cmd_report(ns: argparse.Namespace) -> int:
     from dynalora.analysis.report import compare_table, load_run
 
     if len(ns.run_dirs) == 1 and is_grid(ns.run_dirs[0]):
+        if ns.format != "text":
+            raise UsageError("--format chooses the table of run folders; a grid's report is report.md (markdown) "
+                             "with figures; drop --format")  # fmt: skip
         written = write_report(ns.run_dirs[0], ns.report_dir)
         print(f"report in {written}")
         return 0
