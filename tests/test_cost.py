@@ -323,3 +323,10 @@ def test_linear_budget_schedule_trains_deep_early_and_shallow_late():
     assert late.count(2) / len(late) > 0.9  # little budget is left: mostly the top block only
     shares = [h["backward_share"] for h in allocator.history[1:]]
     assert statistics.mean(shares) == pytest.approx(0.5, abs=0.05)
+
+
+def test_linear_budget_schedule_without_the_runs_length_is_refused():
+    config = DynamicConfig(allocator="cutoff", budget=0.5, period=1, measure="random", budget_schedule="linear")
+    allocator = DynamicAllocator(peft_bert("lora", layers=3), config)
+    with pytest.raises(ValueError, match="budget_schedule='linear' paces the budget over the run"):
+        allocator.step()  # the first reallocation needs the length (it used to warn and spend evenly)

@@ -296,6 +296,25 @@ def files(tmp_path: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [({"causal": True, "label_column": "y"}, "--label-column is not read by causal-LM custom files"),
+     ({"causal": True, "text_pair_column": "b"}, "--text-pair-column is not read by causal-LM"),
+     ({"causal": True, "regression": True}, "--regression is not read by causal-LM"),
+     ({"causal": True, "prompt_column": "q", "response_column": "a", "text_column": "t"},
+      "--text-column is not read by causal-LM"),
+     ({"prompt_column": "q", "response_column": "a"}, "--prompt-column is causal-LM data"),
+     ({"causal": True, "response_column": "a"}, "--prompt-column and --response-column go together")],
+)  # fmt: skip
+def test_custom_files_refuse_what_their_objective_does_not_read(files, kwargs, says) -> None:
+    usage_error(says, task="custom", **files, **kwargs)
+
+
+def test_a_classification_task_refuses_the_causal_objective() -> None:
+    usage_error("--task rotten_tomatoes is a classification task, and the objective here is causal-lm",
+                task="rotten_tomatoes", causal=True)  # fmt: skip
+
+
 def test_custom_file_errors(tmp_path: Path, files: dict[str, str]) -> None:
     val = files["validation_file"]
     usage_error("missing.csv not found", task="custom", train_file=str(tmp_path / "missing.csv"), validation_file=val)

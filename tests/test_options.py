@@ -57,11 +57,24 @@ def _request(cost, importance, round_, budget, coverage=0.2, cap=None, offset=0.
                              budget=budget, memory_cap=cap, coverage=coverage, round=round_, offset=offset)  # fmt: skip
 
 
-@pytest.mark.parametrize("layers", [1, 2])
-def test_round_0_trains_every_module_on_shallow_models(layers):
-    alloc = DynamicAllocator(peft_bert("lora", layers=layers), DynamicConfig(budget=0.1))
+def test_round_0_trains_every_module_on_shallow_models():
+    alloc = DynamicAllocator(peft_bert("lora", layers=2), DynamicConfig(budget=0.1))
     assert alloc.active_mask.all()
     assert alloc.history[0]["depth"] == 0
+
+
+@pytest.mark.parametrize("config", [DynamicConfig(), DynamicConfig(allocator="topk", memory_cap=0.5,
+                                                                  cap_mode="recompute")])  # fmt: skip
+def test_budget_and_cap_are_refused_where_there_are_no_blocks_to_trade(config):
+    """One block, or a model with no list of blocks: the cut could only train everything."""
+    from peft import LoraConfig, get_peft_model
+
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    lora_mlp = get_peft_model(mlp, LoraConfig(r=2, target_modules=["0", "2"]))
+    for model in (peft_bert("lora", layers=1), lora_mlp):
+        with pytest.raises(ValueError, match="modules here lie in one block or none"):
+            DynamicAllocator(model, config)
+        DynamicAllocator(model, DynamicConfig(allocator="topk", k=1))  # an allocator that needs no blocks
 
 
 def test_round_0_trains_every_module_with_layers_to_transform():

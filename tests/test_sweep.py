@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from dynalora.cli import main
+from dynalora.errors import UsageError
 from dynalora.training.sweep import expand, load_config, run_name, to_argv
 from tests.procs import kill_tree, output_of_failed
 
@@ -84,6 +85,17 @@ def test_dylora_frozen_applies_to_dylora_only(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("config", "says"),
+    [({"base": {"dynamic": False, "k": "4"}, "grid": {"seed": [0, 1]}}, "base.k is read by none of the sweep's runs"),
+     ({"base": {"method": "bitfit", "rank": 64}, "grid": {"seed": [0]}}, "base.rank is read by none"),
+     ({"grid": {"method": ["lora"], "dylora_frozen": [True]}}, "grid.dylora_frozen is read by none")],
+)  # fmt: skip
+def test_a_key_no_run_reads_is_refused(tmp_path, config, says):
+    with pytest.raises(UsageError, match=says):
+        expand(load_config(_write(tmp_path, config)), tmp_path / "out")
+
+
+@pytest.mark.parametrize(
     ("config", "expected"),
     [
         ({"grid": {"rnak": [4]}}, "grid.rnak: not a `dynalora train` flag"),
@@ -129,6 +141,8 @@ def test_dry_run_lists_and_trains_nothing(tmp_path, capsys):
                                 "--seed", "0"]  # fmt: skip
     assert lines[-1] == "18 runs: 0 done, 0 to resume, 18 new"
     assert not (tmp_path / "out").exists()
+    assert main(["sweep", str(path), "--output-dir", str(tmp_path / "out"), "--dry-run", "--jobs", "2"]) == 2
+    assert "--jobs is for training, and --dry-run trains nothing" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["paper.yaml", "embedded.yaml", "methods.yaml", "llm.yaml"])

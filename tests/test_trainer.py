@@ -179,8 +179,70 @@ def test_attach_refuses_what_it_cannot_build(tmp_path):
         dynalora.attach(t)
     opt = torch.optim.AdamW(model.parameters())
     t = Trainer(model=model, args=args(tmp_path, 2), train_dataset=dataset(), optimizers=(opt, None))
-    with pytest.raises(ValueError, match="builds the optimizer itself"):
+    with pytest.raises(ValueError, match="builds the optimizer and its LR schedule itself"):
         dynalora.attach(t)
+
+
+def _refusal(tmp_path, trainer_kw=None, attach_kw=None, **targs):
+    import dynalora
+
+    model = tiny.peft_bert()
+    t = Trainer(model=model, args=args(tmp_path, 2, **targs), train_dataset=dataset(), **(trainer_kw or {}))
+    with pytest.raises(ValueError) as info:
+        dynalora.attach(t, **(attach_kw or {}))
+    return str(info.value)
+
+
+def test_attach_refuses_what_it_would_not_read(tmp_path):
+    """Each of these was accepted and had no effect on the weights before (checked by hand)."""
+    other = tiny.peft_bert()
+    lam = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD([torch.zeros(1)]), lambda step: 0.0)
+    cases = [
+        ({"trainer_kw": {"optimizers": (None, lam)}}, "builds the optimizer and its LR schedule itself"),
+        ({"trainer_kw": {"optimizer_cls_and_kwargs": (torch.optim.SGD, {"lr": 10.0})}},
+         "would not read optimizer_cls_and_kwargs"),
+        ({"attach_kw": {"resume_from": str(tmp_path), "save_state": False}}, "resume_from is read only with"),
+        ({"attach_kw": {"config": DynamicAllocator(other, DynamicConfig())}}, "built over another model"),
+        ({"optim": "adamw_torch", "optim_args": "amsgrad=True"}, "optim_args='amsgrad=True' is not read by"),
+        ({"optim": "sgd", "adam_beta1": 0.5}, "adam_beta1=0.5 is read by Adam only, not optim='sgd'"),
+        ({"optim": "sgd", "optim_args": "weight_decay=0.1"}, "optim_args sets weight_decay, and so does"),
+    ]  # fmt: skip
+    for kw, says in cases:
+        assert says in _refusal(tmp_path, **kw)
+
+
+def test_attach_refuses_modules_beside_a_built_allocator(tmp_path):
+    import dynalora
+
+    model = tiny.peft_bert()
+    alloc = DynamicAllocator(model, DynamicConfig())
+    t = Trainer(model=model, args=args(tmp_path, 2), train_dataset=dataset())
+    with pytest.raises(ValueError, match="modules= is read when attach"):
+        dynalora.attach(t, alloc, modules=alloc.modules[:1])
+
+
+def test_hand_built_optimizer_is_refused_where_the_config_needs_the_allocators(tmp_path):
+    """optimizer='local' and a state policy act through create_optimizer's optimizer: with any other
+    they would silently not apply."""
+    for config in (DynamicConfig(), DynamicConfig(optimizer="global", state_policy="reset")):
+        model = tiny.peft_bert()
+        alloc = DynamicAllocator(model, config)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)  # every parameter: nothing is left out
+        t = Trainer(model=model, args=args(tmp_path, 2), train_dataset=dataset(), optimizers=(opt, None),
+                    callbacks=[DynamicAllocationCallback(alloc)])  # fmt: skip
+        with pytest.raises(ValueError, match="works through the optimizer that allocator.create_optimizer"):
+            t.train()
+
+
+def test_local_schedules_refuse_what_they_cannot_follow():
+    model = tiny.peft_bert()
+    alloc = DynamicAllocator(model, DynamicConfig(local_schedule="run"))
+    opt = alloc.create_optimizer(torch.optim.AdamW, lr=1e-2)
+    with pytest.raises(ValueError, match="local_schedule='run' spans each module's schedule over the run"):
+        alloc.create_scheduler(opt, "constant")
+    assert alloc.create_scheduler(opt, "constant", num_training_steps=4) is not None
+    with pytest.raises(ValueError, match="reduce_lr_on_plateau is not supported with optimizer='local'"):
+        alloc.create_scheduler(opt, "reduce_lr_on_plateau")
 
 
 def test_attach_resumes_bitwise(tmp_path):

@@ -177,6 +177,8 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
     root = Path(ns.output_dir or Path("runs") / config["name"])
     runs = expand(config, root)
     if ns.dry_run:
+        if ns.jobs != 1:  # (--quiet is kept: a dry run shows no progress bar either)
+            raise UsageError("--jobs is for training, and --dry-run trains nothing; drop one")
         print(describe(runs, root, overwrite=ns.overwrite))
         return 0
     sweep = Sweep(config, root, runs, jobs=ns.jobs, overwrite=ns.overwrite, progress=not ns.quiet)

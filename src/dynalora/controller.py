@@ -70,6 +70,14 @@ class DynamicAllocator:
         ignores_k = config.allocator == "threshold" or config.allocator in COST_AWARE
         self.k = min(config.resolve_k_unchecked(num), num) if ignores_k else config.resolve_k(num)
         self.cost = CostModel.from_model(model, self.modules)
+        trades_blocks = config.allocator in COST_AWARE or config.memory_cap is not None
+        if trades_blocks and len(set(self.cost.blocks.tolist())) < 2:
+            what = f"allocator={config.allocator!r}" if config.allocator in COST_AWARE else "memory_cap"
+            raise ValueError(
+                f"{what} chooses how deep backward runs through the transformer blocks (an nn.ModuleList), and the "
+                "modules here lie in one block or none, so it would train every module at every step; allowed: "
+                "another allocator (topk, stochastic, ...) without memory_cap"
+            )
         # exclude: the allocator keeps the cap; recompute: the guard checkpoints blocks to keep it
         self._recompute_cap = config.memory_cap if config.cap_mode == "recompute" else None
         if self._recompute_cap is not None and self._recompute_cap < CHECKPOINT_KEEP:
@@ -205,6 +213,16 @@ class DynamicAllocator:
         if kwargs.get("num_training_steps"):
             self.set_total_steps(int(kwargs["num_training_steps"]))
         if isinstance(optimizer, LocalOptimizer):
+            if str(getattr(name, "value", name)) == "reduce_lr_on_plateau":  # steps on a metric, not per module
+                raise ValueError(
+                    "reduce_lr_on_plateau is not supported with optimizer='local' (each module's schedule advances "
+                    "on the steps it trains); allowed: optimizer='global', or a schedule by step (linear, cosine, ...)"
+                )
+            if self.config.local_schedule == "run" and not kwargs.get("num_training_steps"):
+                raise ValueError(
+                    "local_schedule='run' spans each module's schedule over the run, and needs its length; allowed: "
+                    "create_scheduler(..., num_training_steps=N), or local_schedule='steps'"
+                )
             total = kwargs.get("num_training_steps") if self.config.local_schedule == "run" else None
             return LocalScheduler(optimizer, lambda opt: get_scheduler(name, opt, **kwargs), total)
         return get_scheduler(name, optimizer, **kwargs)
@@ -221,7 +239,10 @@ class DynamicAllocator:
             return self.config.budget
         if self._total_steps is None:
             if self._step > 0:  # the first selection trains as deep as allowed whatever the budget
-                logger.warning("budget_schedule='linear' without the run's length: spending the budget evenly")
+                raise ValueError(
+                    "budget_schedule='linear' paces the budget over the run, and the run's length is unknown; "
+                    "allowed: create_scheduler(..., num_training_steps=N) or set_total_steps(N) before training"
+                )
             return self.config.budget
         floor = float(self.cost.above[int(self.cost.blocks.max())]) if self.cost.blocks.numel() else 0.0
         return paced_budget(self.config.budget, floor, self._step / self._total_steps)

@@ -146,6 +146,7 @@ def load_task(
     if glue_dir is not None and task not in GLUE_TASKS:
         raise UsageError(f"--glue-dir holds GLUE's files, and --task {task} is not a GLUE task; drop it, or choose "
                          f"one of {', '.join(GLUE_TASKS)}")  # fmt: skip
+    _check_objective(task, causal, columns, prompt_column, response_column, regression)
     opts = _Options(glue_dir, files, text_column, text_pair_column, label_column, regression, prompt_column,
                     response_column, causal)  # fmt: skip
     if task == "custom" and causal:
@@ -155,6 +156,27 @@ def load_task(
         data.splits["train"] = _subsample(data.splits["train"], max_train_samples, seed)
     logger.info("task %s: %s", task, {k: len(v) for k, v in data.splits.items()})
     return data
+
+
+def _check_objective(task: str, causal: bool, given: dict[str, bool], prompt: str | None, response: str | None,
+                     regression: bool) -> None:  # fmt: skip
+    """What a classification or causal-LM load would not read is refused: the other objective's
+    task or columns. ``given``: which column flags differ from their default."""
+    if task != "custom":  # a built-in task is of one objective: instruction tasks are causal LM
+        if causal and task not in INSTRUCT_TASKS:
+            raise UsageError(f"--task {task} is a classification task, and the objective here is causal-lm; "
+                             f"allowed: {', '.join(INSTRUCT_TASKS)}, or custom files")  # fmt: skip
+        return
+    if (prompt is None) != (response is None):
+        raise UsageError("--prompt-column and --response-column go together; give both, or neither")
+    if causal:  # instructions read prompt and response; language modelling reads the text column alone
+        unread = ["--label-column", "--text-pair-column"] + (["--text-column"] if prompt is not None else [])
+        flag = next((f for f in unread if given[f]), "--regression" if regression else None)
+        if flag is not None:
+            raise UsageError(f"{flag} is not read by causal-LM custom files (they read --prompt-column and "
+                             "--response-column, or --text-column alone); drop it")  # fmt: skip
+    elif prompt is not None:
+        raise UsageError("--prompt-column is causal-LM data; allowed with it: --objective causal-lm (a decoder model)")
 
 
 def _subsample(train: datasets.Dataset, n: int, seed: int) -> datasets.Dataset:

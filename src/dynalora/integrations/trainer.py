@@ -25,6 +25,7 @@ By hand, build the optimizer with the allocator (``Trainer`` would build one fro
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import types
@@ -81,20 +82,33 @@ def attach(
         ValueError: the trainer already has an optimizer (``optimizers=`` was given), or
             ``args.optim`` names an optimizer outside :data:`SUPPORTED_OPTIMIZERS`.
     """
-    if getattr(trainer, "optimizer", None) is not None:
+    if any(getattr(trainer, name, None) is not None for name in ("optimizer", "lr_scheduler")):
         raise ValueError(
-            "attach() builds the optimizer itself; allowed: a Trainer built without optimizers=(...), or "
-            "DynamicAllocationCallback with allocator.create_optimizer(...) by hand"
+            "attach() builds the optimizer and its LR schedule itself; allowed: a Trainer built without "
+            "optimizers=(...), or DynamicAllocationCallback with allocator.create_optimizer(...) by hand"
         )
+    if getattr(trainer, "optimizer_cls_and_kwargs", None) is not None:
+        raise ValueError(
+            "attach() builds the optimizer from args.optim, and would not read optimizer_cls_and_kwargs; "
+            f"allowed: a Trainer without it, and args.optim one of {', '.join(SUPPORTED_OPTIM)}"
+        )
+    if resume_from is not None and not save_state:
+        raise ValueError("resume_from is read only with save_state=True (the caller restores the state otherwise)")
     args = trainer.args
     model = trainer.model
     optimizer_cls, kwargs = trainer.get_optimizer_cls_and_kwargs(args, model)
+    name = getattr(args.optim, "value", args.optim)
     if optimizer_cls not in SUPPORTED_OPTIMIZERS:
-        allowed = ", ".join(SUPPORTED_OPTIM)
-        name = getattr(args.optim, "value", args.optim)
-        raise ValueError(f"optim={name!r} is not supported by dynalora.attach; allowed: {allowed}")
+        raise ValueError(f"optim={name!r} is not supported by dynalora.attach; allowed: {', '.join(SUPPORTED_OPTIM)}")
+    _check_optimizer_args(args, name, optimizer_cls, kwargs)
     if isinstance(config, DynamicAllocator):
+        if modules is not None:
+            raise ValueError("modules= is read when attach() builds the allocator; pass it to DynamicAllocator(...)")
         allocator = config
+        ours = {id(p) for p in model.parameters()}
+        if any(id(p) not in ours for m in allocator.modules for p in m.params):
+            raise ValueError("the allocator was built over another model than trainer.model; allowed: "
+                             "DynamicAllocator(trainer.model, ...), or a DynamicConfig")  # fmt: skip
     else:
         allocator = DynamicAllocator(model, config or DynamicConfig(), modules=modules)
 
@@ -119,6 +133,20 @@ def attach(
     trainer.create_scheduler = types.MethodType(create_scheduler, trainer)
     trainer.add_callback(DynamicAllocationCallback(allocator, resume_from=resume_from, save_state=save_state))
     return allocator
+
+
+def _check_optimizer_args(args: TrainingArguments, name: str, optimizer_cls: type, kwargs: dict[str, Any]) -> None:
+    """What transformers would ignore for this optimizer is refused: Adam's settings elsewhere, and
+    ``optim_args`` where the optimizer reads none; weight decay is ``args.weight_decay`` alone."""
+    adam = optimizer_cls in (torch.optim.AdamW, torch.optim.Adam)
+    if adam and args.optim_args:
+        raise ValueError(f"optim_args={args.optim_args!r} is not read by optim={name!r}; drop it")
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
+    for field in ("adam_beta1", "adam_beta2", "adam_epsilon"):
+        if not adam and getattr(args, field) != defaults[field]:
+            raise ValueError(f"{field}={getattr(args, field)!r} is read by Adam only, not optim={name!r}; drop it")
+    if "weight_decay" in kwargs:
+        raise ValueError("optim_args sets weight_decay, and so does args.weight_decay; set args.weight_decay alone")
 
 
 class DynamicAllocationCallback(TrainerCallback):
@@ -149,7 +177,14 @@ class DynamicAllocationCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer=None, **kwargs
     ):
-        if optimizer is not None:
+        config = self.allocator.config
+        if optimizer is not None and self.allocator._optimizer is None:  # built by hand, not create_optimizer
+            if config.optimizer == "local" or config.state_policy != "keep":
+                what = "optimizer='local'" if config.optimizer == "local" else f"state_policy={config.state_policy!r}"
+                raise ValueError(
+                    f"{what} works through the optimizer that allocator.create_optimizer(...) builds, and this one "
+                    "was built otherwise; build it so, or set optimizer='global' and state_policy='keep'"
+                )
             covered = {id(p) for group in optimizer.param_groups for p in group["params"]}
             missing = [m.name for m in self.allocator.modules if any(id(p) not in covered for p in m.params)]
             if missing:

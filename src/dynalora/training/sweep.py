@@ -199,7 +199,7 @@ def expand(config: Mapping[str, Any], output_dir: str | os.PathLike[str]) -> lis
         for values in itertools.product(*(grid[k] for k in keys)):
             points.append({**config["base"], **dict(zip(keys, values, strict=True))})
     varying = _varying(config)
-    runs, seen = [], set()
+    runs, seen, kept = [], set(), set()
     default_method = _train_fields()["method"].default
     for point in points:
         flags = {k: v for k, v in point.items() if v is not None}
@@ -211,6 +211,7 @@ def expand(config: Mapping[str, Any], output_dir: str | os.PathLike[str]) -> lis
         static = flags.get("dynamic") is False or ("dynamic" not in flags and not dynamic_by_default)
         if static:
             flags = {k: v for k, v in flags.items() if k not in only_dynamic}
+        kept |= flags.keys()
         name = run_name(flags, varying)
         args = _parse(parser, TrainArgs, flags, Path(output_dir) / name, name)
         run = Run(name, flags, args)
@@ -218,6 +219,12 @@ def expand(config: Mapping[str, Any], output_dir: str | os.PathLike[str]) -> lis
             continue
         seen.add(run.identity())
         runs.append(run)
+    given = {k for point in points for k, v in point.items() if v is not None}
+    unread = sorted(given - kept)
+    if unread:  # a key that every run drops (a method's option, a dynamic setting of static runs) does nothing
+        where = "base" if unread[0] in config["base"] else "grid"
+        raise UsageError(f"{where}.{unread[0]} is read by none of the sweep's runs (each drops the options its "
+                         "method or a static run does not read); drop it")  # fmt: skip
     runs.sort(key=lambda r: r.args.seed)  # stable: every configuration's first seed first, so half a grid reports
     names = [r.name for r in runs]
     clash = next((n for n in names if names.count(n) > 1), None)
