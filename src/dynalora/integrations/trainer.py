@@ -79,8 +79,11 @@ def attach(
     ``trainer.model`` (so that a bad setting is refused before the trainer exists).
 
     Raises:
-        ValueError: the trainer already has an optimizer (``optimizers=`` was given), or
-            ``args.optim`` names an optimizer outside :data:`SUPPORTED_OPTIMIZERS`.
+        ValueError: the trainer already has an optimizer or a schedule (``optimizers=`` was given) or
+            ``optimizer_cls_and_kwargs``; ``args.optim`` names an optimizer outside
+            :data:`SUPPORTED_OPTIMIZERS`; or anything else that would not be read (Adam's settings
+            with another optimizer, ``optim_args`` with Adam, an allocator over another model,
+            ``modules`` beside a built allocator, ``resume_from`` without ``save_state``).
     """
     if any(getattr(trainer, name, None) is not None for name in ("optimizer", "lr_scheduler")):
         raise ValueError(
