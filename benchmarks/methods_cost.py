@@ -36,7 +36,7 @@ from dynalora import DynamicAllocator
 from dynalora.metering import step_memory_breakdown
 from dynalora.methods import HOOKS, METHODS, STATIC_ONLY, Hooks
 from dynalora.training import TrainArgs
-from dynalora.training.engine import adamw, method_options, trainable_params
+from dynalora.training.job import method_options, trainable_params
 
 MiB = 2**20
 # one epoch of the embedded task (8,530 reviews, batch 32): AdaLoRA's and L1RA's schedules are
@@ -67,7 +67,10 @@ def build(method: str, dynamic: bool, base: nn.Module, period: int) -> cost.Setu
         optimizer = allocator.create_optimizer(torch.optim.AdamW, lr=args.lr, weight_decay=args.weight_decay)
         spec = replace(spec, dynamic=config)
     else:  # the training loop's rule: the method's own optimizer, else AdamW
-        optimizer = (hooks.make_optimizer or adamw)(model, options, args.lr, args.weight_decay)
+        if hooks.make_optimizer is not None:
+            optimizer = hooks.make_optimizer(model, options, args.lr, args.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(trainable_params(model), lr=args.lr, weight_decay=args.weight_decay)
     model.train()
     return cost.Setup(spec, model, optimizer, allocator, hooks)
 

@@ -40,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from dynalora.cli import _quiet_libraries  # noqa: E402
 from dynalora.training import TrainArgs, run  # noqa: E402
-from dynalora.training.causal import matches  # noqa: E402
+from dynalora.training.evaluation import matches  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 # benchmarks/<name>_findings.md, hand-written, is placed under the generated tables of <name>.md

@@ -24,7 +24,7 @@ from dynalora.data import TaskData, make_collator, tokenize
 from dynalora.data.instruct import IGNORE, encode_turn, fit, instruct_spec
 from dynalora.methods import METHODS, MethodOptions
 from dynalora.models import is_decoder
-from dynalora.training.causal import exact_match
+from dynalora.training.evaluation import exact_match
 
 WORDS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", "review", "the", "movie", "was", "good",
          "great", "fun", "bad", "awful", "dull", "positive", "negative", "is", "it", "?"]  # fmt: skip
@@ -274,7 +274,7 @@ def test_an_own_method_on_a_decoder_loads_back_and_scores_the_same(method, tmp_p
 
     from dynalora.data import load_task
     from dynalora.methods import load_trained, merge
-    from dynalora.training.causal import evaluate_causal
+    from dynalora.training.evaluation import evaluate_causal
 
     files = _files(tmp_path)
     out = tmp_path / method

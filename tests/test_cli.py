@@ -498,7 +498,7 @@ def test_lr_scheduler_type_and_warmup_steps(tiny_model, csv_task, tmp_path):
 
 
 def test_saved_adapter_names_a_loadable_base_and_carries_a_model_card(tiny_model, csv_task, tmp_path):
-    from dynalora.training.engine import portable_model_id
+    from dynalora.models import portable_model_id
 
     assert portable_model_id("embedded:minilm-l6") == "sentence-transformers/all-MiniLM-L6-v2"
     assert portable_model_id("embedded:smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -538,7 +538,7 @@ def test_config_file_gives_flags_and_the_command_line_overrides_it(tiny_model, c
 
 def _optimizer_seen(monkeypatch) -> list:
     """The optimizer Trainer steps, as the Meter sees it at each step's end (accelerate's wrapper taken off)."""
-    from dynalora.training.engine import Meter
+    from dynalora.training.meter import Meter
 
     seen, real = [], Meter.on_step_end
 

@@ -338,7 +338,7 @@ def test_weight_bytes_counts_frozen_weights_buffers_and_dtypes() -> None:
 
 
 def test_run_summary_gives_total_peak_with_the_weights() -> None:
-    from dynalora.training.engine import counted_memory
+    from dynalora.training.outputs import counted_memory
 
     steps = [{"saved_activations": 10, "gradients": 5, "optimizer_state": 0, "weights": 100},
              {"saved_activations": 4, "gradients": 5, "optimizer_state": 10, "weights": 100}]  # fmt: skip

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from dynalora.cli import main
-from dynalora.training import checkpoint, engine
+from dynalora.training import checkpoint, job, meter
 from tests.procs import kill_tree
 from tests.test_cli import cli_args, read_jsonl
 
@@ -39,7 +39,7 @@ def _crashed_run(monkeypatch, argv: list[str], steps: int) -> None:
 
 def _crash_after(monkeypatch, steps: int) -> None:
     """The process dies (an exception nobody catches) right after optimizer step ``steps``."""
-    real_end, count = engine.Meter.on_step_end, {"n": 0}
+    real_end, count = meter.Meter.on_step_end, {"n": 0}
 
     def step_end(self, args, state, control, **kwargs):
         count["n"] += 1
@@ -47,7 +47,7 @@ def _crash_after(monkeypatch, steps: int) -> None:
             raise Crash
         return real_end(self, args, state, control, **kwargs)
 
-    monkeypatch.setattr(engine.Meter, "on_step_end", step_end)
+    monkeypatch.setattr(meter.Meter, "on_step_end", step_end)
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -103,14 +103,14 @@ def test_resume_after_a_crash_is_bitwise_the_uninterrupted_run(
 def _signal_during_step(monkeypatch, step: int) -> None:
     """SIGTERM to this process while optimizer step ``step`` runs (after its start, before its optimizer
     step), as a launcher's or a scheduler's signal would come: caught by the run's own handler."""
-    real = engine.Meter.on_step_begin
+    real = meter.Meter.on_step_begin
 
     def on_step_begin(self, args, state, control, **kwargs):
         if state.global_step == step - 1:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, args, state, control, **kwargs)
 
-    monkeypatch.setattr(engine.Meter, "on_step_begin", on_step_begin)
+    monkeypatch.setattr(meter.Meter, "on_step_begin", on_step_begin)
 
 
 def test_a_stop_request_during_the_last_step_finishes_the_run(tiny_model, csv_task, tmp_path, monkeypatch, capsys):
@@ -157,7 +157,7 @@ def test_gradient_accumulation_counts_optimizer_steps(still_model, csv_task, tmp
 def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
     tiny_model, csv_task, tmp_path, monkeypatch, capsys
 ):
-    real_load, calls = engine.load_model, {"n": 0}
+    real_load, calls = job.load_model, {"n": 0}
 
     def poisoned(*args, **kwargs):
         tokenizer, model = real_load(*args, **kwargs)
@@ -172,7 +172,7 @@ def test_a_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(
         model.classifier.register_forward_hook(hook)
         return tokenizer, model
 
-    monkeypatch.setattr(engine, "load_model", poisoned)
+    monkeypatch.setattr(job, "load_model", poisoned)
     out = tmp_path / "run"
     assert main(cli_args(tiny_model, csv_task, out, "--max-steps", "8", "--save-every", "2")) == 1
     err = capsys.readouterr().err.strip()
@@ -321,7 +321,7 @@ def test_a_resume_on_another_thread_count_says_it_may_not_be_bitwise(
         torch.set_num_threads(1)
         _crashed_run(monkeypatch, cli_args(tiny_model, csv_task, out, "--save-every", "2"), 3)
         torch.set_num_threads(2)
-        with caplog.at_level("WARNING", logger="dynalora.training.engine"):
+        with caplog.at_level("WARNING", logger="dynalora.training.resume"):
             assert main(cli_args(tiny_model, csv_task, out, "--save-every", "2", "--resume")) == 0
     finally:
         torch.set_num_threads(before)
@@ -354,7 +354,7 @@ def test_a_run_begun_before_a_flag_existed_resumes_with_that_flags_default(tmp_p
 
     from dynalora.errors import UsageError
     from dynalora.training import TrainArgs
-    from dynalora.training.engine import resume_point
+    from dynalora.training.resume import resume_point
 
     out = tmp_path / "run"
     args = TrainArgs(output_dir=str(out), resume=True)

@@ -145,7 +145,7 @@ def tokenize_causal(data: TaskData, tokenizer: PreTrainedTokenizerBase, max_leng
     """Every split as ``input_ids``, ``attention_mask`` and ``labels`` (IGNORE where no loss falls).
 
     Instruction splits also keep ``prompt_ids`` (what greedy decoding starts from) and ``response``
-    (the reference answer) for :func:`dynalora.training.causal.evaluate_causal`.
+    (the reference answer) for :func:`dynalora.training.evaluation.evaluate_causal`.
     """
     if max_length < 2:
         raise UsageError(f"--max-length must be at least 2 for a causal-LM task, got {max_length}")

@@ -269,7 +269,7 @@ def status(run: Run, root: Path) -> str:
     Raises:
         UsageError: a finished run in the folder was trained with other settings.
     """
-    from dynalora.training.engine import RESUME_FREE
+    from dynalora.training.resume import RESUME_FREE
 
     folder = root / run.name
     if (folder / "metrics.json").is_file():

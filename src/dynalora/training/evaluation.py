@@ -1,6 +1,6 @@
-"""Decoder models: how they are scored (loss, perplexity, greedy exact match).
-
-Which models are decoders and how they load (GGUF included) is :mod:`dynalora.models`.
+"""How a run is scored on its validation and test splits (eval mode, no grad: no importance from
+evaluation): loss and the task's metrics for a task head; loss, perplexity and greedy exact match
+for decoders. Which models are decoders and how they load (GGUF included) is :mod:`dynalora.models`.
 """
 
 from __future__ import annotations
@@ -12,11 +12,48 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from dynalora.data.instruct import IGNORE
-from dynalora.data.tasks import TaskSpec
+from dynalora.data.tasks import TaskSpec, compute_metrics
 
 logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def evaluate(
+    model, loader: DataLoader, spec: TaskSpec, device: torch.device, autocast, tokenizer=None
+) -> dict[str, Any]:
+    """Mean loss, the task's metrics and the predictions over a split (eval mode, no grad: no importance).
+
+    Returns:
+        ``{"loss": float, "metrics": {name: float}, "predictions": (N,) array, "labels": (N,) array}``;
+        predictions are class ids, floats for regression, or generated text for causal LM
+        (:func:`evaluate_causal`).
+    """
+    if spec.kind.generates:
+        return evaluate_causal(model, loader, spec, device, autocast, tokenizer)
+    was_training = model.training
+    model.eval()
+    losses, weights, preds, labels = [], [], [], []
+    for batch in loader:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast():
+            out = model(**batch)
+        losses.append(float(out.loss))
+        weights.append(len(batch["labels"]))
+        logits = out.logits.float()
+        preds.append((logits.squeeze(-1) if spec.is_regression else logits.argmax(-1)).cpu().numpy())
+        labels.append(batch["labels"].cpu().numpy())
+    model.train(was_training)
+    predictions, gold = np.concatenate(preds), np.concatenate(labels)
+    metrics = compute_metrics(spec, predictions, gold)
+    return {"loss": float(np.average(losses, weights=weights)), "metrics": metrics, "predictions": predictions,
+            "labels": gold}  # fmt: skip
+
+
+def eval_record(step: int, split: str, result: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "eval", "step": step, "split": split, "loss": result["loss"], "metrics": result["metrics"]}
 
 
 @torch.no_grad()
