@@ -53,12 +53,6 @@ def field_docstrings(cls: type) -> dict[str, str]:
 def dynamic_config_table() -> str:
     from dynalora import config
 
-    choices = {
-        "measure": config.MEASURES, "allocator": config.ALLOCATORS, "schedule": config.SCHEDULES,
-        "budget_schedule": config.BUDGET_SCHEDULES, "optimizer": config.OPTIMIZERS,
-        "state_policy": config.STATE_POLICIES, "local_schedule": config.LOCAL_SCHEDULES,
-        "cap_mode": config.CAP_MODES, "inactive_dtype": config.INACTIVE_DTYPES,
-    }  # fmt: skip
     docs = field_docstrings(config.DynamicConfig)
     lines = ["| field | default | values | allocators | what it does |", "|---|---|---|---|---|"]
     for field in config.DynamicConfig.__dataclass_fields__.values():
@@ -66,7 +60,7 @@ def dynamic_config_table() -> str:
             raise SystemExit(f"DynamicConfig.{field.name} has no docstring; every field needs one")
         default = field.default
         shown = "2/3" if default == 2 / 3 else default if isinstance(default, str) else repr(default)
-        values = " / ".join(f"`{c}`" for c in choices.get(field.name, ()))
+        values = " / ".join(f"`{c}`" for c in field.metadata.get("choices", ()))
         readers = config.READ_BY.get(field.name)
         read_by = ", ".join(f"`{r}`" for r in sorted(readers)) if readers else "any"
         lines.append(f"| `{field.name}` | `{shown}` | {values} | {read_by} | {rst_to_markdown(docs[field.name])} |")

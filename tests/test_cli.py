@@ -198,6 +198,9 @@ BAD = {
     "targets match nothing": (["--targets", "q_proj"], "--targets q_proj matched no linear layer"),
     "bf16 on cpu": (["--bf16", "--device", "cpu"], "need a CUDA device"),
     "bad batch size": (["--batch-size", "0"], "--batch-size must be >= 1"),
+    "no test examples": (["--max-test-samples", "0"], "--max-test-samples must be >= 1, got 0"),
+    "negative save interval": (["--save-every", "-1"], "--save-every must be >= 0, got -1"),
+    "bad cap mode": (["--cap-mode", "sometimes"], "argument --cap-mode: invalid choice: 'sometimes'"),
     "bad device": (["--device", "gpu"], "--device 'gpu' is not a device"),
     "lr not finite": (["--lr", "nan"], "--lr must be a finite number"),
     "epochs not finite": (["--epochs", "inf"], "--epochs must be a finite number"),
@@ -691,3 +694,39 @@ def test_scheduler_kwargs_are_kept_in_one_spelling_and_causal_lm_refuses_label_s
     assert TrainArgs(lr_scheduler_kwargs="{}").lr_scheduler_kwargs is None  # the same run as no flag: --resume agrees
     with pytest.raises(UsageError, match="TRL's SFTTrainer deprecates it"):
         TrainArgs(model="embedded:smollm2-135m", label_smoothing_factor=0.1)
+
+
+def test_dynamic_flags_are_dynamic_config_fields(capsys):
+    # one place defines a dynamic setting: each DynamicConfig field but the seed (--seed is the run's) is a
+    # train flag of its name with the field's choices, unset unless given; given, it reaches the config
+    import dataclasses
+
+    from dynalora import DynamicConfig
+    from dynalora.cli import build_parser
+
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    actions = {a.dest: a for a in train._actions if a.help != "==SUPPRESS=="}  # not the hidden --no-X forms
+    settings = [f for f in dataclasses.fields(DynamicConfig) if f.name != "seed"]
+    assert len(settings) == 17 and "seed" in actions and "--seed" in actions["seed"].option_strings
+    group = next(g for g in train._action_groups if g.title.startswith("dynamic allocation"))
+    shown = [a.dest for a in group._group_actions if a.help != "==SUPPRESS=="]
+    assert shown == ["dynamic", "preset", *(f.name for f in settings)]
+    for setting in settings:
+        assert actions[setting.name].default is None, setting.name
+        assert tuple(actions[setting.name].choices or ()) == setting.metadata.get("choices", ()), setting.name
+    assert actions["measure"].choices == ("forward", "adapter", "gradient", "random")
+    assert "(default: gradient)" in actions["measure"].help and "(default: 2/3)" in actions["k"].help
+    given = ["--allocator", "topk", "--k", "3/4", "--memory-cap", "0.5", "--cap-mode", "recompute",
+             "--normalize-types", "--optimizer", "global", "--state-policy", "reset", "--period", "7"]  # fmt: skip
+    args = parser.parse_args(["train", *given])
+    config = DynamicConfig(allocator="topk", k=0.75, memory_cap=0.5, cap_mode="recompute", normalize_types=True,
+                           optimizer="global", state_policy="reset", period=7)  # fmt: skip
+    from dynalora.cli import _train_args
+
+    assert _train_args(args).dynamic_config() == config
+    with pytest.raises(SystemExit) as exit:
+        parser.parse_args(["train", "--cap-mode", "sometimes"])
+    assert exit.value.code == 2 and "--cap-mode" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="cap_mode='sometimes' is not supported; allowed: exclude, recompute"):
+        DynamicConfig(cap_mode="sometimes", memory_cap=0.5)

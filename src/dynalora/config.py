@@ -33,6 +33,12 @@ READ_BY: dict[str, frozenset[str]] = {
 }
 
 
+def _setting(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A field with its allowed values (checked on construction) and the line ``dynalora train --help``
+    shows for its flag (HfArgumentParser reads ``help`` and ``choices``; the docstring below it says more)."""
+    return dataclasses.field(default=default, metadata={"help": help} | ({"choices": choices} if choices else {}))
+
+
 def _check_share(field: str, value: Any, *, zero_ok: bool = False, extra: str = "") -> None:
     """A number in (0, 1], or [0, 1] with ``zero_ok``; ``extra`` adds to what the message allows."""
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -50,7 +56,7 @@ class DynamicConfig:
     the value and what is allowed.
     """
 
-    measure: str = "gradient"
+    measure: str = _setting("gradient", "importance measure", MEASURES)
     """Importance measure (§3.1): ``forward`` = sum over output vectors of ``||(W + ΔW)x||_2`` (eq. 1),
     ``adapter`` = the same for the adapter's own output ``||ΔW x||_2``, ``gradient`` = L2 norm of the
     module's adapter-weight gradients (mean over the steps it trained), ``random`` = no measurement
@@ -58,7 +64,7 @@ class DynamicConfig:
     the quality suite (``benchmarks/results/quality.md``); ``forward`` mostly measures the pretrained
     W, since LoRA's B starts at zero."""
 
-    allocator: str = "cutoff"
+    allocator: str = _setting("cutoff", "module allocator", ALLOCATORS)
     """Module selection (§3.2): ``topk`` (ties go to the earlier module), ``threshold``, ``stochastic``
     (k drawn in proportion to importance), ``discounted_stochastic`` (the same with importance / (C + 1),
     C the steps a module trained: eq. 3) or ``random`` (k uniformly); or the cost-aware ``cutoff`` (the
@@ -69,57 +75,85 @@ class DynamicConfig:
     0.8-0.9 of LoRA's, at 1.4 points of test accuracy below LoRA at its best rate per task (four
     tasks, three seeds; ``benchmarks/results/frontier.md``, docs/results.md)."""
 
-    k: int | float = 2 / 3
+    k: int | float = _setting(
+        2 / 3,
+        "topk, stochastic, discounted_stochastic and random allocators: active modules, an int, a fraction in "
+        "(0, 1], or a ratio like 2/3",
+    )
     """Number of active modules: an int >= 1, or a float in (0, 1] meaning that fraction of the modules
     (rounded, at least 1). Read by ``topk``, ``stochastic``, ``discounted_stochastic`` and ``random``;
     the others refuse a value other than the default."""
 
-    threshold: float = 0.9
+    threshold: float = _setting(0.9, "threshold allocator: p, in (0, 1]")
     """p of the ``threshold`` allocator, in (0, 1]: the fewest most important modules whose normalised
     importance (eq. 2) sums to at least p; the module that crosses p is included, and at least one
     module is always selected. Read by ``threshold`` only."""
 
-    budget: float = 0.5
+    budget: float = _setting(
+        0.5,
+        "cutoff allocator: expected share of the blocks that backward runs through per step, in (0, 1]",
+    )
     """``cutoff``: expected share of the transformer blocks' work that backward runs through per step,
     in (0, 1]; 1 trains every module every step, as LoRA. The step time is about
     ``f + (1 - f) * budget`` of LoRA's, with f the selection-independent share
     (:data:`dynalora.cost.FIXED_SHARE`, 0.6 on CPU)."""
 
-    budget_schedule: str = "constant"
+    budget_schedule: str = _setting(
+        "constant",
+        "cutoff allocator: spend the budget evenly (constant) or where the learning rate is high (linear)",
+        BUDGET_SCHEDULES,
+    )
     """``cutoff``: ``constant`` spends ``budget`` evenly over the run; ``linear`` spends it where the
     learning rate is high, from up to every block early to the top block late, with the same mean
     (:func:`dynalora.allocators.paced_budget`; needs the run's length: ``create_scheduler`` or
     :meth:`~dynalora.DynamicAllocator.set_total_steps`)."""
 
-    memory_cap: float | None = None
+    memory_cap: float | None = _setting(
+        None,
+        "saved activations in the blocks of any step at most this share of training every module, in (0, 1] "
+        "(default: no cap; see --cap-mode)",
+    )
     """Hard cap on any step's saved activations in the transformer blocks, as a share of training every
     module, in (0, 1]; ``None``: no cap. What keeps a step under it is ``cap_mode``."""
 
-    cap_mode: str = "exclude"
+    cap_mode: str = _setting(
+        "exclude",
+        "how --memory-cap is kept: exclude (cutoff allocator: blocks over the cap never train) or recompute "
+        "(any allocator: every block trains; the lowest trained blocks are checkpointed)",
+        CAP_MODES,
+    )
     """How ``memory_cap`` is kept: ``exclude`` (``cutoff`` only): blocks whose training would exceed the
     cap never train; ``recompute`` (any allocator): every block trains as the allocator chooses, and
     on the steps a selection would exceed the cap, its lowest trained blocks are checkpointed
     (recomputed in backward) until the rest fit (:class:`dynalora.checkpointing.BlockGuard`)."""
 
-    coverage: float = 0.2
+    coverage: float = _setting(0.2, "cutoff allocator: lowest probability that any block trains at a reallocation")
     """``cutoff``: the lowest probability with which any block within the cap trains at a
     reallocation, in [0, 1], so that every block learns even when importance ranks it low."""
 
-    schedule: str = "periodic"
+    schedule: str = _setting("periodic", "reallocation schedule", SCHEDULES)
     """When to reallocate (§3.3): ``periodic`` every ``period`` optimizer steps, or ``once`` at step ``period``
     (not with ``cutoff``, whose budget is a mean over many draws)."""
 
-    period: int = 10
+    period: int = _setting(
+        10,
+        "optimizer steps between reallocations (with --schedule once: the step of the one reallocation)",
+    )
     """Optimizer steps between reallocations; for ``once``, the step (alpha) of the single reallocation.
     The default 10 reallocates often enough that, in a run of 75 steps, every module trains early,
     at a high learning rate (the paper's 50 left a third of them to the last steps)."""
 
-    optimizer: str = "local"
+    optimizer: str = _setting("local", "global or per-module (local) optimizer and LR schedule", OPTIMIZERS)
     """Optimisation (§3.4): ``global`` = one optimizer and LR schedule over every module;
     ``local`` (the default) = one per module, each advancing only on the steps its module is
     trained, so that a block that trains in a fifth of the steps still sees its whole LR schedule."""
 
-    local_schedule: str = "steps"
+    local_schedule: str = _setting(
+        "steps",
+        "local optimizer: a module's LR schedule advances one step per step it trains (steps), or spans the "
+        "steps it is expected to train and ends at the end value (run)",
+        LOCAL_SCHEDULES,
+    )
     """``local`` optimisation only: how each module's LR schedule advances. ``steps`` (the default):
     by one on each optimizer step the module trains, so a module that trains in part of the steps
     ends the run part-way along its schedule, at a higher rate. ``run``: by what spans the steps the
@@ -130,45 +164,55 @@ class DynamicConfig:
     LoRA on the validation mean -2.36 against -1.81 (test -1.79 against -1.39); docs/results.md,
     "Local schedules that anneal"."""
 
-    state_policy: str = "keep"
+    state_policy: str = _setting(
+        "keep",
+        "optimizer state of deactivated modules: keep, reset, or offload to host memory (CUDA)",
+        STATE_POLICIES,
+    )
     """Optimizer state of a deactivated module: ``keep`` (the paper: moments stay and resume),
     ``reset`` (dropped; the module restarts fresh when selected again) or ``offload`` (moved to host
     memory while inactive; CUDA only). Only ``reset`` and ``offload`` give memory back."""
 
-    inactive_dtype: str = "fp32"
+    inactive_dtype: str = _setting(
+        "fp32",
+        "storage of inactive modules: fp32, or bf16/fp16 (rounded when deactivated, trained on a float32 copy "
+        "when selected; BAdam's class of dynamic full fine-tuning)",
+        INACTIVE_DTYPES,
+    )
     """Storage of a module's tensors while it is inactive: ``fp32`` (as trained), or ``bf16``/``fp16``
     (BAdam's class of dynamic full fine-tuning): a module is rounded to half precision when it is
     deactivated and trains on a float32 copy of that when selected again. Pair it with
     ``state_policy="reset"`` (or ``offload``) so that inactive modules hold no optimizer state
     either, and run the forward under ``torch.autocast`` at that dtype. One process only."""
 
-    importance_ema: float | None = None
+    importance_ema: float | None = _setting(
+        None,
+        "gradient measure: score a module by a moving average of its gradient norms with this beta in (0, 1) "
+        "instead of their mean (default: the mean)",
+    )
     """``gradient`` measure only: ``None`` (the default) scores a module by the mean gradient norm over
     every step it trained; a number beta in (0, 1) by an exponential moving average over those steps
     (each measurement weighs beta times the next one), so that late measurements count more. Not
     adopted as the default: see docs/results.md, the quality table (variant ``importance-ema-0.8``)."""
 
-    normalize_types: bool = False
+    normalize_types: bool = _setting(
+        False,
+        "divide each module's importance by the mean of its type (the same layer in every block) before selection",
+    )
     """Divide each module's raw importance by the mean of the modules of its type (the same layer in
     every block, e.g. every ``value`` projection) before normalising (eq. 2), so that one projection
     type does not outrank another for reasons of scale. Any measure but ``random``. Not adopted as
     the default: see docs/results.md, the quality table (variant ``normalize-types``)."""
 
-    seed: int = 0
+    seed: int = _setting(0, "the allocator's seed (dynalora train: --seed)")
     """Seed of the allocator's own ``torch.Generator`` (stochastic/random choices, initial selection);
     there is no hidden global RNG. ``cutoff`` shifts its low-discrepancy sequence by
     frac(seed * (sqrt(2) - 1)) (seed 0: no shift)."""
 
     def __post_init__(self) -> None:
-        _check_choice("measure", self.measure, MEASURES)
-        _check_choice("allocator", self.allocator, ALLOCATORS)
-        _check_choice("schedule", self.schedule, SCHEDULES)
-        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        _check_choice("state_policy", self.state_policy, STATE_POLICIES)
-        _check_choice("budget_schedule", self.budget_schedule, BUDGET_SCHEDULES)
-        _check_choice("cap_mode", self.cap_mode, CAP_MODES)
-        _check_choice("local_schedule", self.local_schedule, LOCAL_SCHEDULES)
-        _check_choice("inactive_dtype", self.inactive_dtype, INACTIVE_DTYPES)
+        for f in dataclasses.fields(self):
+            if "choices" in f.metadata:
+                _check_choice(f.name, getattr(self, f.name), f.metadata["choices"])
         if self.optimizer != "local" and self.local_schedule != DynamicConfig.local_schedule:
             raise ValueError(
                 f"local_schedule={self.local_schedule!r} is read only with optimizer='local', not "

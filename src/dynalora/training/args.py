@@ -6,23 +6,12 @@ import argparse
 import json
 import math
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields, make_dataclass
 from typing import Any
 
 from transformers import HfArgumentParser
 
-from dynalora.config import (
-    ALLOCATORS,
-    BUDGET_SCHEDULES,
-    CAP_MODES,
-    LOCAL_SCHEDULES,
-    MEASURES,
-    OPTIMIZERS,
-    PRESETS,
-    SCHEDULES,
-    STATE_POLICIES,
-    DynamicConfig,
-)
+from dynalora.config import PRESETS, DynamicConfig
 from dynalora.data import DEFAULT_INSTRUCT_TASK, DEFAULT_TASK, INSTRUCT_TASKS, TASKS, resolve_task
 from dynalora.data.tasks import GLUE_TASKS, Kind
 from dynalora.errors import UsageError
@@ -65,10 +54,6 @@ RUN_FILES = (
 def _refused_by(option: str) -> str:
     """``; refused by --method full, bitfit``: the methods whose record does not read ``option``."""
     return "; refused by --method " + ", ".join(n for n, m in REGISTRY.items() if option not in m.options)
-
-
-_DEFAULTS = DynamicConfig()
-_DEFAULT_K = "2/3" if _DEFAULTS.k == 2 / 3 else str(_DEFAULTS.k)
 
 
 def _opt(help: str, **kw: Any) -> Any:
@@ -148,86 +133,42 @@ class DataArgs:
     response_column: str | None = _opt("answer column of custom causal-LM files; the loss falls on it only")
 
 
-@dataclass
-class DynamicArgs:
-    """Dynamic allocation: ``--dynamic``, and :class:`dynalora.DynamicConfig`'s fields (None: the preset's)."""
+def _dynamic_flag(setting: Field) -> tuple[str, Any, Any]:
+    """A :class:`DynamicConfig` field as the flag of its name, default None: "the preset's value"."""
+    hint = str if setting.name == "k" else _CONFIG_HINTS[setting.name]  # k: "2/3" as well as numbers
+    meta = dict(setting.metadata)
+    if setting.default is not None:  # the None-default fields say in their help what None means
+        default = setting.default
+        shown = ("on" if default else "off") if isinstance(default, bool) else "2/3" if default == 2 / 3 else default
+        meta["help"] += f" (default: {shown})"
+    if hint is bool:  # --X alone is True (HfArgumentParser gives bool | None fields no bare form of their own)
+        meta |= {"nargs": "?", "const": True}
+    return setting.name, hint | None, _opt(**meta)
 
-    _argument_group_name = "dynamic allocation (dynalora.DynamicConfig)"  # HfArgumentParser: the --help group
-    # bool | None: --X alone is True (HfArgumentParser gives such fields no bare form of their own)
-    dynamic: bool | None = _opt(
-        "dynamic allocation (default: on for lora, dora, vera, dvora, hydra and dylora; off for full; "
-        "refused by bitfit, adalora, l1ra and galore, which have nothing to allocate or allocate by their own rule)",
-        nargs="?",
-        const=True,
-    )
-    preset: str | None = _opt(
-        "starting point of the dynamic settings below; each flag given overrides it "
-        "(default: full for --method full, else default)",
-        choices=tuple(PRESETS),
-    )  # fmt: skip
-    # The dynamic settings default to None: "the preset's value" (see dynalora.config.PRESETS), so
-    # DynamicConfig alone holds the defaults.
-    measure: str | None = _opt(f"importance measure (default: {_DEFAULTS.measure})", choices=MEASURES)
-    allocator: str | None = _opt(f"module allocator (default: {_DEFAULTS.allocator})", choices=ALLOCATORS)
-    k: str | None = _opt(
-        "topk, stochastic, discounted_stochastic and random allocators: active modules, an int, a fraction in "
-        f"(0, 1], or a ratio like 2/3 (their default: {_DEFAULT_K})"
-    )
-    threshold: float | None = _opt(f"threshold allocator: p, in (0, 1] (its default: {_DEFAULTS.threshold})")
-    budget: float | None = _opt(
-        "cutoff allocator: expected share of the blocks that backward runs through per step, in (0, 1] "
-        f"(default: {_DEFAULTS.budget})"
-    )
-    memory_cap: float | None = _opt(
-        "saved activations in the blocks of any step at most this share of training every module, in (0, 1] "
-        "(default: no cap; see --cap-mode)"
-    )
-    cap_mode: str | None = _opt(
-        "how --memory-cap is kept: exclude (cutoff allocator: blocks over the cap never train) or recompute (any "
-        f"allocator: every block trains; the lowest trained blocks are checkpointed) (default: {_DEFAULTS.cap_mode})",
-        choices=CAP_MODES,
-    )
-    budget_schedule: str | None = _opt(
-        "cutoff allocator: spend the budget evenly (constant) or where the learning rate is high (linear) "
-        f"(default: {_DEFAULTS.budget_schedule})",
-        choices=BUDGET_SCHEDULES,
-    )
-    coverage: float | None = _opt(
-        f"cutoff allocator: lowest probability that any block trains at a reallocation (default: {_DEFAULTS.coverage})"
-    )
-    schedule: str | None = _opt(f"reallocation schedule (default: {_DEFAULTS.schedule})", choices=SCHEDULES)
-    period: int | None = _opt(
-        f"optimizer steps between reallocations (once: the step of the reallocation; default: {_DEFAULTS.period})"
-    )
-    optimizer: str | None = _opt(
-        f"global or per-module (local) optimizer and LR schedule (default: {_DEFAULTS.optimizer})",
-        choices=OPTIMIZERS,
-    )
-    state_policy: str | None = _opt(
-        "optimizer state of deactivated modules: keep, reset, or offload to host memory (CUDA) "
-        f"(default: {_DEFAULTS.state_policy})",
-        choices=STATE_POLICIES,
-    )
-    local_schedule: str | None = _opt(
-        "local optimizer: a module's LR schedule advances one step per step it trains (steps), or spans the "
-        f"steps it is expected to train and ends at the end value (run) (default: {_DEFAULTS.local_schedule})",
-        choices=LOCAL_SCHEDULES,
-    )
-    inactive_dtype: str | None = _opt(
-        "storage of inactive modules: fp32, or bf16/fp16 (rounded when deactivated, trained on a float32 copy "
-        f"when selected; BAdam's class of dynamic full fine-tuning) (default: {_DEFAULTS.inactive_dtype})",
-        choices=("fp32", "bf16", "fp16"),
-    )
-    importance_ema: float | None = _opt(
-        "gradient measure: score a module by a moving average of its gradient norms with this beta in (0, 1) "
-        "instead of their mean (default: the mean)"
-    )
-    normalize_types: bool | None = _opt(
-        "divide each module's importance by the mean of its type (the same layer in every block) before "
-        "selection (default: off)",
-        nargs="?",
-        const=True,
-    )
+
+_CONFIG_HINTS = typing.get_type_hints(DynamicConfig)
+DynamicArgs = make_dataclass(
+    "DynamicArgs",
+    [
+        ("dynamic", bool | None, _opt(
+            "dynamic allocation (default: on for lora, dora, vera, dvora, hydra and dylora; off for full; refused "
+            "by bitfit, adalora, l1ra and galore, which have nothing to allocate or allocate by their own rule)",
+            nargs="?", const=True,
+        )),
+        ("preset", str | None, _opt(
+            "starting point of the dynamic settings below; each flag given overrides it "
+            "(default: full for --method full, else default)",
+            choices=tuple(PRESETS),
+        )),
+        *(_dynamic_flag(f) for f in fields(DynamicConfig) if f.name != "seed"),  # --seed is the run's
+    ],
+    namespace={
+        "__module__": __name__,
+        "__doc__": "Dynamic allocation: ``--dynamic``, ``--preset`` and a flag per :class:`dynalora.DynamicConfig` "
+        "field (its help and choices are the field's; None: the preset's value).",
+        "_argument_group_name": "dynamic allocation (dynalora.DynamicConfig)",  # HfArgumentParser: the --help group
+    },
+)  # fmt: skip
 
 
 @dataclass
@@ -335,17 +276,12 @@ class TrainArgs(OutputArgs, TrainingArgs, DynamicArgs, DataArgs, ModelArgs):
     """Everything ``dynalora train`` takes: the five groups of flags in one, checked before anything loads."""
 
     def __post_init__(self) -> None:
-        for name in ("rank", "batch_size", "max_length", "period", "gradient_accumulation_steps", "keep_checkpoints",
-                     "logging_steps"):  # fmt: skip
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "max_train_samples", "max_eval_samples", "max_test_samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        for name in ("eval_every", "save_every"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        counts = ("rank", "batch_size", "max_length", "period", "gradient_accumulation_steps", "keep_checkpoints",
+                  "logging_steps", "max_steps", "max_train_samples", "max_eval_samples",
+                  "max_test_samples")  # fmt: skip
+        for name, low in [*((n, 1) for n in counts), ("eval_every", 0), ("save_every", 0)]:
+            if getattr(self, name) is not None and getattr(self, name) < low:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(self, name)}")
         for name in ("epochs", "alpha", "weight_decay", "threshold", "warmup_ratio", "adapter_dropout"):
             if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
                 raise UsageError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(self, name)}")
