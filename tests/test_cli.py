@@ -715,7 +715,14 @@ def test_dynamic_flags_are_dynamic_config_fields(capsys):
     for setting in settings:
         assert actions[setting.name].default is None, setting.name
         assert tuple(actions[setting.name].choices or ()) == setting.metadata.get("choices", ()), setting.name
-    assert actions["measure"].choices == ("forward", "adapter", "gradient", "random")
+    chosen = {name: tuple(actions[name].choices) for name in actions if actions[name].choices}
+    assert {n: c for n, c in chosen.items() if n in {f.name for f in settings}} == {  # written out by hand
+        "measure": ("forward", "adapter", "gradient", "random"),
+        "allocator": ("topk", "threshold", "stochastic", "discounted_stochastic", "random", "cutoff"),
+        "budget_schedule": ("constant", "linear"), "cap_mode": ("exclude", "recompute"),
+        "schedule": ("periodic", "once"), "optimizer": ("global", "local"), "local_schedule": ("steps", "run"),
+        "state_policy": ("keep", "reset", "offload"), "inactive_dtype": ("fp32", "bf16", "fp16"),
+    }  # fmt: skip
     assert "(default: gradient)" in actions["measure"].help and "(default: 2/3)" in actions["k"].help
     given = ["--allocator", "topk", "--k", "3/4", "--memory-cap", "0.5", "--cap-mode", "recompute",
              "--normalize-types", "--optimizer", "global", "--state-policy", "reset", "--period", "7"]  # fmt: skip
@@ -730,3 +737,12 @@ def test_dynamic_flags_are_dynamic_config_fields(capsys):
     assert exit.value.code == 2 and "--cap-mode" in capsys.readouterr().err
     with pytest.raises(ValueError, match="cap_mode='sometimes' is not supported; allowed: exclude, recompute"):
         DynamicConfig(cap_mode="sometimes", memory_cap=0.5)
+
+    from dynalora.training.args import _dynamic_flag
+
+    @dataclasses.dataclass
+    class Bare:
+        x: int = 3
+
+    with pytest.raises(TypeError, match="DynamicConfig.x has no flag help; declare it with _setting"):
+        _dynamic_flag(dataclasses.fields(Bare)[0])

@@ -135,6 +135,8 @@ class DataArgs:
 
 def _dynamic_flag(setting: Field) -> tuple[str, Any, Any]:
     """A :class:`DynamicConfig` field as the flag of its name, default None: "the preset's value"."""
+    if "help" not in setting.metadata:
+        raise TypeError(f"DynamicConfig.{setting.name} has no flag help; declare it with _setting(default, help)")
     hint = str if setting.name == "k" else _CONFIG_HINTS[setting.name]  # k: "2/3" as well as numbers
     meta = dict(setting.metadata)
     if setting.default is not None:  # the None-default fields say in their help what None means
