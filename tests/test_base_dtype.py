@@ -201,3 +201,31 @@ def test_cli_dynamic_full_in_bf16_storage(tiny_model, csv_task, tmp_path):
         weights[dtype] = json.loads((out / "metrics.json").read_text())["memory"]["peak_weights"]
         assert json.loads((out / "config.json").read_text())["resolved_dynamic"]["inactive_dtype"] == dtype
     assert weights["bf16"] < 0.9 * weights["fp32"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "refused"),
+    [
+        (["--fp16"], True),
+        (["--base-dtype", "fp16"], True),
+        (["--inactive-dtype", "fp16"], True),
+        (["--fp16", "--optimizer", "global"], False),
+        (["--bf16"], False),
+        (["--fp16", "--no-dynamic"], False),
+    ],
+)
+def test_fp16_on_cuda_is_refused_with_local_optimizers(flags, refused):
+    """fp16's loss scaler steps torch optimizers only (accelerate wraps nothing else): with --optimizer
+    local the gradients would stay scaled and overflow steps would not be skipped."""
+    from dynalora.cli import build_parser
+    from dynalora.errors import UsageError
+    from dynalora.training.args import TrainArgs
+    from dynalora.training.engine import _precision
+
+    ns = build_parser().parse_args(["train", *flags])
+    args = TrainArgs(**{k: v for k, v in vars(ns).items() if k not in ("command", "config")})
+    if refused:
+        with pytest.raises(UsageError, match="cannot step the per-module optimizers of --optimizer local"):
+            _precision(args, torch.device("cuda"))
+    else:
+        assert _precision(args, torch.device("cuda")) in ("fp16", "bf16")

@@ -470,16 +470,34 @@ def test_dynalora_train_gradient_checkpointing_saves_activations_and_the_run_fol
     from tests.test_cli import cli_args
 
     saved = {}
-    for flag in ("--gradient-checkpointing", "--no-gradient-checkpointing"):
+    for flag, cap in (("--gradient-checkpointing", ()), ("--no-gradient-checkpointing", ("--memory-cap", "0.5"))):
         out = tmp_path / flag
-        extra = ("--memory-cap", "0.5", "--cap-mode", "recompute", flag)
+        extra = (*cap, "--cap-mode", "recompute", flag) if cap else (flag,)
         assert main(cli_args(tiny_model, csv_task, out, *extra)) == 0
         config = json.loads((out / "config.json").read_text())
         assert config["gradient_checkpointing"] == (flag == "--gradient-checkpointing")
-        assert config["resolved_dynamic"]["cap_mode"] == "recompute"
+        assert config["resolved_dynamic"]["cap_mode"] == ("recompute" if cap else "exclude")
         assert config["resolved_dynamic"]["allocator"] == "cutoff"
         saved[flag] = json.loads((out / "metrics.json").read_text())["memory"]["peak_saved_activations"]
     assert saved["--gradient-checkpointing"] < saved["--no-gradient-checkpointing"]
+
+
+def test_a_recompute_cap_under_full_checkpointing_is_refused(tiny_model, csv_task, tmp_path, capsys):
+    """Every block checkpointed leaves the cap nothing to checkpoint: refused, not run as if capped."""
+    from dynalora.cli import main
+    from tests.test_causal import _llama
+    from tests.test_cli import cli_args
+
+    tiny_llama = tmp_path / "llama"  # a decoder: checkpointed by default
+    _llama().save_pretrained(tiny_llama)
+
+    cap = ("--memory-cap", "0.5", "--cap-mode", "recompute")
+    for model, extra in ((tiny_model, ("--gradient-checkpointing",)), (str(tiny_llama), ("--objective", "causal-lm"))):
+        out = tmp_path / "run"
+        assert main(cli_args(model, csv_task, out, *cap, *extra)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "already checkpoints every block" in err, err
+        assert "--no-gradient-checkpointing" in err and not out.exists()
 
 
 def test_dynalora_train_refuses_k_under_the_default_allocator_in_one_line(tiny_model, csv_task, tmp_path, capsys):

@@ -206,6 +206,20 @@ BAD = {
     "epochs not finite": (["--epochs", "inf"], "--epochs must be a finite number"),
     "offload on cpu": (["--state-policy", "offload"], "--state-policy='offload' needs CUDA"),
     "budget out of range": (["--allocator", "cutoff", "--budget", "0"], "--budget=0.0 is out of range"),
+    "warm-up of a constant rate": (
+        ["--lr-scheduler-type", "constant", "--warmup-steps", "5"],
+        "--warmup-steps is not read by --lr-scheduler-type constant",
+    ),
+    "resume and overwrite": (["--resume", "--overwrite"], "--overwrite starts it over; choose one"),
+    "preset of a static run": (["--no-dynamic", "--preset", "default"], "--preset is a dynamic setting"),
+    "dynamic flag of a static method": (
+        ["--method", "bitfit", "--k", "3"],
+        "--k is a dynamic setting, and --method bitfit trains statically; drop it",
+    ),
+    "pacing a full budget": (
+        ["--budget", "1", "--budget-schedule", "linear"],
+        "--budget-schedule='linear' has nothing to act on at budget=1",
+    ),
     "memory cap below the top block": (
         ["--allocator", "cutoff", "--memory-cap", "0.2"],
         "--memory-cap=0.2 is below the share of the top block alone (0.500)",
@@ -537,6 +551,38 @@ def test_config_file_gives_flags_and_the_command_line_overrides_it(tiny_model, c
     assert saved["num_steps"] == 6  # the command line's --max-steps 6 over the file's 4
     assert main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--method", "full", "--rank", "16"], "--rank is read by none of the runs this comparison makes"),
+        (["--methods", "full,bitfit", "--rank", "16"], "--rank is read by none of the runs"),
+        (["--methods", "bitfit", "--k", "3"], "--k is read by none of the runs"),
+        (["--methods", "lora", "--no-dynamic", "--k", "3"], "--k is read by none of the runs"),
+        (["--methods", "bitfit", "--dynamic"], "--dynamic: none of --methods bitfit has a dynamic variant"),
+        (["--method", "bitfit"], "--method bitfit has no dynamic variant to compare with; allowed: --methods"),
+    ],
+)
+def test_compare_refuses_what_none_of_its_runs_reads(argv, expected, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--output-dir", str(out), "--quiet", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err, err
+    assert not out.exists()
+
+
+def test_config_file_refuses_two_spellings_of_one_flag_and_a_second_file(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("lr: 0.001\nlearning_rate: 0.002\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "learning_rate and another key both set lr; keep one" in err, err
+    config.write_text("lr: 0.001\n")
+    assert main(["train", "--config", str(config), "--config", str(config), "--output-dir", str(out)]) == 2
+    assert "--config is given twice" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def _optimizer_seen(monkeypatch) -> list:

@@ -104,3 +104,12 @@ def test_dynamic_full_fine_tuning_starts_from_its_own_preset():
     assert full.dynamic_config().allocator == "discounted_stochastic" and full.dynamic_config().state_policy == "reset"
     assert TrainArgs(method="lora").dynamic_config() == DynamicConfig()
     assert TrainArgs(method="full", dynamic=True, preset="default").dynamic_config() == DynamicConfig()
+
+
+@pytest.mark.parametrize(("field", "value"), [("budget_schedule", "linear"), ("coverage", 0.7)])
+def test_what_a_full_budget_leaves_unread_is_refused(field, value):
+    with pytest.raises(ValueError) as err:
+        DynamicConfig(budget=1.0, **{field: value})
+    assert str(err.value).startswith(f"{field}={value!r} has nothing to act on at budget=1")
+    assert "allowed: a budget below 1" in str(err.value)
+    assert getattr(DynamicConfig(budget=0.99, **{field: value}), field) == value  # below 1 it is read

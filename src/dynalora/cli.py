@@ -116,6 +116,9 @@ def _compare_variants(ns: argparse.Namespace) -> list[tuple[bool, str, str]]:
     if ns.methods is None:  # one recipe, its dynamic and plain variants
         if ns.dynamic is False:
             raise UsageError("compare runs the dynamic and the plain variant itself; drop --no-dynamic")
+        if ns.method in STATIC_ONLY:
+            raise UsageError(f"--method {ns.method} has no dynamic variant to compare with; allowed: --methods "
+                             f"{ns.method},lora (each plain, and dynamic where it has one)")  # fmt: skip
         return [(True, ns.method, "dynamic"), (False, ns.method, "plain")]
     from dynalora.training import TrainArgs
 
@@ -133,6 +136,8 @@ def _compare_variants(ns: argparse.Namespace) -> list[tuple[bool, str, str]]:
         if m not in STATIC_ONLY and ns.dynamic is not False:
             runs.append((True, m, f"{m}-dynamic"))
         runs.append((False, m, m))
+    if ns.dynamic is True and not any(dynamic for dynamic, _, _ in runs):
+        raise UsageError(f"--dynamic: none of --methods {ns.methods} has a dynamic variant; drop --dynamic")
     return runs
 
 
@@ -151,11 +156,19 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
     def unread(method: str) -> dict[str, Any]:
         return {o: defaults[o] for o, owners in METHOD_ONLY.items() if method not in owners}
 
+    runs = _compare_variants(ns)
+    read = {o for o, owners in METHOD_ONLY.items() for _, m, _ in runs if m in owners}
+    if any(dynamic for dynamic, _, _ in runs):
+        read |= dynamic_only()
+    ignored = sorted(o for o in METHOD_ONLY.keys() | dynamic_only() if o not in read and vars(ns)[o] != defaults[o])
+    if ignored:  # as in `dynalora train` and a sweep: an option no run reads is refused, not dropped
+        flag = "--" + ignored[0].replace("_", "-")
+        raise UsageError(f"{flag} is read by none of the runs this comparison makes; drop it")
     # Each variant resolves its own defaults (e.g. the learning rate of each method, dynamic or plain).
     variants = [
         _train_args(argparse.Namespace(**{**(vars(ns) if dynamic else plain), "method": method, "dynamic": dynamic,
                                           "output_dir": str(root / name), **unread(method)}))
-        for dynamic, method, name in _compare_variants(ns)
+        for dynamic, method, name in runs
     ]  # fmt: skip
     held = [root / "compare.md"] + [Path(v.output_dir) / f for v in variants for f in RUN_FILES]
     if not ns.overwrite and any(p.exists() for p in held):  # refuse before the first run, not after it
@@ -234,6 +247,8 @@ def with_config_file(argv: list[str]) -> list[str]:
     if len(argv) < 1 or argv[0] not in ("train", "compare") or "--config" not in argv:
         return argv
     i = argv.index("--config")
+    if argv.count("--config") > 1:
+        raise UsageError("--config is given twice; allowed: one file (flags on the command line override it)")
     if i + 1 >= len(argv):
         raise UsageError("--config needs a file: a YAML or JSON mapping of train flags, e.g. lr: 0.002")
     path = Path(argv[i + 1])
@@ -261,6 +276,8 @@ def with_config_file(argv: list[str]) -> list[str]:
             value = json.dumps(value)
         if not (value is None or isinstance(value, (str, int, float, bool))):
             raise UsageError(f"--config {path}: {key} = {value!r}; allowed: a string, number or boolean")
+        if name in flags:  # two spellings of one flag (lr and learning_rate): which one was meant?
+            raise UsageError(f"--config {path}: {key} and another key both set {name}; keep one")
         flags[name] = value
     return [argv[0], *to_argv(flags), *argv[1:i], *argv[i + 2 :]]
 

@@ -240,6 +240,12 @@ class DynamicConfig:
                     f"{name}={value!r} is not read by allocator={self.allocator!r}; allowed: leave {name} at its "
                     f"default, or an allocator that reads it ({', '.join(sorted(readers))})"
                 )
+        for name in ("budget_schedule", "coverage"):  # budget 1: every block trains at every step
+            if self.budget >= 1.0 and getattr(self, name) != defaults[name].default:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} has nothing to act on at budget=1 (every block trains at "
+                    f"every step); allowed: a budget below 1, or leave {name} at its default"
+                )
         if self.allocator == "cutoff" and self.schedule == "once":
             raise ValueError(
                 "schedule='once' is not supported with allocator='cutoff' (one draw would train every module for "

@@ -207,16 +207,19 @@ class DynamicAllocator:
         module is trained: by one each (``local_schedule="steps"``), or spanning the steps it is
         expected to train, so that every module ends near the schedule's end value
         (``local_schedule="run"``; needs ``num_training_steps``; :class:`~dynalora.optim.LocalScheduler`).
+        Schedules stepped on a metric (``reduce_lr_on_plateau``, ``greedy``) are refused there.
         """
         from transformers import get_scheduler
 
         if kwargs.get("num_training_steps"):
             self.set_total_steps(int(kwargs["num_training_steps"]))
         if isinstance(optimizer, LocalOptimizer):
-            if str(getattr(name, "value", name)) == "reduce_lr_on_plateau":  # steps on a metric, not per module
+            kind = str(getattr(name, "value", name))
+            if kind in ("reduce_lr_on_plateau", "greedy"):  # they step on a metric, not once per trained step
                 raise ValueError(
-                    "reduce_lr_on_plateau is not supported with optimizer='local' (each module's schedule advances "
-                    "on the steps it trains); allowed: optimizer='global', or a schedule by step (linear, cosine, ...)"
+                    f"{kind} is not supported with optimizer='local' (it steps on a metric, and each module's "
+                    "schedule advances on the steps it trains); allowed: optimizer='global', or a schedule by step "
+                    "(linear, cosine, ...)"
                 )
             if self.config.local_schedule == "run" and not kwargs.get("num_training_steps"):
                 raise ValueError(

@@ -11,7 +11,10 @@ model first)::
 ``TrainingArguments`` (learning rate, ``optim``, Adam betas and epsilon, weight decay, scheduler
 type and its kwargs, warm-up) when training starts, and drives the allocator with
 :class:`DynamicAllocationCallback`; ``max_grad_norm``, gradient accumulation, mixed precision,
-checkpointing and resume stay Trainer's.
+checkpointing and resume stay Trainer's. What it cannot follow is refused when it is called (see
+:func:`attach`): ``model_init``, FSDP or DeepSpeed from ``TrainingArguments``/accelerate (dynalora's own
+FSDP2 is ``dynalora train --fsdp``), fp16's loss scaler with ``optimizer="local"``, and DDP without
+``ddp_find_unused_parameters``. One allocator serves one ``train()`` (or its resumption).
 
 By hand, build the optimizer with the allocator (``Trainer`` would build one from whatever has
 ``requires_grad`` when training starts and leave every frozen module out for good)::
@@ -80,11 +83,30 @@ def attach(
 
     Raises:
         ValueError: the trainer already has an optimizer or a schedule (``optimizers=`` was given) or
-            ``optimizer_cls_and_kwargs``; ``args.optim`` names an optimizer outside
-            :data:`SUPPORTED_OPTIMIZERS`; or anything else that would not be read (Adam's settings
-            with another optimizer, ``optim_args`` with Adam, an allocator over another model,
-            ``modules`` beside a built allocator, ``resume_from`` without ``save_state``).
+            ``optimizer_cls_and_kwargs``; it was built with ``model_init`` (``train()`` would replace
+            the model the allocator holds); FSDP or DeepSpeed is enabled through ``TrainingArguments``
+            or accelerate (they replace the parameters the allocator holds; dynalora's own FSDP2 is
+            ``dynalora train --fsdp``); fp16 (a loss scaler) with ``optimizer="local"`` (accelerate
+            unscales and skips steps only for a ``torch.optim.Optimizer``; allowed: bf16, or
+            ``optimizer="global"``); more than one process with ``ddp_find_unused_parameters``
+            resolved to False; ``args.optim`` names an optimizer outside :data:`SUPPORTED_OPTIMIZERS`;
+            or anything else that would not be read (Adam's settings with another optimizer,
+            ``optim_args`` with Adam or keys its optimizer does not read, an allocator over another
+            model, ``modules`` beside a built allocator, ``resume_from`` without ``save_state``).
+            A second ``train()`` of the same allocator without resuming is refused when it starts
+            (:class:`DynamicAllocationCallback`).
     """
+    if getattr(trainer, "model_init", None) is not None:
+        raise ValueError(
+            "attach() trains the model the trainer holds now, and a Trainer built with model_init= replaces it "
+            "in train(); allowed: Trainer(model=...) without model_init"
+        )
+    for flag, what in (("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")):
+        if getattr(trainer, flag, False):
+            raise ValueError(
+                f"{what} from TrainingArguments/accelerate wraps the model after attach() and replaces the parameters "
+                "the allocator holds; allowed: DDP or one process (dynalora's own FSDP2 path: dynalora train --fsdp)"
+            )
     if any(getattr(trainer, name, None) is not None for name in ("optimizer", "lr_scheduler")):
         raise ValueError(
             "attach() builds the optimizer and its LR schedule itself; allowed: a Trainer built without "
@@ -104,6 +126,19 @@ def attach(
     if optimizer_cls not in SUPPORTED_OPTIMIZERS:
         raise ValueError(f"optim={name!r} is not supported by dynalora.attach; allowed: {', '.join(SUPPORTED_OPTIM)}")
     _check_optimizer_args(args, name, optimizer_cls, kwargs)
+    settings = config.config if isinstance(config, DynamicAllocator) else config or DynamicConfig()
+    if settings.optimizer == "local" and _scales_loss(trainer):
+        raise ValueError(
+            "fp16 scales the loss, and accelerate unscales the gradients and skips overflow steps only for a "
+            "torch.optim.Optimizer, which optimizer='local' does not build (its steps would take scaled gradients); "
+            "allowed: bf16, or DynamicConfig(optimizer='global')"
+        )
+    if args.world_size > 1 and not _finds_unused_parameters(trainer):
+        raise ValueError(
+            f"under DDP ({args.world_size} processes) the modules outside the selection get no gradient, and with "
+            "ddp_find_unused_parameters False (given, or left unset with gradient checkpointing) DDP fails at the "
+            "next step; allowed: TrainingArguments(ddp_find_unused_parameters=True)"
+        )
     if isinstance(config, DynamicAllocator):
         if modules is not None:
             raise ValueError("modules= is read when attach() builds the allocator; pass it to DynamicAllocator(...)")
@@ -113,7 +148,7 @@ def attach(
             raise ValueError("the allocator was built over another model than trainer.model; allowed: "
                              "DynamicAllocator(trainer.model, ...), or a DynamicConfig")  # fmt: skip
     else:
-        allocator = DynamicAllocator(model, config or DynamicConfig(), modules=modules)
+        allocator = DynamicAllocator(model, settings, modules=modules)
 
     def create_optimizer(self: Any, model: Any = None) -> Any:
         if self.optimizer is None:
@@ -138,6 +173,33 @@ def attach(
     return allocator
 
 
+def _scales_loss(trainer: Any) -> bool:
+    """Whether the trainer trains with fp16's loss scaler (accelerate builds one for fp16 on CUDA)."""
+    args, accelerator = trainer.args, getattr(trainer, "accelerator", None)
+    if getattr(args, "fp16", False) or getattr(args, "mixed_precision", None) == "fp16":
+        return True
+    return getattr(accelerator, "scaler", None) is not None
+
+
+def _finds_unused_parameters(trainer: Any) -> bool:
+    """``find_unused_parameters`` as the trainer's DDP gets it: Trainer resolves
+    ``ddp_find_unused_parameters`` (None: False with gradient checkpointing on a ``PreTrainedModel``)
+    into its accelerator's handler when it is built."""
+    handler = getattr(getattr(trainer, "accelerator", None), "ddp_handler", None)
+    if handler is not None:
+        return bool(handler.find_unused_parameters)
+    return trainer.args.ddp_find_unused_parameters is not False
+
+
+OPTIM_ARGS_READ = {
+    torch.optim.SGD: ("momentum", "dampening", "nesterov"),
+    torch.optim.Adagrad: ("lr_decay", "eps"),
+    torch.optim.RMSprop: ("momentum", "alpha", "eps", "centered"),
+}
+"""The ``optim_args`` keys transformers passes on to each optimizer (beside ``weight_decay``, which
+is ``args.weight_decay``'s); it drops any other."""
+
+
 def _check_optimizer_args(args: TrainingArguments, name: str, optimizer_cls: type, kwargs: dict[str, Any]) -> None:
     """What transformers would ignore for this optimizer is refused: Adam's settings elsewhere, and
     ``optim_args`` where the optimizer reads none; weight decay is ``args.weight_decay`` alone."""
@@ -148,6 +210,15 @@ def _check_optimizer_args(args: TrainingArguments, name: str, optimizer_cls: typ
     for field in ("adam_beta1", "adam_beta2", "adam_epsilon"):
         if not adam and getattr(args, field) != defaults[field]:
             raise ValueError(f"{field}={getattr(args, field)!r} is read by Adam only, not optim={name!r}; drop it")
+    read = OPTIM_ARGS_READ.get(optimizer_cls)
+    if read is not None and args.optim_args:
+        keys = [item.split("=", 1)[0] for item in args.optim_args.replace(" ", "").split(",")]
+        unread = [key for key in keys if key not in read and key != "weight_decay"]
+        if unread:
+            raise ValueError(
+                f"optim_args key {unread[0]!r} is not read by optim={name!r} (transformers drops it); "
+                f"allowed: {', '.join(read)}"
+            )
     if "weight_decay" in kwargs:
         raise ValueError("optim_args sets weight_decay, and so does args.weight_decay; set args.weight_decay alone")
 
@@ -158,7 +229,9 @@ class DynamicAllocationCallback(TrainerCallback):
     The allocator's state goes into every checkpoint folder as ``dynalora_allocator.pt`` (and
     ``dynalora_allocator-<rank>.pt`` from every other process; read with ``weights_only=True``); on
     ``trainer.train(resume_from_checkpoint=...)`` it is read back from ``resume_from``, else
-    ``<output_dir>/checkpoint-<step>``, and its saved step must match the step Trainer resumes at.
+    ``<output_dir>/checkpoint-<step>``, and its saved step and number of processes must match the
+    resumed run's. A ``train()`` that starts at step 0 with an allocator that has already stepped is
+    refused: one allocator serves one run.
 
     Under DDP, build the allocator after the process group is initialised and keep
     ``ddp_find_unused_parameters`` True (the default without gradient checkpointing): inactive
@@ -180,6 +253,12 @@ class DynamicAllocationCallback(TrainerCallback):
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, optimizer=None, **kwargs
     ):
+        if state.global_step == 0 and self.allocator.step_count > 0:
+            raise ValueError(
+                f"train() starts at step 0 with an allocator that has taken {self.allocator.step_count} steps "
+                "(its state would be saved with the wrong step and could not resume); allowed: a fresh allocator "
+                "(a new Trainer and attach()) for each train(), or train(resume_from_checkpoint=...)"
+            )
         config = self.allocator.config
         if optimizer is not None and self.allocator._optimizer is None:  # built by hand, not create_optimizer
             if config.optimizer == "local" or config.state_policy != "keep":
@@ -208,12 +287,23 @@ class DynamicAllocationCallback(TrainerCallback):
         if not folder or not os.path.isdir(folder):
             folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         path = os.path.join(folder, state_file(args.process_index))
+        if not os.path.exists(path) and args.process_index > 0 and os.path.exists(os.path.join(folder, STATE_FILE)):
+            raise ValueError(
+                f"{path} is missing and rank 0's state is there: the run was saved with fewer processes than this "
+                f"one ({args.world_size}); allowed: resume with the number of processes it was saved with"
+            )
         if not os.path.exists(path):
             raise FileNotFoundError(
                 f"resuming at step {state.global_step} but {path} is missing; "
                 "pass DynamicAllocationCallback(..., resume_from=<checkpoint folder>)"
             )
         saved = torch.load(path, weights_only=True)
+        world = saved.pop("world_size", None)  # not the allocator's: files from before it was written have none
+        if world is not None and int(world) != args.world_size:
+            raise ValueError(
+                f"{path} was saved by a run of {int(world)} processes and this one has {args.world_size}; allowed: "
+                f"resume with {int(world)} processes (each keeps its own allocator state)"
+            )
         if int(saved["step"]) != state.global_step:
             raise ValueError(f"{path} was saved at step {saved['step']}, the run resumes at {state.global_step}")
         self.allocator.load_state_dict(saved)
@@ -228,7 +318,8 @@ class DynamicAllocationCallback(TrainerCallback):
         if self.save_state and (args.should_save or args.world_size > 1):  # every process saves its own state
             folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
             os.makedirs(folder, exist_ok=True)
-            torch.save(self.allocator.state_dict(), os.path.join(folder, state_file(args.process_index)))
+            saved = self.allocator.state_dict() | {"world_size": args.world_size}  # checked on resume
+            torch.save(saved, os.path.join(folder, state_file(args.process_index)))
 
 
 class MethodStepCallback(TrainerCallback):

@@ -316,6 +316,11 @@ class TrainArgs(OutputArgs, TrainingArgs, DynamicArgs, DataArgs, ModelArgs):
                              "gradients); allowed: --bf16, or no clipping")  # fmt: skip
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise UsageError(f"--warmup-steps must be an int >= 0, got {self.warmup_steps}")
+        if self.warmup_steps and self.lr_scheduler_type == "constant":  # transformers' constant has no warm-up
+            raise UsageError("--warmup-steps is not read by --lr-scheduler-type constant; allowed: "
+                             "--lr-scheduler-type constant_with_warmup, or drop --warmup-steps")  # fmt: skip
+        if self.resume and self.overwrite:
+            raise UsageError("--resume continues the run in --output-dir and --overwrite starts it over; choose one")
         if self.base_dtype != "fp32" and (self.bf16 or self.fp16):
             flag = "--bf16" if self.bf16 else "--fp16"
             if flag != "--" + self.base_dtype:
@@ -328,6 +333,7 @@ class TrainArgs(OutputArgs, TrainingArgs, DynamicArgs, DataArgs, ModelArgs):
             )
         if self.dynamic is None:
             self.dynamic = method.dynamic
+        preset_given = self.preset is not None
         if self.preset is None:  # one default does not fit all: dynamic full fine-tuning has its own
             self.preset = "full" if self.method == "full" else "default"
         if self.lr is None:
@@ -339,15 +345,29 @@ class TrainArgs(OutputArgs, TrainingArgs, DynamicArgs, DataArgs, ModelArgs):
             raise UsageError(method.static)
         if not self.dynamic:
             given = [f.name for f in fields(DynamicConfig) if f.name != "seed" and getattr(self, f.name) is not None]
-            if self.preset != ("full" if self.method == "full" else "default"):
+            if preset_given:
                 given.insert(0, "preset")
             if given:
                 flag = "--" + given[0].replace("_", "-")
+                if method.static:  # --dynamic would be refused too
+                    raise UsageError(f"{flag} is a dynamic setting, and --method {self.method} trains statically; "
+                                     "drop it")  # fmt: skip
                 raise UsageError(f"{flag} is a dynamic setting and this run is static; drop it, or add --dynamic")
         if self.dynamic:
-            self.dynamic_config()  # validate now, before anything is loaded or written
+            self._check_dynamic()  # validate now, before anything is loaded or written
         if self.fsdp is not None:
             self._check_fsdp()
+
+    def _check_dynamic(self) -> None:
+        """The dynamic settings, and what this run's other flags would leave unread of them."""
+        config = self.dynamic_config()
+        if config.cap_mode == "recompute" and self.gradient_checkpointing:
+            default = " (on by default for causal LM)" if self.generates else ""
+            raise UsageError(
+                f"--cap-mode recompute holds --memory-cap by checkpointing the lowest trained blocks, and "
+                f"--gradient-checkpointing{default} already checkpoints every block, so the cap would do nothing; "
+                "allowed: --no-gradient-checkpointing with the cap, or the cap dropped"
+            )
 
     def _check_optimizer(self) -> None:
         """--optim and its Adam settings, --lr-scheduler-kwargs, --label-smoothing-factor: what applies, or one line."""
