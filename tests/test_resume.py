@@ -100,6 +100,24 @@ def test_resume_after_a_crash_is_bitwise_the_uninterrupted_run(
     assert steps == [s for s in range(save_every, 15, save_every)][-2:]
 
 
+def test_a_crash_after_the_last_checkpoint_resumes_without_an_extra_step(tiny_model, csv_task, tmp_path, monkeypatch):
+    """The process dies after the final step's checkpoint, before its outputs: Trainer, resumed at
+    max_steps, would take one step more (at a constant rate it changes the weights)."""
+    from dynalora.training import engine
+
+    recipe = (*RECIPE, "--lr-scheduler-type", "constant", "--save-every", "7")
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert main(cli_args(tiny_model, csv_task, whole, *recipe)) == 0
+    with monkeypatch.context() as m:
+        m.setattr(engine, "finish", lambda *a, **k: (_ for _ in ()).throw(Crash()))
+        with pytest.raises(Crash):
+            main(cli_args(tiny_model, csv_task, broken, *recipe))
+    assert checkpoint.latest_checkpoint(broken).name == "step-000014" and not (broken / "metrics.json").exists()
+    assert main(cli_args(tiny_model, csv_task, broken, *recipe, "--resume")) == 0
+    _same_run(whole, broken)
+    assert json.loads((broken / "metrics.json").read_text())["resumed_from_step"] == 14
+
+
 def _signal_during_step(monkeypatch, step: int) -> None:
     """SIGTERM to this process while optimizer step ``step`` runs (after its start, before its optimizer
     step), as a launcher's or a scheduler's signal would come: caught by the run's own handler."""

@@ -168,6 +168,11 @@ class DynaloraMixin:
         if checkpoint is not None:  # at the batch after the checkpoint's step, as Trainer places it
             load_rng(Path(checkpoint), self.args.process_index)
 
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        if self.state.global_step >= self.state.max_steps:  # resumed at the last step: Trainer would take one more
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def _get_grad_norm(self, model, grad_norm=None):
         # Trainer computes the norm of every gradient each step only to log it; without clipping
         # that is a pass over all gradients (every layer under dynamic full fine-tuning) for nothing

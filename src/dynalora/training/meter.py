@@ -136,3 +136,12 @@ class Meter(TrainerCallback):
         if self.signum:
             control.should_training_stop = True
         return control
+
+    def on_train_end(self, args, state: TrainerState, control: TrainerControl, **kwargs):
+        job = self.job
+        # resumed from the last step's checkpoint (the process died before its outputs): no step ran, so the
+        # final validation (its record is in the checkpoint's log) is taken again, on the same weights
+        ran_no_step = not self.last_eval and self.progress.step == job.num_steps
+        if ran_no_step and (job.is_main or job.sharded) and "validation" in job.eval_loaders:
+            self.last_eval = evaluate(job.unwrapped(), job.eval_loaders["validation"], job.spec, job.device,
+                                      job.accelerator.autocast, job.tokenizer)  # fmt: skip
