@@ -291,6 +291,8 @@ def run_one(variant: str, task: str, seed: int, ns: argparse.Namespace) -> dict[
     overrides |= {"lr": lr} if lr else {}
     if ns.max_steps:
         overrides = overrides | {"max_steps": ns.max_steps}
+    if overrides.get("cap_mode") == "recompute":  # the cap checkpoints blocks itself (decoders checkpoint every
+        overrides.setdefault("gradient_checkpointing", False)  # block by default, and then the cap is refused)
     out = Path(ns.runs_dir) / f"{variant}-{task}-seed{seed}"
     # One construction: __post_init__ resolves method-dependent defaults such as lr from these fields.
     # (dataclasses.replace() on a default TrainArgs would carry LoRA's resolved lr into every method.)

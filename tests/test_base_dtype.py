@@ -214,7 +214,7 @@ def test_cli_dynamic_full_in_bf16_storage(tiny_model, csv_task, tmp_path):
         (["--fp16", "--no-dynamic"], False),
     ],
 )
-def test_fp16_on_cuda_is_refused_with_local_optimizers(flags, refused):
+def test_fp16_on_cuda_is_refused_with_local_optimizers(flags, refused, monkeypatch):
     """fp16's loss scaler steps torch optimizers only (accelerate wraps nothing else): with --optimizer
     local the gradients would stay scaled and overflow steps would not be skipped."""
     from dynalora.cli import build_parser
@@ -229,3 +229,11 @@ def test_fp16_on_cuda_is_refused_with_local_optimizers(flags, refused):
             _precision(args, torch.device("cuda"))
     else:
         assert _precision(args, torch.device("cuda")) in ("fp16", "bf16")
+    if "--fp16" not in flags:  # accelerate launch --mixed_precision fp16, through the environment
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+        local = args.dynamic and args.dynamic_config().optimizer == "local"
+        if local:
+            with pytest.raises(UsageError, match="accelerate launch --mixed_precision fp16"):
+                _precision(args, torch.device("cuda"))
+        else:
+            _precision(args, torch.device("cuda"))

@@ -121,10 +121,13 @@ def _precision(args: TrainArgs, device: torch.device) -> str:
         if args.base_dtype not in ("fp32", compute):
             raise UsageError(f"--inactive-dtype {compute} and --base-dtype {args.base_dtype} differ; choose one dtype")
     precision = "bf16" if args.bf16 else "fp16" if args.fp16 else compute
-    if precision == "fp16" and args.dynamic and args.dynamic_config().optimizer == "local":
+    # accelerate launch --mixed_precision fp16 reaches Trainer through the environment
+    fp16 = precision == "fp16" or os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "fp16"
+    if fp16 and args.dynamic and args.dynamic_config().optimizer == "local":
         raise UsageError(  # accelerate hands its loss scaler torch optimizers only
-            "fp16 compute (--fp16, --base-dtype fp16 or --inactive-dtype fp16) needs a loss scaler, which cannot "
-            "step the per-module optimizers of --optimizer local; allowed: bf16, or --optimizer global"
+            "fp16 compute (--fp16, --base-dtype fp16, --inactive-dtype fp16 or accelerate launch --mixed_precision "
+            "fp16) needs a loss scaler, which cannot step the per-module optimizers of --optimizer local; allowed: "
+            "bf16, or --optimizer global"
         )
     return precision
 
