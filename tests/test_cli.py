@@ -11,6 +11,7 @@ import torch
 from transformers import BertForSequenceClassification
 
 from dynalora.cli import main
+from dynalora.errors import UsageError
 from dynalora.methods import ADAPTER_METHODS
 from tests.tiny import write_csv
 
@@ -210,6 +211,10 @@ BAD = {
         ["--lr-scheduler-type", "constant", "--warmup-steps", "5"],
         "--warmup-steps is not read by --lr-scheduler-type constant",
     ),
+    "warm-up ratio of a constant rate": (
+        ["--lr-scheduler-type", "constant", "--warmup-ratio", "0.1"],
+        "--warmup-ratio is not read by --lr-scheduler-type constant",
+    ),
     "resume and overwrite": (["--resume", "--overwrite"], "--overwrite starts it over; choose one"),
     "preset of a static run": (["--no-dynamic", "--preset", "default"], "--preset is a dynamic setting"),
     "dynamic flag of a static method": (
@@ -246,6 +251,17 @@ def test_bad_input_one_line_exit_2_nothing_overwritten(tiny_model, csv_task, tmp
     assert "Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_warm_up_ratio_is_refused_only_when_given_to_a_constant_rate():
+    from dynalora.training import TrainArgs
+
+    assert TrainArgs().warmup_ratio == 0.06  # transformers' constant rate ignores warm-up: the default passes
+    assert TrainArgs(lr_scheduler_type="constant").warmup_ratio == 0.06
+    assert TrainArgs(lr_scheduler_type="constant", warmup_ratio=0.0, warmup_steps=0).warmup_ratio == 0.0
+    assert TrainArgs(lr_scheduler_type="cosine", warmup_ratio=0.2).warmup_ratio == 0.2
+    with pytest.raises(UsageError, match="--warmup-ratio is not read by --lr-scheduler-type constant"):
+        TrainArgs(lr_scheduler_type="constant", warmup_ratio=0.06)  # the default's value, given
 
 
 def test_bad_labels_and_empty_split(tiny_model, csv_task, tmp_path, capsys):

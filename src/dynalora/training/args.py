@@ -200,7 +200,7 @@ class TrainingArgs:
         "the schedule's own arguments, a JSON object: num_cycles (cosine, cosine_with_restarts), lr_end and power "
         "(polynomial), min_lr or min_lr_rate (cosine_with_min_lr), num_decay_steps (warmup_stable_decay), ..."
     )
-    warmup_ratio: float = _opt("fraction of steps of linear warm-up", default=0.06)
+    warmup_ratio: float | None = _opt("fraction of steps of linear warm-up (default: 0.06)")
     warmup_steps: int | None = _opt("steps of linear warm-up; overrides --warmup-ratio")
     max_grad_norm: float = _opt(
         "clip the norm of every trained tensor's gradient, together, at this value before each optimizer step "
@@ -291,7 +291,7 @@ class TrainArgs(OutputArgs, TrainingArgs, DynamicArgs, DataArgs, ModelArgs):
             raise UsageError(f"--epochs must be > 0, got {self.epochs}")
         if not 0 <= self.adapter_dropout < 1:
             raise UsageError(f"--adapter-dropout must be in [0, 1), got {self.adapter_dropout}")
-        if not 0 <= self.warmup_ratio < 1:
+        if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
             raise UsageError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         defaults = {f.name: f.default for f in fields(self)}
         for name, owners in METHOD_ONLY.items():  # an option this method does not read, set: refused, not ignored
@@ -316,9 +316,13 @@ class TrainArgs(OutputArgs, TrainingArgs, DynamicArgs, DataArgs, ModelArgs):
                              "gradients); allowed: --bf16, or no clipping")  # fmt: skip
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise UsageError(f"--warmup-steps must be an int >= 0, got {self.warmup_steps}")
-        if self.warmup_steps and self.lr_scheduler_type == "constant":  # transformers' constant has no warm-up
-            raise UsageError("--warmup-steps is not read by --lr-scheduler-type constant; allowed: "
-                             "--lr-scheduler-type constant_with_warmup, or drop --warmup-steps")  # fmt: skip
+        for name in ("warmup_steps", "warmup_ratio"):  # transformers' constant has no warm-up
+            if getattr(self, name) and self.lr_scheduler_type == "constant":
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"{flag} is not read by --lr-scheduler-type constant; allowed: "
+                                 f"--lr-scheduler-type constant_with_warmup, or drop {flag}")  # fmt: skip
+        if self.warmup_ratio is None:  # None until here: a ratio given with a constant rate is refused
+            self.warmup_ratio = 0.06
         if self.resume and self.overwrite:
             raise UsageError("--resume continues the run in --output-dir and --overwrite starts it over; choose one")
         if self.base_dtype != "fp32" and (self.bf16 or self.fp16):
