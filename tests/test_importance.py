@@ -216,6 +216,27 @@ def test_activation_checkpointing_recomputation_does_not_count_twice(measure):
     assert checkpointed == pytest.approx(plain, rel=1e-5)
 
 
+@pytest.mark.parametrize("measure", ["forward", "adapter"])
+def test_reentrant_checkpointing_is_refused_by_forward_measures_it_would_blind(measure):
+    # reentrant checkpointing runs the first forward without gradients and repeats it inside backward: a
+    # forward measure saw neither, so every checkpointed block scored 0 (the frozen blocks below the cut
+    # still scored, and the next reallocation preferred them)
+    model = tiny.peft_bert("lora")
+    alloc = DynamicAllocator(model, DynamicConfig(measure=measure, allocator="topk", k=4, period=1000, optimizer="global"))
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    with pytest.raises(RuntimeError, match=rf"measure='{measure}' .* \(use_reentrant=True\)"):
+        model(**tiny.batches(1)[0])
+    alloc.close()
+    gradient = tiny.peft_bert("lora")  # the gradient measure reads .grad, which reentrant checkpointing gives
+    alloc = DynamicAllocator(gradient, DynamicConfig(measure="gradient", allocator="topk", k=4, period=1000, optimizer="global"))
+    gradient.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    gradient.train()
+    gradient(**tiny.batches(1)[0]).loss.backward()
+    alloc.step()
+    assert all(score > 0 for score in alloc.scores().values())
+
+
 class _HostReads(TorchDispatchMode):
     """Counts the ops that make a CUDA stream wait for the host: reading a value (``.item()``,
     ``bool(tensor)``), or producing a data-dependent shape (``nonzero``, ``masked_select``)."""

@@ -91,6 +91,9 @@ class BlockGuard:
         extra: parameters trained at every step outside the modules (classifier head ...).
         blocks: block index of each module (:attr:`dynalora.cost.CostModel.blocks`).
         recompute: install the recompute-cap wrapper on every block.
+        measure: the importance measure, when it reads forward passes (``forward``, ``adapter``):
+            reentrant checkpointing runs them without gradients and again inside backward, where no
+            training pass is counted, so such a block would score 0; its first forward then raises.
     """
 
     def __init__(
@@ -100,7 +103,9 @@ class BlockGuard:
         extra: Sequence[nn.Parameter],
         blocks: Sequence[int],
         recompute: bool = False,
+        measure: str | None = None,
     ) -> None:
+        self._forward_measure = measure
         found = find_block_list(model, [m.layer for m in modules])
         self.blocks: list[nn.Module] = list(found[1]) if found is not None else []
         self._module_blocks = list(blocks)
@@ -162,7 +167,16 @@ class BlockGuard:
 
     def _pre(self, index: int, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         cut = self._cut
-        if cut is None or index > cut or not (block.training and torch.is_grad_enabled()):
+        if not (block.training and torch.is_grad_enabled()):
+            return None
+        if self._forward_measure and _checkpoints(block) and is_reentrant(block) and (cut is None or index >= cut):
+            raise RuntimeError(
+                f"measure={self._forward_measure!r} reads each module's training forward, which reentrant "
+                "activation checkpointing (use_reentrant=True) runs without gradients and repeats inside backward, "
+                "so the checkpointed blocks would score 0; allowed: gradient_checkpointing_kwargs="
+                "{'use_reentrant': False} (transformers' default), or measure='gradient'"
+            )
+        if cut is None or index > cut:
             return None
         if _checkpoints(block) and type(block).__call__ is not nn.Module.__call__:
             # transformers < 5 checkpointed __call__: these hooks would run inside the checkpoint.

@@ -88,7 +88,12 @@ class DynamicAllocator:
         self._exclude_cap = config.memory_cap if config.cap_mode == "exclude" else None
         # Keeps backward (and recomputation under checkpointing) out of blocks below the lowest trained one.
         self._guard = BlockGuard(
-            model, self.modules, self._extra, self.cost.blocks.tolist(), recompute=self._recompute_cap is not None
+            model,
+            self.modules,
+            self._extra,
+            self.cost.blocks.tolist(),
+            recompute=self._recompute_cap is not None,
+            measure=config.measure if config.measure in ("forward", "adapter") else None,
         )
         self._state_policy = STATE_POLICIES[config.state_policy]
         if config.state_policy == "offload" and any(p.device.type != "cuda" for m in self.modules for p in m.params):
