@@ -70,6 +70,54 @@ def test_adapter_norm_is_tuner_output_minus_base_output(method):
         assert expected > 0
 
 
+def _dvora_bert():
+    from dynalora.methods import METHODS, MethodOptions
+
+    model, _ = METHODS["dvora"](tiny.bert(), MethodOptions(None, 4, 8.0, 0.0, False))
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "dvora_lambda_b" in name:  # zero at init: the adapter would add nothing
+                p.copy_(torch.randn(p.shape, generator=gen))
+    return model
+
+
+def test_adapter_norm_sees_own_layers_that_scale_their_base_output():
+    # DVoRA rescales W x + ΔW x; it read its base layer's weight without calling the layer, so the
+    # measure's base-output hook never fired and every score stayed 0
+    model = _dvora_bert()
+    config = DynamicConfig(measure="adapter", k=1, period=1000, allocator="discounted_stochastic", optimizer="global")
+    alloc = DynamicAllocator(model, config)
+    seen, handles = _capture_inputs(alloc)
+    model.train()
+    model(**tiny.batches(1)[0])
+    for h in handles:
+        h.remove()
+    for module in alloc.modules:
+        x = seen[module.name][0]
+        with torch.no_grad():
+            expected = float((module.layer(x) - module.layer.base_layer(x)).norm(dim=-1).sum())
+        assert expected > 0
+        assert alloc.scores()[module.name] == pytest.approx(expected, rel=1e-4)
+
+
+def test_adapter_norm_refuses_a_layer_that_never_calls_its_base_layer(monkeypatch):
+    import torch.nn.functional as F
+
+    from dynalora.methods.dvora import DVoRALinear
+
+    def reads_the_weight(self, x):  # what DVoRA did before
+        return F.linear(x, self.base_layer.weight + self.delta(), self.base_layer.bias)
+
+    monkeypatch.setattr(DVoRALinear, "forward", reads_the_weight)
+    model = _dvora_bert()
+    config = DynamicConfig(measure="adapter", k=1, period=1000, allocator="discounted_stochastic", optimizer="global")
+    DynamicAllocator(model, config)
+    model.train()
+    with pytest.raises(RuntimeError, match="without calling its base layer"):
+        model(**tiny.batches(1)[0])
+
+
 def test_gradient_norm_matches_grad_and_is_read_whether_zero_grad_comes_first():
     model = tiny.peft_bert("lora")
     alloc = DynamicAllocator(
@@ -222,14 +270,18 @@ def test_reentrant_checkpointing_is_refused_by_forward_measures_it_would_blind(m
     # forward measure saw neither, so every checkpointed block scored 0 (the frozen blocks below the cut
     # still scored, and the next reallocation preferred them)
     model = tiny.peft_bert("lora")
-    alloc = DynamicAllocator(model, DynamicConfig(measure=measure, allocator="topk", k=4, period=1000, optimizer="global"))
+    alloc = DynamicAllocator(
+        model, DynamicConfig(measure=measure, allocator="topk", k=4, period=1000, optimizer="global")
+    )
     model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.train()
     with pytest.raises(RuntimeError, match=rf"measure='{measure}' .* \(use_reentrant=True\)"):
         model(**tiny.batches(1)[0])
     alloc.close()
     gradient = tiny.peft_bert("lora")  # the gradient measure reads .grad, which reentrant checkpointing gives
-    alloc = DynamicAllocator(gradient, DynamicConfig(measure="gradient", allocator="topk", k=4, period=1000, optimizer="global"))
+    alloc = DynamicAllocator(
+        gradient, DynamicConfig(measure="gradient", allocator="topk", k=4, period=1000, optimizer="global")
+    )
     gradient.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     gradient.train()
     gradient(**tiny.batches(1)[0]).loss.backward()

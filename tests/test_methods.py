@@ -454,3 +454,19 @@ def test_every_methods_schedule_fits_inside_the_run(total):
     assert galore.projection_gap(total) == galore.UPDATE_PROJ_GAP  # measured: a shorter gap did not help
     every = l1ra.L1RA(total, seed=0).every
     assert 1 <= every <= max(1, total // 10)
+
+
+@pytest.mark.parametrize("method", ["hydra", "dvora", "dylora", "l1ra"])
+def test_own_methods_refuse_gpt2_conv1d_layers_in_one_line(method):
+    # GPT-2's blocks are Conv1D, not nn.Linear: these methods wrapped nothing (static runs trained only the
+    # head; dvora crashed with an IndexError)
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from dynalora.errors import UsageError
+
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(
+        GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=2, n_positions=32, pad_token_id=0)
+    )
+    with pytest.raises(UsageError, match="Conv1D"):
+        METHODS[method](model, MethodOptions(None, 4, 8.0, 0.0, False))

@@ -159,6 +159,11 @@ class AdapterNorm(_Accumulating):
     def _hook(total: torch.Tensor, stash: dict[str, torch.Tensor]):
         def hook(layer, args, output):
             base = stash.pop("base", None)
+            if base is None and _is_training_pass(layer):
+                raise RuntimeError(
+                    f"measure='adapter' subtracts the base layer's output, and {type(layer).__name__} computed its "
+                    "output without calling its base layer; allowed for it: measure='forward' or 'gradient'"
+                )
             if base is not None and _is_training_pass(layer):
                 with torch.no_grad():
                     total.add_(_vector_norm_sum(_output_tensor(output) - base))

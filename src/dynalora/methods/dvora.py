@@ -57,9 +57,11 @@ class DVoRALinear(OwnTunerLayer):
             return self.base_layer(x)
         delta = self.delta()
         scale = self._scale(delta)
-        out = F.linear(x, self.base_layer.weight) + F.linear(self.dropout(x), delta)
+        bias = self.base_layer.bias
+        base = self.base_layer(x)  # called, not its weight read: measure="adapter" hooks the base layer
+        out = (base if bias is None else base - bias) + F.linear(self.dropout(x), delta)
         out = out * scale
-        return out if self.base_layer.bias is None else out + self.base_layer.bias
+        return out if bias is None else out + bias
 
     def merged_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         delta = self.delta()

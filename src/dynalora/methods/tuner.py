@@ -16,6 +16,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dynalora.errors import UsageError
+
 ADAPTER = "default"
 
 
@@ -54,11 +56,17 @@ def target_linears(model: nn.Module, targets: list[str]) -> list[tuple[str, nn.L
     """Every ``nn.Linear`` outside the task head whose name is in ``targets`` or ends with ``.target``."""
     from dynalora.methods.common import is_head
 
-    return [
+    chosen = [
         (name, m)
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear) and not is_head(name) and any(name == t or name.endswith("." + t) for t in targets)
     ]
+    if not chosen:  # GPT-2's blocks are transformers' Conv1D, which dynalora's own tuner layers do not wrap
+        conv = any(type(m).__name__ == "Conv1D" for m in model.modules())
+        why = "; this model's layers are Conv1D (GPT-2 style), which it does not wrap" if conv else ""
+        raise UsageError(f"--targets matched no nn.Linear for this method{why}; allowed: a model with nn.Linear "
+                         "layers, or a PEFT method (lora, dora, vera)")  # fmt: skip
+    return chosen
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
