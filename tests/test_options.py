@@ -57,10 +57,35 @@ def _request(cost, importance, round_, budget, coverage=0.2, cap=None, offset=0.
                              budget=budget, memory_cap=cap, coverage=coverage, round=round_, offset=offset)  # fmt: skip
 
 
+def _shares(layers: int) -> torch.Tensor:
+    """The backward share of a cutoff at each block (what ``cutoff`` trades), from the cost model."""
+    alloc = DynamicAllocator(peft_bert("lora", layers=layers), DynamicConfig(allocator="topk", k=1))
+    return alloc.cost.above[torch.unique(alloc.cost.blocks)]
+
+
 def test_round_0_trains_every_module_on_shallow_models():
-    alloc = DynamicAllocator(peft_bert("lora", layers=2), DynamicConfig(budget=0.1))
+    top = float(_shares(2)[-1])  # the least budget a 2-block model can spend: its top block, every step
+    alloc = DynamicAllocator(peft_bert("lora", layers=2), DynamicConfig(budget=top))
     assert alloc.active_mask.all()
     assert alloc.history[0]["depth"] == 0
+
+
+def test_a_budget_the_model_cannot_spend_is_refused():
+    # below the top block's share, or above what an exclusion cap leaves reachable, every step spent
+    # something else than the budget, without a word
+    shares = _shares(4)
+    top = float(shares[-1])
+    assert 0.2 < top < 0.3  # four similar blocks
+    with pytest.raises(ValueError, match=r"budget=0.2 is below the backward share of the top block alone"):
+        DynamicAllocator(peft_bert("lora", layers=4), DynamicConfig(budget=0.2))
+    DynamicAllocator(peft_bert("lora", layers=4), DynamicConfig(budget=round(top + 0.001, 3)))
+    reach = float(shares[shares <= 0.5 + 1e-9].max())  # the deepest cutoff within the cap
+    capped = DynamicConfig(budget=round(reach + 0.01, 3), memory_cap=0.5)
+    with pytest.raises(ValueError, match=r"more than the backward share memory_cap=0.5 lets any step reach"):
+        DynamicAllocator(peft_bert("lora", layers=4), capped)
+    DynamicAllocator(peft_bert("lora", layers=4), DynamicConfig(budget=reach, memory_cap=0.5))
+    recompute = DynamicConfig(allocator="topk", k=2, memory_cap=0.5, cap_mode="recompute")  # reads no budget
+    DynamicAllocator(peft_bert("lora", layers=4), recompute)
 
 
 @pytest.mark.parametrize("config", [DynamicConfig(), DynamicConfig(allocator="topk", memory_cap=0.5,

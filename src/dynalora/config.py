@@ -94,7 +94,9 @@ class DynamicConfig:
         "cutoff allocator: expected share of the blocks that backward runs through per step, in (0, 1]",
     )
     """``cutoff``: expected share of the transformer blocks' work that backward runs through per step,
-    in (0, 1]; 1 trains every module every step, as LoRA. The step time is about
+    in (0, 1]; 1 trains every module every step, as LoRA. It must lie between the top block's share
+    (which trains at every step) and, under ``memory_cap`` with ``cap_mode="exclude"``, the share the
+    cap leaves reachable: the allocator refuses a budget outside. The step time is about
     ``f + (1 - f) * budget`` of LoRA's, with f the selection-independent share
     (:data:`dynalora.cost.FIXED_SHARE`, 0.6 on CPU)."""
 
@@ -129,7 +131,10 @@ class DynamicConfig:
 
     coverage: float = _setting(0.2, "cutoff allocator: lowest probability that any block trains at a reallocation")
     """``cutoff``: the lowest probability with which any block within the cap trains at a
-    reallocation, in [0, 1], so that every block learns even when importance ranks it low."""
+    reallocation, in [0, 1], so that every block learns even when importance ranks it low. The
+    budget comes first: where it cannot pay for this floor at every block (or, under
+    ``budget_schedule="linear"``, late in the run, when the paced budget is low), every allowed
+    block below the top trains with the one probability the budget affords."""
 
     schedule: str = _setting("periodic", "reallocation schedule", SCHEDULES)
     """When to reallocate (§3.3): ``periodic`` every ``period`` optimizer steps, or ``once`` at step ``period``

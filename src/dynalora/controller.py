@@ -18,6 +18,7 @@ from dynalora.allocators import (
     COST_AWARE,
     AllocationRequest,
     initial_count,
+    lowest_allowed,
     normalize,
     paced_budget,
     seed_offset,
@@ -126,6 +127,7 @@ class DynamicAllocator:
         self.history: list[dict[str, Any]] = []
         if config.allocator in COST_AWARE:
             first = self._allocate(self._request(torch.zeros(num)))  # also checks memory_cap against the model
+            self._check_budget()
         else:
             n = initial_count(config.allocator, self.k, config.threshold, num)
             first = torch.zeros(num, dtype=torch.bool)
@@ -241,6 +243,24 @@ class DynamicAllocator:
         if total < 1:
             raise ValueError(f"total={total!r} is out of range; allowed: an int >= 1")
         self._total_steps = total
+
+    def _check_budget(self) -> None:
+        """``cutoff``: a budget the model can spend, between the top block alone and what the cap leaves."""
+        depth_share = self.cost.above[torch.unique(self.cost.blocks)]  # backward share of each candidate cutoff
+        top = float(depth_share[-1])
+        reach = float(depth_share[lowest_allowed(depth_share, self._exclude_cap)])
+        budget = self.config.budget
+        if budget < top - 1e-9:
+            raise ValueError(
+                f"budget={budget:g} is below the backward share of the top block alone ({top:.3f} on this model), "
+                f"which trains at every step, so every step would spend {top:.3f}; allowed: a budget >= {top:.3f}"
+            )
+        if self._exclude_cap is not None and budget > reach + 1e-9:
+            raise ValueError(
+                f"budget={budget:g} is more than the backward share memory_cap={self._exclude_cap:g} lets any step "
+                f"reach on this model ({reach:.3f}), so every step would spend {reach:.3f}; allowed: a budget <= "
+                f"{reach:.3f}, or cap_mode='recompute' (every block trains, the lowest recomputed)"
+            )
 
     def _budget(self) -> float:
         if self.config.budget_schedule == "constant":
