@@ -261,7 +261,7 @@ def test_cutoff_under_a_memory_cap_never_goes_below_it():
 # ----------------------------------------------------------------------------- through DynamicAllocator
 def test_allocator_with_cutoff_starts_with_everything_and_records_the_cost():
     model = peft_bert("lora", layers=3)
-    allocator = DynamicAllocator(model, DynamicConfig(allocator="cutoff", budget=0.5, period=1))
+    allocator = DynamicAllocator(model, DynamicConfig(allocator="cutoff", budget=0.5, period=1, optimizer="global"))
     assert allocator.active_mask.all()
     first = allocator.history[0]
     assert first["depth"] == 0 and first["backward_share"] == pytest.approx(1.0)
@@ -283,7 +283,7 @@ def test_bad_cost_settings_are_refused(field, value):
 
 
 def test_cutoff_sequence_continues_exactly_after_load_state_dict():
-    config = DynamicConfig(allocator="cutoff", budget=0.5, period=1, measure="random")
+    config = DynamicConfig(allocator="cutoff", budget=0.5, period=1, measure="random", optimizer="global")
     a = DynamicAllocator(peft_bert("lora", layers=3), config)
     for _ in range(3):
         a.step()
@@ -311,7 +311,9 @@ def test_paced_budget_decays_with_the_run_and_keeps_its_mean():
 
 
 def test_linear_budget_schedule_trains_deep_early_and_shallow_late():
-    config = DynamicConfig(allocator="cutoff", budget=0.5, period=1, measure="random", budget_schedule="linear")
+    config = DynamicConfig(
+        allocator="cutoff", budget=0.5, period=1, measure="random", budget_schedule="linear", optimizer="global"
+    )
     model = peft_bert("lora", layers=3)
     allocator = DynamicAllocator(model, config)
     allocator.set_total_steps(200)
@@ -326,7 +328,9 @@ def test_linear_budget_schedule_trains_deep_early_and_shallow_late():
 
 
 def test_linear_budget_schedule_without_the_runs_length_is_refused():
-    config = DynamicConfig(allocator="cutoff", budget=0.5, period=1, measure="random", budget_schedule="linear")
+    config = DynamicConfig(
+        allocator="cutoff", budget=0.5, period=1, measure="random", budget_schedule="linear", optimizer="global"
+    )
     allocator = DynamicAllocator(peft_bert("lora", layers=3), config)
     with pytest.raises(ValueError, match="budget_schedule='linear' paces the budget over the run"):
         allocator.step()  # the first reallocation needs the length (it used to warn and spend evenly)

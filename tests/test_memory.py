@@ -114,6 +114,22 @@ def test_optimizer_container_sums_its_optimizers() -> None:
     assert optimizer_state_bytes(LocalOptimizer([opt1, opt2])) == 1160 + 552
 
 
+def test_the_local_optimizers_own_tensors_outside_the_modules_are_counted() -> None:
+    # LocalOptimizer keeps the always-trained tensors (a classifier head) in an optimizer of their own,
+    # `extra`, which the count left out
+    from dynalora.optim import LocalOptimizer
+
+    model = _mlp()
+    local = LocalOptimizer([list(model[0].parameters())], list(model[2].parameters()), lambda: torch.tensor([True]),
+                           torch.optim.AdamW)  # fmt: skip
+    model(_x()).sum().backward()
+    local.step()
+    assert (
+        optimizer_state_bytes(local)
+        == 2 * FIRST_LINEAR_BYTES + 2 * STEP_BYTES + 2 * SECOND_LINEAR_BYTES + 2 * STEP_BYTES
+    )
+
+
 def test_optimizer_state_bytes_by_device() -> None:
     """State moved off the model's device (``offload``) is counted apart; meta stands in for the other device."""
     model = _mlp()

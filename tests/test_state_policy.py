@@ -300,3 +300,28 @@ def test_a_module_trained_at_every_step_follows_the_global_schedule():
             seen.append(sched.get_last_lr()[-1])
         rates.append(seen)
     assert rates[0] == pytest.approx(rates[1], rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("config", "refused"),
+    [
+        ({}, "optimizer='local'"),  # the default: one optimizer per module, which only create_optimizer builds
+        ({"optimizer": "global", "state_policy": "reset"}, "state_policy='reset'"),
+        ({"optimizer": "global"}, None),
+    ],
+)
+def test_an_optimizer_of_ones_own_is_refused_where_the_config_needs_the_allocators(config, refused):
+    # the allocator never saw an optimizer it did not build: local optimisation and the state policy
+    # were silently not applied (a plain AdamW kept the state of deactivated modules under 'reset')
+    model = tiny.peft_bert("lora")
+    alloc = DynamicAllocator(model, DynamicConfig(allocator="topk", k=2, period=1, **config))
+    opt = torch.optim.AdamW([p for m in alloc.modules for p in m.params], lr=1e-3)
+    model.train()
+    model(**tiny.batches(1)[0]).loss.backward()
+    opt.step()
+    if refused is None:
+        alloc.step()
+        assert alloc.step_count == 1
+        return
+    with pytest.raises(ValueError, match=f"{refused}.* create_optimizer"):
+        alloc.step()

@@ -151,7 +151,8 @@ class DynamicConfig:
     optimizer: str = _setting("local", "global or per-module (local) optimizer and LR schedule", OPTIMIZERS)
     """Optimisation (§3.4): ``global`` = one optimizer and LR schedule over every module;
     ``local`` (the default) = one per module, each advancing only on the steps its module is
-    trained, so that a block that trains in a fifth of the steps still sees its whole LR schedule."""
+    trained; how far along its schedule a rarely trained module gets is ``local_schedule``. Both
+    need the optimizer from :meth:`~dynalora.DynamicAllocator.create_optimizer`."""
 
     local_schedule: str = _setting(
         "steps",

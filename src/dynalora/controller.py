@@ -244,6 +244,18 @@ class DynamicAllocator:
             raise ValueError(f"total={total!r} is out of range; allowed: an int >= 1")
         self._total_steps = total
 
+    def _check_own_optimizer(self) -> None:
+        """An optimizer not built by :meth:`create_optimizer` is one global optimizer the allocator cannot see."""
+        needs = [f"optimizer={self.config.optimizer!r}"] if self.config.optimizer == "local" else []
+        if self.config.state_policy != "keep":
+            needs.append(f"state_policy={self.config.state_policy!r}")
+        if needs:
+            raise ValueError(
+                f"{' and '.join(needs)} act on the optimizer that create_optimizer() builds, and this run steps "
+                "an optimizer of its own; allowed: opt = allocator.create_optimizer(torch.optim.AdamW, lr=...), "
+                "or DynamicConfig(optimizer='global', state_policy='keep') with an optimizer over every module"
+            )
+
     def _check_budget(self) -> None:
         """``cutoff``: a budget the model can spend, between the top block alone and what the cap leaves."""
         depth_share = self.cost.above[torch.unique(self.cost.blocks)]  # backward share of each candidate cutoff
@@ -278,6 +290,8 @@ class DynamicAllocator:
     # ----------------------------------------------------------------------------- the step
     def step(self) -> None:
         """Account for one optimizer step; reallocate when the schedule says so."""
+        if self._step == 0 and self._optimizer is None:
+            self._check_own_optimizer()
         self._active_steps += self._mask
         self._measure.end_step()
         self._step += 1

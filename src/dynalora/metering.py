@@ -109,7 +109,9 @@ def _state_tensors(value: Any) -> Iterator[torch.Tensor]:
 
 def _inner_optimizers(container: Any) -> Iterable[Any]:
     inner = container.optimizers
-    return inner.values() if isinstance(inner, Mapping) else inner
+    inner = list(inner.values() if isinstance(inner, Mapping) else inner)
+    extra = getattr(container, "extra", None)  # LocalOptimizer: the always-trained tensors' (the head's) own
+    return [*inner, extra] if extra is not None else inner
 
 
 def _optimizer_tensors(optimizer: Any) -> Iterator[torch.Tensor]:
