@@ -421,6 +421,10 @@ def test_l1ra_resize_keeps_outputs_and_the_adam_state_of_kept_ranks():
     L1RA(total_steps=100, seed=0).after_step(model, step=0, optimizer=opt)  # not a resize step
     expected = (c_before - 0.01 * 1e-3).clamp(0, 1)  # the proximal L1 step at the gates' lr
     torch.testing.assert_close(layer.l1ra_c["default"].detach(), expected)
+    from dynalora.errors import UsageError
+
+    with pytest.raises(UsageError, match="needs its length"):  # it resized at every step without one
+        L1RA(total_steps=None, seed=0).after_step(model, step=0, optimizer=opt)
 
 
 def test_l1ra_runs_keeps_its_budget_and_draws_the_rank_map(tiny_model, csv_task, tmp_path, monkeypatch, capsys):

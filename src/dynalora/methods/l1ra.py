@@ -156,11 +156,15 @@ def _move_state(optimizer: torch.optim.Optimizer, old: nn.Parameter, new: nn.Par
 class L1RA:
     """The per-step work of L1RA: the proximal L1 step on the gates and the periodic resize."""
 
-    def __init__(self, total_steps: int, seed: int) -> None:
-        self.every = max(1, int(UPDATE_RATIO * total_steps))
+    def __init__(self, total_steps: int | None, seed: int) -> None:
+        # None: a model built to load a trained adapter into, which never steps
+        self.every = max(1, int(UPDATE_RATIO * total_steps)) if total_steps else None
         self.generator = torch.Generator().manual_seed(seed)
 
     def after_step(self, model: nn.Module, step: int, optimizer: torch.optim.Optimizer) -> None:
+        if self.every is None:  # it would otherwise resize at every step
+            raise UsageError("--method l1ra reallocates ranks at fixed fractions of the run and needs its length "
+                             "to train; allowed: MethodOptions(total_steps=N)")  # fmt: skip
         layers = _layers(model)
         gate_lr = next(g["lr"] for g in optimizer.param_groups if g.get("l1ra_gates"))
         with torch.no_grad():
@@ -196,7 +200,7 @@ def build(model: nn.Module, opts: MethodOptions) -> Built:
         )
     targets = adapter_targets(model, opts.targets)
     wrap_linears(model, targets, lambda linear: L1RALinear(linear, opts.rank, opts.alpha, opts.dropout))
-    model.dynalora_l1ra = L1RA(opts.total_steps or 1, opts.seed)  # the loop's hooks find it here
+    model.dynalora_l1ra = L1RA(opts.total_steps, opts.seed)  # the loop's hooks find it here
     return model, None
 
 
