@@ -194,3 +194,57 @@ def test_format_is_refused_for_a_grid(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "a grid's report is report.md" in err
     assert not (tmp_path / "grid" / "report.md").exists()
+
+
+def test_a_stale_run_beside_its_replacement_is_not_a_second_seed(tmp_path, capsys):
+    # the grid gained `lr`: the old seed-0 folder stayed beside the new one, and the cell read "(2)"
+    make_run(tmp_path, "seed=0", score=0.70)
+    make_run(tmp_path, "lr=0.001,seed=0", score=0.72)
+    with pytest.raises(grid_report.UsageError, match="seed=0 are the same configuration, task and seed"):
+        load_grid(tmp_path)
+    # a sweep's folder: only the runs its sweep.json lists are results of it
+    (tmp_path / "sweep.json").write_text(json.dumps({"name": "g", "runs": [{"name": "lr=0.001,seed=0"}]}))
+    (config,) = load_grid(tmp_path)
+    assert [Path(r["run_dir"]).name for r in config.runs] == ["lr=0.001,seed=0"]
+    assert config.scores("rt") == [0.72]
+
+
+def test_a_cell_reads_one_split(tmp_path):
+    # a run without a test score was averaged on validation with the others' test scores
+    make_run(tmp_path, "a", seed=0, score=0.70)
+    make_run(tmp_path, "b", seed=1, score=0.70)
+    nan_test = make_run(tmp_path, "c", seed=2, score=0.90)
+    metrics = json.loads((nan_test / "metrics.json").read_text())
+    metrics["test"] = {"accuracy": None}
+    (nan_test / "metrics.json").write_text(json.dumps(metrics))
+    (config,) = load_grid(tmp_path)
+    assert config.split("rt") == "test" and config.scores("rt") == [0.70, 0.70]
+    assert "| 70.0 ± 0.0 (2) |" in table1([config])
+    for folder in ("a", "b"):  # no test scores at all: validation, and the cell says so
+        metrics = json.loads((tmp_path / folder / "metrics.json").read_text())
+        metrics["test"] = {}
+        (tmp_path / folder / "metrics.json").write_text(json.dumps(metrics))
+    (config,) = load_grid(tmp_path)
+    assert config.split("rt") == "validation" and sorted(config.scores("rt")) == [0.70, 0.70, 0.90]
+    assert "(3, validation) |" in table1([config])
+
+
+def test_a_method_that_differs_by_task_is_a_configuration_not_a_recipe(tmp_path):
+    # LoRA on one task and VeRA on the other became one row "LoRA" averaging both
+    make_run(tmp_path, "lora-a", task="a", method="lora", score=0.9)
+    make_run(tmp_path, "vera-b", task="b", method="vera", score=0.5)
+    configs = load_grid(tmp_path)
+    assert sorted(c.label for c in configs) == ["LoRA", "VeRA"]
+    assert "method" not in grid_report.task_settings([r for c in configs for r in c.runs]).get("a", {})
+
+
+def test_configurations_that_differ_by_their_cap_have_different_labels(tmp_path):
+    make_run(tmp_path, "free", dynamic={"allocator": "topk"})
+    make_run(tmp_path, "cap35", dynamic={"allocator": "topk", "memory_cap": 0.35, "cap_mode": "recompute"})
+    make_run(tmp_path, "cap50", dynamic={"allocator": "topk", "memory_cap": 0.5, "cap_mode": "recompute"})
+    labels = sorted(c.label for c in load_grid(tmp_path))
+    assert labels == [
+        "DynaLoRA (gradient/topk, k=2/4)",
+        "DynaLoRA (gradient/topk, k=2/4, cap=0.35 recompute)",
+        "DynaLoRA (gradient/topk, k=2/4, cap=0.5 recompute)",
+    ]

@@ -182,6 +182,20 @@ def test_aggregate_mean_std_against_numpy() -> None:
     assert "accuracy (test)" in table
 
 
+def test_aggregate_groups_by_the_recipe_and_refuses_a_seed_twice(tmp_path) -> None:
+    # two seed-0 runs with other learning rates were averaged as "2 seeds"
+    runs = []
+    for lr, acc in ((1e-3, 0.6), (1e-1, 0.8)):
+        folder = _write_run(tmp_path / f"lr{lr}", _metrics(seed=0, test={"accuracy": acc}))
+        (folder / "config.json").write_text(json.dumps({"lr": lr, "seed": 0, "output_dir": str(folder)}))
+        runs.append(load_run(folder))
+    assert [r["n"] for r in aggregate(runs)] == [1, 1]
+    twin = _write_run(tmp_path / "again", _metrics(seed=0, test={"accuracy": 0.7}))
+    (twin / "config.json").write_text(json.dumps({"lr": 1e-3, "seed": 0, "output_dir": str(twin)}))
+    with pytest.raises(UsageError, match="one configuration with seed 0"):
+        aggregate([*runs, load_run(twin)])
+
+
 def _write_run(folder: Path, metrics: dict[str, Any]) -> Path:
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")

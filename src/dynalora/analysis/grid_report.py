@@ -25,22 +25,15 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from dynalora.analysis.plots import module_activity_figure, read_jsonl, save_figure
-from dynalora.analysis.report import _mean_std, load_run, main_result, render_table, run_label
+from dynalora.analysis.report import BOOKKEEPING, _mean_std, load_run, main_result, render_table, run_label
 from dynalora.config import DynamicConfig
 from dynalora.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-# config.json keys that say how a run was kept or reported, not what it trained (resolved_dynamic:
-# the same settings as metrics.json's "dynamic", with the run's seed)
-_BOOKKEEPING = frozenset({
-    "output_dir", "overwrite", "resume", "quiet", "save_every", "keep_checkpoints", "model_path",
-    "resolved_device", "num_processes", "eval_every", "seed", "task", "device", "glue_dir", "resolved_dynamic",
-    "report_to", "logging_steps", "push_to_hub", "hub_model_id",
-})  # fmt: skip
 # settings that run_label already names
 _IN_LABEL = frozenset({"method", "dynamic", "measure", "allocator", "k", "k_modules", "budget", "memory_cap",
-                       "threshold", "preset"})  # fmt: skip
+                       "cap_mode", "threshold", "preset"})  # fmt: skip
 _MIB = 2**20
 
 
@@ -65,8 +58,22 @@ class Config:
     def of_task(self, task: str) -> list[dict[str, Any]]:
         return [r for r in self.runs if str(r.get("task")) == task]
 
+    def split(self, task: str) -> str | None:
+        """The split a task's cell reads: test when any of its runs has a test score, else validation."""
+        splits = {main_result(r)[1] for r in self.of_task(task)} - {None}
+        return "test" if "test" in splits else next(iter(splits), None)
+
     def scores(self, task: str) -> list[float]:
-        return [v for r in self.of_task(task) if (v := main_result(r)[2]) is not None]
+        """The main metric of the task's runs, on one split (:meth:`split`): a run without a score on
+        it is left out (and logged), never averaged in from the other split."""
+        split, scores = self.split(task), []
+        for run in self.of_task(task):
+            _, run_split, value = main_result(run)
+            if value is not None and run_split == split:
+                scores.append(value)
+            elif value is not None:
+                logger.warning("%s: no %s score; left out of %s on %s", run.get("run_dir"), split, self.label, task)
+        return scores
 
 
 def is_grid(path: str | os.PathLike[str]) -> bool:
@@ -85,7 +92,7 @@ def settings_of(run: Mapping[str, Any]) -> dict[str, Any]:
     """What a run trained with, as one flat mapping: ``config.json`` with the dynamic settings resolved."""
     config = run.get("config") or {"method": run.get("method"), "model": run.get("model")}
     dynamic = run.get("dynamic") or {}
-    flat = {k: v for k, v in config.items() if k not in _BOOKKEEPING}
+    flat = {k: v for k, v in config.items() if k not in BOOKKEEPING}
     flat = {k: v for k, v in flat.items() if k not in dynamic and k != "preset"}  # resolved values below
     flat["dynamic"] = bool(dynamic)
     flat.update({k: v for k, v in dynamic.items() if k != "seed"})
@@ -100,7 +107,7 @@ def load_grid(root: str | os.PathLike[str]) -> list[Config]:
     not split a configuration (:func:`task_settings` lists them).
     """
     runs = []
-    for folder in _run_dirs(Path(root)):
+    for folder in _grid_runs(Path(root)):
         run = load_run(folder)
         config_path = folder / "config.json"
         run["config"] = json.loads(config_path.read_text()) if config_path.is_file() else {}
@@ -115,8 +122,34 @@ def load_grid(root: str | os.PathLike[str]) -> list[Config]:
         key = json.dumps(settings, sort_keys=True, default=str)
         groups.setdefault(key, Config(settings)).runs.append(run)
     configs = list(groups.values())
+    for config in configs:  # a stale run beside its replacement would count as a second seed
+        seen: dict[tuple[str, Any], str] = {}
+        for run in config.runs:
+            key = (str(run.get("task")), run["config"].get("seed"))
+            if key in seen:
+                raise UsageError(
+                    f"{seen[key]} and {run['run_dir']} are the same configuration, task and seed, and would count "
+                    "as two seeds; allowed: one run each (move or delete the stale one)"
+                )
+            seen[key] = run["run_dir"]
     _name(configs)
     return configs
+
+
+def _grid_runs(root: Path) -> list[Path]:
+    """The finished run folders under ``root``: those ``sweep.json`` lists, when a sweep made it (a
+    run of an earlier grid, left beside it, is not a result of this one)."""
+    found = list(_run_dirs(root))
+    index = root / "sweep.json"
+    if not index.is_file():
+        return found
+    names = {r["name"] for r in json.loads(index.read_text()).get("runs", [])}
+    kept = [f for f in found if f.relative_to(root).as_posix() in names]
+    if len(kept) < len(found):
+        left = [f.relative_to(root).as_posix() for f in found if f not in kept]
+        logger.warning("%d finished runs under %s are not in its sweep.json, left out: %s", len(left), root,
+                       ", ".join(left[:5]) + (", ..." if len(left) > 5 else ""))  # fmt: skip
+    return kept
 
 
 def _shared_settings(runs: Sequence[Mapping[str, Any]]) -> dict[bool, dict[str, Any]]:
@@ -141,7 +174,7 @@ def task_settings(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]
         by_task.setdefault(str(run.get("task")), []).append(flat)
     if len(by_task) < 2:
         return {}
-    keys = {k for rows in by_task.values() for row in rows for k in row}
+    keys = {k for rows in by_task.values() for row in rows for k in row} - _WHAT_TRAINS
     fixed = {}
     for key in sorted(keys):
         values = {t: {json.dumps(r.get(key), default=str) for r in rows} for t, rows in by_task.items()}
@@ -169,6 +202,9 @@ def _name(configs: list[Config]) -> None:
 
 # the dynamic settings (DynamicConfig's fields) and the module count they resolve to
 _DYNAMIC_KEYS = frozenset({f.name for f in fields(DynamicConfig)} - {"seed"} | {"k_modules"})
+# what a configuration's label names, never a task's recipe, even when each task ran with one value of it
+# (a model or targets per task are a recipe, listed in the report's table of them)
+_WHAT_TRAINS = _DYNAMIC_KEYS | {"method", "dynamic", "preset"}
 
 
 def _distance(a: Mapping[str, Any], b: Mapping[str, Any], ignore: Iterable[str] = ()) -> int:
@@ -236,7 +272,8 @@ def table1(configs: Sequence[Config], *, fmt: str = "markdown") -> str:
             mean, std = _mean_std(scores)
             means.append(mean)
             spread = f" ± {100 * std:.1f}" if math.isfinite(std) else ""
-            cells.append(f"{100 * mean:.1f}{spread} ({len(scores)})" if scores else "")
+            where = ", validation" if c.split(task) == "validation" else ""
+            cells.append(f"{100 * mean:.1f}{spread} ({len(scores)}{where})" if scores else "")
         cells.append(f"{100 * np.mean(means):.1f}" if all(math.isfinite(m) for m in means) else "")
         rows.append(cells)
     return render_table(header, rows, fmt=fmt, n_left=1)
@@ -356,7 +393,8 @@ def figure_memory(configs: Sequence[Config], out: Path) -> Made:
         xs = np.arange(len(points))
         bottom = np.zeros(len(points))
         for j, (kind, name) in enumerate(kinds):
-            heights = np.array([np.mean([r["memory"][f"peak_{kind}"] for r in c.of_task(task)] or [0]) / _MIB
+            # NaN: the configuration has no run on this task, so no bar (not a bar of 0 MiB)
+            heights = np.array([np.mean([r["memory"][f"peak_{kind}"] for r in c.of_task(task)] or [np.nan]) / _MIB
                                 for _, c in points])  # fmt: skip
             ax.bar(xs, heights, bottom=bottom, color=f"C{j}", alpha=0.6, label=name)
             bottom += heights
@@ -441,7 +479,8 @@ def figure_period(configs: Sequence[Config], out: Path) -> Made:
     for i, task in enumerate(tasks):
         stats = [_mean_std(c.scores(task)) for c in family]
         _errorbar(ax, periods, stats, color=f"C{i}", label=task)
-    steps = next((r.get("num_steps") for c in family for r in c.runs), None)
+    lengths = {r.get("num_steps") for c in family for r in c.runs}
+    steps = next(iter(lengths)) if len(lengths) == 1 else None  # tasks of other lengths: no one count
     ax.set_xscale("log")
     labels = [f"{p}\n({steps // p}×)" if steps else str(p) for p in periods]
     ax.set_xticks(periods, labels=labels)

@@ -41,6 +41,13 @@ _METHOD_LABELS: dict[str, tuple[str, str]] = {
 _MEMORY_KINDS: dict[str, str] = {"cpu_peak_rss": "CPU RSS", "cuda_max_allocated": "CUDA alloc"}
 _SPLIT_SHORT: dict[str, str] = {"test": "test", "validation": "val"}
 _MISSING = "n/a"
+# config.json keys that say how a run was kept or reported, not what it trained (resolved_dynamic:
+# the same settings as metrics.json's "dynamic", with the run's seed)
+BOOKKEEPING = frozenset({
+    "output_dir", "overwrite", "resume", "quiet", "save_every", "keep_checkpoints", "model_path",
+    "resolved_device", "num_processes", "eval_every", "seed", "task", "device", "glue_dir", "resolved_dynamic",
+    "report_to", "logging_steps", "push_to_hub", "hub_model_id",
+})  # fmt: skip
 
 
 def load_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
@@ -78,7 +85,8 @@ def run_label(metrics: Mapping[str, Any]) -> str:
     LoRA; likewise ``VeRA``/``DynaVeRA``, ``DoRA``/``DynaDoRA``, ``Full FT``/``Dynamic full FT``,
     ``BitFit``/``Dynamic BitFit``. The parenthesis lists the dynamic config's ``measure`` and
     ``allocator`` (joined by ``/``) and the budget: ``p`` for threshold, else ``k`` as "active of
-    all modules" when the run recorded both, whichever are present.
+    all modules" when the run recorded both, whichever are present; then ``cap=`` with the memory
+    cap, and its mode unless it is ``exclude``.
 
     Args:
         metrics: A run's ``metrics.json`` content.
@@ -97,14 +105,15 @@ def run_label(metrics: Mapping[str, Any]) -> str:
         parts.append(strategy)
     if dynamic.get("allocator") == "cutoff" and dynamic.get("budget") is not None:
         parts.append(f"budget={dynamic['budget']:g}")
-        if dynamic.get("memory_cap") is not None:
-            parts.append(f"cap={dynamic['memory_cap']:g}")
     elif dynamic.get("allocator") == "threshold" and dynamic.get("threshold") is not None:
         parts.append(f"p={dynamic['threshold']}")
     elif dynamic.get("k_modules") is not None and metrics.get("num_modules"):
         parts.append(f"k={dynamic['k_modules']}/{metrics['num_modules']}")
     elif dynamic.get("k") is not None:
         parts.append(f"k={dynamic['k']:.3g}" if isinstance(dynamic["k"], float) else f"k={dynamic['k']}")
+    if dynamic.get("memory_cap") is not None:  # any allocator with cap_mode recompute; cutoff with exclude
+        mode = dynamic.get("cap_mode") or "exclude"
+        parts.append(f"cap={dynamic['memory_cap']:g}" + (f" {mode}" if mode != "exclude" else ""))
     return f"{dynamic_prefix} ({', '.join(parts)})" if parts else dynamic_prefix
 
 
@@ -220,6 +229,9 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for run in runs:
         name, split, _ = main_result(run)
         dynamic = {k: v for k, v in (run.get("dynamic") or {}).items() if k != "seed"}
+        config = run.get("run_dir") and Path(run["run_dir"]) / "config.json"
+        trained = json.loads(config.read_text()) if config and config.is_file() else {}
+        trained = {k: v for k, v in trained.items() if k not in BOOKKEEPING}  # lr, rank, epochs, ...: not seeds
         key = (
             run.get("task"),
             run.get("model"),
@@ -227,11 +239,18 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             name,
             split,
             json.dumps(dynamic, sort_keys=True),
+            json.dumps(trained, sort_keys=True, default=str),
         )
         groups.setdefault(key, []).append(run)
 
     rows = []
-    for (task, model, label, name, split, _), members in groups.items():
+    for (task, model, label, name, split, _, _), members in groups.items():
+        seeds = [run.get("seed") for run in members]
+        twice = next((seed for seed in seeds if seed is not None and seeds.count(seed) > 1), None)
+        if twice is not None:
+            dirs = [str(run.get("run_dir")) for run in members if run.get("seed") == twice]
+            raise UsageError(f"{dirs[0]} and {dirs[1]} are one configuration with seed {twice}, and would count as "
+                             "two seeds; allowed: one run each")  # fmt: skip
         values = [main_result(run)[2] for run in members]
         step_ms = [_number(run.get("median_step_ms")) for run in members]
         metric_mean, metric_std = _mean_std([v for v in values if v is not None])
