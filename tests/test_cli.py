@@ -366,11 +366,12 @@ def test_an_option_the_method_does_not_read_is_refused(method, option):
     TrainArgs(method=method, dynamic=dynamic)  # the defaults are accepted by every method
 
 
-def test_plain_full_fine_tuning_refuses_targets(tiny_model, csv_task, tmp_path, capsys):
+@pytest.mark.parametrize("targets", ["query", "all-linear"])  # all-linear was accepted, and ignored
+def test_plain_full_fine_tuning_refuses_targets(tiny_model, csv_task, tmp_path, capsys, targets):
     out = tmp_path / "run"
-    assert main(cli_args(tiny_model, csv_task, out, "--method", "full", "--targets", "query")) == 2
+    assert main(cli_args(tiny_model, csv_task, out, "--method", "full", "--targets", targets)) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "plain --method full trains every weight" in err
+    assert len(err.splitlines()) == 1 and "--targets is read by dynamic --method full only" in err
     assert not (out / "config.json").exists()
 
 
@@ -415,6 +416,19 @@ def test_compare_refuses_an_existing_comparison_and_resolves_lr_per_variant(tiny
     assert main([*argv, "--overwrite"]) == 0
     lrs = {v: json.loads((root / v / "config.json").read_text())["lr"] for v in ("dynamic", "plain")}
     assert lrs == {"dynamic": 3e-4, "plain": 5e-5}
+
+    # --resume keeps a finished variant and trains what is missing (it was refused as "already holds")
+    import shutil
+
+    shutil.rmtree(root / "plain")
+    stamp = (root / "dynamic" / "metrics.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main([*argv, "--resume"]) == 0
+    assert (root / "dynamic" / "metrics.json").stat().st_mtime_ns == stamp
+    assert (root / "plain" / "metrics.json").is_file() and "Full FT" in (root / "compare.md").read_text()
+    capsys.readouterr()
+    assert main([*argv, "--resume", "--lr", "1e-3"]) == 2  # a finished variant with other flags: refused
+    assert "--lr is 0.001 here but 0.0003" in capsys.readouterr().err
 
 
 def test_evaluating_more_often_does_not_change_training(tiny_model, csv_task, tmp_path):

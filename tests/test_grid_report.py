@@ -188,9 +188,10 @@ def test_report_dir_and_single_runs(tmp_path, capsys):
     assert "--report-dir is for a folder of run folders" in capsys.readouterr().err
 
 
-def test_format_is_refused_for_a_grid(tmp_path, capsys):
+@pytest.mark.parametrize("fmt", ["markdown", "text"])  # text, the table's default, was accepted and ignored
+def test_format_is_refused_for_a_grid(tmp_path, capsys, fmt):
     make_run(tmp_path / "grid", "lora-0")
-    assert main(["report", str(tmp_path / "grid"), "--format", "markdown"]) == 2
+    assert main(["report", str(tmp_path / "grid"), "--format", fmt]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "a grid's report is report.md" in err
     assert not (tmp_path / "grid" / "report.md").exists()

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
         "report", help="a table of finished runs; a folder of run folders also gets report.md and figures"
     )
     report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    report.add_argument("--format", choices=("markdown", "text"), default="text")
+    report.add_argument("--format", choices=("markdown", "text"), default=None, help="(default: text)")
     report.add_argument(
         "--report-dir", help="where a grid's report.md and figures go (default: the grid folder itself)"
     )
@@ -143,6 +143,7 @@ def _compare_variants(ns: argparse.Namespace) -> list[tuple[bool, str, str]]:
 
 def _cmd_compare(ns: argparse.Namespace) -> int:
     from dynalora.analysis.report import compare_table, load_run
+    from dynalora.methods import REGISTRY
     from dynalora.training import RUN_FILES, TrainArgs, run
     from dynalora.training.args import METHOD_ONLY
     from dynalora.training.sweep import dynamic_only
@@ -153,11 +154,13 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
     # A method's own options (--rank, --dylora-frozen) go to the methods that read them, as in a sweep.
     defaults = {f.name: f.default for f in dataclasses.fields(TrainArgs)}
 
-    def unread(method: str) -> dict[str, Any]:
-        return {o: defaults[o] for o, owners in METHOD_ONLY.items() if method not in owners}
+    def unread(method: str, dynamic: bool) -> dict[str, Any]:
+        static_drops = () if dynamic else REGISTRY[method].dynamic_options
+        return {o: defaults[o] for o, owners in METHOD_ONLY.items() if method not in owners or o in static_drops}
 
     runs = _compare_variants(ns)
-    read = {o for o, owners in METHOD_ONLY.items() for _, m, _ in runs if m in owners}
+    read = {o for dyn, m, _ in runs for o, owners in METHOD_ONLY.items()
+            if m in owners and (dyn or o not in REGISTRY[m].dynamic_options)}  # fmt: skip
     if any(dynamic for dynamic, _, _ in runs):
         read |= dynamic_only()
     ignored = sorted(o for o in METHOD_ONLY.keys() | dynamic_only() if o not in read and vars(ns)[o] != defaults[o])
@@ -167,13 +170,23 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
     # Each variant resolves its own defaults (e.g. the learning rate of each method, dynamic or plain).
     variants = [
         _train_args(argparse.Namespace(**{**(vars(ns) if dynamic else plain), "method": method, "dynamic": dynamic,
-                                          "output_dir": str(root / name), **unread(method)}))
+                                          "output_dir": str(root / name), **unread(method, dynamic)}))
         for dynamic, method, name in runs
     ]  # fmt: skip
     held = [root / "compare.md"] + [Path(v.output_dir) / f for v in variants for f in RUN_FILES]
-    if not ns.overwrite and any(p.exists() for p in held):  # refuse before the first run, not after it
-        raise UsageError(f"--output-dir {root} already holds a comparison; choose another folder or pass --overwrite")
-    finished = [run(v) for v in variants]
+    if ns.resume:  # a finished variant is kept (with the same flags); the others continue or start
+        from dynalora.training.resume import check_same_run
+
+        done = [v for v in variants if (Path(v.output_dir) / "metrics.json").is_file()]
+        for v in done:
+            check_same_run(Path(v.output_dir), v)
+        todo = [v for v in variants if v not in done]
+    elif not ns.overwrite and any(p.exists() for p in held):  # refuse before the first run, not after it
+        raise UsageError(f"--output-dir {root} already holds a comparison; choose another folder, pass --overwrite, "
+                         "or --resume to continue it")  # fmt: skip
+    else:
+        todo = variants
+    finished = [run(v) for v in todo]
     if any(m is None for m in finished):  # not the main process: it prints and writes nothing
         return 0
     runs = [load_run(v.output_dir) for v in variants]
@@ -199,7 +212,8 @@ def _cmd_sweep(ns: argparse.Namespace) -> int:
     code = sweep.run()
     failed = [o.run.name for o in sweep.outcomes.values() if o.returncode]
     if code > 128:
-        print(f"dynalora: sweep stopped; run the same command again to continue ({root})", file=sys.stderr)
+        again = "the same command without --overwrite" if ns.overwrite else "the same command again"
+        print(f"dynalora: sweep stopped; run {again} to continue ({root})", file=sys.stderr)
     elif failed:
         print(f"dynalora: error: {len(failed)} of {len(runs)} runs failed: {', '.join(failed)}", file=sys.stderr)
     else:
@@ -212,7 +226,7 @@ def _cmd_report(ns: argparse.Namespace) -> int:
     from dynalora.analysis.report import compare_table, load_run
 
     if len(ns.run_dirs) == 1 and is_grid(ns.run_dirs[0]):
-        if ns.format != "text":
+        if ns.format is not None:
             raise UsageError("--format chooses the table of run folders; a grid's report is report.md (markdown) "
                              "with figures; drop --format")  # fmt: skip
         written = write_report(ns.run_dirs[0], ns.report_dir)
@@ -220,7 +234,7 @@ def _cmd_report(ns: argparse.Namespace) -> int:
         return 0
     if ns.report_dir:
         raise UsageError("--report-dir is for a folder of run folders; allowed: one such folder")
-    print(compare_table([load_run(d) for d in ns.run_dirs], fmt=ns.format))
+    print(compare_table([load_run(d) for d in ns.run_dirs], fmt=ns.format or "text"))
     return 0
 
 

@@ -84,6 +84,8 @@ class Method:
         options: the ``TrainArgs`` fields, among those that not every method reads, that this one
             reads (:data:`ADAPTER_OPTIONS` by default); ``dynalora train`` refuses any other of
             them at a value other than its default.
+        dynamic_options: those of ``options`` that only its dynamic variant reads (plain full
+            fine-tuning trains every weight: ``targets`` chooses dynamic full fine-tuning's modules).
     """
 
     name: str
@@ -97,6 +99,7 @@ class Method:
     trains_base: bool = False
     shardable: bool = False
     options: tuple[str, ...] = ADAPTER_OPTIONS
+    dynamic_options: tuple[str, ...] = ()
 
     def default_lr(self, causal: bool, dynamic: bool) -> float:
         if dynamic and self.lr_dynamic is not None:

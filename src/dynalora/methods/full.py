@@ -8,6 +8,11 @@ from dynalora.adapters import find_linear_modules
 from dynalora.errors import UsageError
 from dynalora.methods.common import ALL_LINEAR, Built, Method, MethodOptions, check_targets, is_head
 
+PLAIN_TARGETS = (
+    "--targets {} chooses the layers that dynamic full fine-tuning allocates; plain --method full "
+    "trains every weight; add --dynamic, or drop --targets"
+)
+
 
 def full(model: nn.Module, opts: MethodOptions) -> Built:
     """Full fine-tuning; with ``dynamic``, each target linear layer is a module trained only while
@@ -15,11 +20,8 @@ def full(model: nn.Module, opts: MethodOptions) -> Built:
     # default and all-linear: every linear layer of the transformer blocks (find_linear_modules' own default)
     custom = opts.targets not in (None, (ALL_LINEAR,))
     if not opts.dynamic:
-        if custom:
-            raise UsageError(
-                f"--targets {','.join(opts.targets)} chooses the layers that dynamic full fine-tuning allocates; "
-                "plain --method full trains every weight; add --dynamic, or drop --targets"
-            )
+        if opts.targets is not None:
+            raise UsageError(PLAIN_TARGETS.format(",".join(opts.targets)))
         model.requires_grad_(True)
         return model, None
     if custom:
@@ -50,5 +52,14 @@ def bitfit(model: nn.Module, opts: MethodOptions) -> Built:
 # only part of the time and takes a larger one. Its rate was chosen on mean validation accuracy
 # (benchmarks/quality.py, seeds 0-2): 0.8118 at 2e-4, 0.8133 at 3e-4, 0.8091 at 5e-4 (1e-4 scored
 # 0.8127 on test, against 0.8184 for 2e-4).
-FULL = Method("full", full, lr=5e-5, lr_dynamic=3e-4, trains_base=True, shardable=True, options=("targets",))
+FULL = Method(
+    "full",
+    full,
+    lr=5e-5,
+    lr_dynamic=3e-4,
+    trains_base=True,
+    shardable=True,
+    options=("targets",),
+    dynamic_options=("targets",),
+)
 BITFIT = Method("bitfit", bitfit, lr=1e-3, static=BITFIT_STATIC, shardable=True, options=())  # the paper's rate

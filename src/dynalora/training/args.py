@@ -348,6 +348,11 @@ class TrainArgs(OutputArgs, TrainingArgs, DynamicArgs, DataArgs, ModelArgs):
         if self.dynamic and method.static:  # refused now, not once the model has loaded
             raise UsageError(method.static)
         if not self.dynamic:
+            for name in method.dynamic_options:  # read by the method's dynamic variant only
+                if getattr(self, name) != defaults[name]:
+                    flag = "--" + name.replace("_", "-")
+                    raise UsageError(f"{flag} is read by dynamic --method {self.method} only, and this run is static; "
+                                     "drop it, or add --dynamic")  # fmt: skip
             given = [f.name for f in fields(DynamicConfig) if f.name != "seed" and getattr(self, f.name) is not None]
             if preset_given:
                 given.insert(0, "preset")
@@ -515,8 +520,9 @@ class TrainArgs(OutputArgs, TrainingArgs, DynamicArgs, DataArgs, ModelArgs):
             )
         if self.regression:
             raise UsageError("--regression needs --objective classification; a causal LM predicts tokens")
-        if self.targets is None and "targets" in REGISTRY[self.method].options:
-            self.targets = "all-linear"  # decoders: attention and MLP, as LoRA is used on LLMs
+        method = REGISTRY[self.method]
+        if self.targets is None and "targets" in method.options and "targets" not in method.dynamic_options:
+            self.targets = "all-linear"  # decoders: attention and MLP, as LoRA is used on LLMs (full: its default)
         if self.max_eval_samples is None:
             self.max_eval_samples = DEFAULT_CAUSAL_EVAL_SAMPLES
 

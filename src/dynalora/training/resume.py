@@ -166,6 +166,20 @@ RESUME_FREE = (
 )
 
 
+def check_same_run(out: Path, args: TrainArgs) -> None:
+    """Refuse ``args`` where they differ from the run in ``out`` (its ``config.json``), but for :data:`RESUME_FREE`."""
+    began = json.loads((out / "config.json").read_text())
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainArgs)}
+    for name, value in args.to_dict().items():
+        # a flag newer than the run: the run began with what it does by default
+        before = began.get(name, defaults[name])
+        if name not in RESUME_FREE and before != value:
+            raise UsageError(
+                f"--resume: --{name.replace('_', '-')} is {value!r} here but {before!r} in {out}/config.json; "
+                "allowed: the flags the run began with"
+            )
+
+
 def resume_point(args: TrainArgs) -> Path | None:
     """The checkpoint ``--resume`` continues from; None when there is none yet (the run starts at step 0)."""
     if not args.resume:
@@ -178,16 +192,7 @@ def resume_point(args: TrainArgs) -> Path | None:
     last = latest_checkpoint(out)
     if last is None:
         return None
-    began = json.loads((out / "config.json").read_text())
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainArgs)}
-    for name, value in args.to_dict().items():
-        # a flag newer than the run: the run began with what it does by default
-        before = began.get(name, defaults[name])
-        if name not in RESUME_FREE and before != value:
-            raise UsageError(
-                f"--resume: --{name.replace('_', '-')} is {value!r} here but {before!r} in {out}/config.json; "
-                "allowed: the flags the run began with"
-            )
+    check_same_run(out, args)
     if not (last / TRAINER_STATE).exists():
         raise UsageError(
             f"--resume: {last} was written by an earlier dynalora (its own loop), which Trainer cannot continue; "

@@ -170,6 +170,9 @@ def _flags(path: Path, where: str, section: Any) -> dict[str, Any]:
         if name == "lr_scheduler_kwargs":  # a mapping in YAML, JSON on the command line
             value = [json.dumps(v) if isinstance(v, dict) else v for v in value] if isinstance(value, list) else (
                 json.dumps(value) if isinstance(value, dict) else value)  # fmt: skip
+        if where == "base" and isinstance(value, list):  # one flag, one value: every run would get the list
+            raise UsageError(f"{path}: base.{key} = {value!r}: base gives every run one value; allowed: one value "
+                             "here, or the list under grid")  # fmt: skip
         values = value if isinstance(value, list) else [value]
         for v in values:
             if not (v is None or isinstance(v, (str, int, float, bool))):
@@ -210,7 +213,8 @@ def expand(config: Mapping[str, Any], output_dir: str | os.PathLike[str]) -> lis
         dynamic_by_default = getattr(REGISTRY.get(method), "dynamic", False)  # an unknown method: refused below
         static = flags.get("dynamic") is False or ("dynamic" not in flags and not dynamic_by_default)
         if static:
-            flags = {k: v for k, v in flags.items() if k not in only_dynamic}
+            dropped = only_dynamic | set(getattr(REGISTRY.get(method), "dynamic_options", ()))
+            flags = {k: v for k, v in flags.items() if k not in dropped}
         kept |= flags.keys()
         name = run_name(flags, varying)
         args = _parse(parser, TrainArgs, flags, Path(output_dir) / name, name)
@@ -312,7 +316,18 @@ class Sweep:
         return [(r, s) for r, s in states if s != "done"]
 
     def run(self) -> int:
-        """Train every unfinished run; 0 when all finished, 1 when some failed, 128+n on signal n."""
+        """Train every unfinished run; 0 when all finished, 1 when some failed, 128+n on signal n.
+
+        ``overwrite`` clears every run's old results first, and then trains as a sweep that continues:
+        stopped part-way, the same command without ``--overwrite`` continues it, with no result from
+        before the overwrite counted as done."""
+        if self.overwrite:
+            from dynalora.training.job import clear_run
+
+            for run in self.runs:
+                if (self.root / run.name).is_dir():
+                    clear_run(self.root / run.name)
+            self.overwrite = False
         todo = self.todo()
         done = len(self.runs) - len(todo)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -364,7 +379,7 @@ class Sweep:
             folder = self.root / run.name
             folder.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "dynalora", "train", *run.argv(), "--output-dir", str(folder), "--quiet"]
-            cmd.append("--overwrite" if self.overwrite else "--resume")
+            cmd.append("--resume")  # a new run's folder is empty: it starts at step 0
             env = {**os.environ, **_child_env(self.jobs, device)}
             start = time.perf_counter()
             with open(folder / LOG_NAME, "a") as log:
