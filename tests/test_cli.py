@@ -827,10 +827,10 @@ def test_dynamic_flags_are_dynamic_config_fields(capsys):
 def test_a_run_that_ends_before_its_first_reallocation_says_so(tiny_model, csv_task, tmp_path, caplog):
     import logging
 
-    with caplog.at_level(logging.WARNING, logger="dynalora.training.job"):
+    with caplog.at_level(logging.WARNING, logger="dynalora.controller"):
         assert main(cli_args(tiny_model, csv_task, tmp_path / "long")) == 0  # 6 steps, --period 2
         assert not [r for r in caplog.records if "first reallocation" in r.getMessage()]
         assert main(cli_args(tiny_model, csv_task, tmp_path / "short", "--max-steps", "2")) == 0
     said = [r.getMessage() for r in caplog.records if "first reallocation" in r.getMessage()]
-    assert said == ["the run's 2 optimizer steps end before its first reallocation (--period 2): no module is "
+    assert said == ["the run's 2 optimizer steps end before its first reallocation (period 2): no module is "
                     "chosen by importance in it"]  # fmt: skip

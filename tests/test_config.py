@@ -23,6 +23,7 @@ from tests import tiny
         ("k", "all", "int >= 1"),
         ("threshold", 0.0, "(0, 1]"),
         ("threshold", 1.2, "(0, 1]"),
+        ("threshold", True, "(0, 1]"),  # was taken as 1.0
         ("period", 0, "int >= 1"),
         ("period", 2.5, "int >= 1"),
     ],

@@ -189,3 +189,38 @@ def test_load_state_dict_rejects_other_modules():
     )
     with pytest.raises(ValueError, match="saved for other modules"):
         alloc.load_state_dict(other.state_dict())
+
+
+def test_state_saved_under_another_config_is_refused_and_a_new_length_kept():
+    # a mismatch only logged a warning, and the run continued its selections under other rules
+    # (or failed on the saved measure's keys)
+    config = DynamicConfig(allocator="topk", k=2, period=1, optimizer="global", measure="forward")
+    saved = DynamicAllocator(tiny.peft_bert("lora"), config)
+    saved.set_total_steps(10)
+    state = saved.state_dict()
+    other = DynamicAllocator(tiny.peft_bert("lora"), DynamicConfig(allocator="topk", k=3, period=1, optimizer="global"))
+    with pytest.raises(ValueError, match="saved with measure=.forward., and this allocator has measure=.gradient."):
+        other.load_state_dict(state)
+    older = {**state, "config": {k: v for k, v in state["config"].items() if k != "coverage"}}  # a field added later
+    longer = DynamicAllocator(tiny.peft_bert("lora"), config)
+    longer.set_total_steps(20)  # the resumed run is longer: its own length, not the saved one, paces it
+    longer.load_state_dict(older)
+    assert longer.state_dict()["total_steps"] == 20
+    fresh = DynamicAllocator(tiny.peft_bert("lora"), config)
+    fresh.load_state_dict(state)
+    assert fresh.state_dict()["total_steps"] == 10
+
+
+def test_a_run_no_longer_than_the_period_is_said_once(caplog):
+    import logging
+
+    alloc = DynamicAllocator(
+        tiny.peft_bert("lora"), DynamicConfig(allocator="topk", k=2, period=10, optimizer="global")
+    )
+    with caplog.at_level(logging.WARNING, logger="dynalora.controller"):
+        alloc.set_total_steps(11)
+        alloc.set_total_steps(10)
+        alloc.set_total_steps(10)
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["the run's 10 optimizer steps end before its first reallocation (period 10): no module is chosen "
+                    "by importance in it"]  # fmt: skip

@@ -232,8 +232,7 @@ class DynamicConfig:
             raise ValueError(f"k={k!r} is out of range; allowed: an int >= 1 or a float in (0, 1]")
         if isinstance(k, int) and k < 1:
             raise ValueError(f"k={k!r} is out of range; allowed: an int >= 1 or a float in (0, 1]")
-        if not isinstance(self.threshold, (int, float)) or not (0.0 < self.threshold <= 1.0):
-            raise ValueError(f"threshold={self.threshold!r} is out of range; allowed: a number in (0, 1]")
+        _check_share("threshold", self.threshold)  # (True is not 1.0)
         _check_share("budget", self.budget)
         if self.memory_cap is not None:
             _check_share("memory_cap", self.memory_cap, extra=" or None")

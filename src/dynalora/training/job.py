@@ -172,9 +172,6 @@ def load(args: TrainArgs, device: torch.device) -> Job:
     batches_per_epoch = math.ceil(len(data.splits["train"]) / args.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     num_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
-    if args.dynamic and num_steps <= args.dynamic_config().period:  # a smoke test, most likely: said, not refused
-        logger.warning("the run's %d optimizer steps end before its first reallocation (--period %d): no module is "
-                       "chosen by importance in it", num_steps, args.dynamic_config().period)  # fmt: skip
     tokenizer, model = load_model(model_path, data.spec, device)
     options = method_options(args, num_steps, data.spec.kind)
     model, modules = REGISTRY[args.method].build(model, options)
