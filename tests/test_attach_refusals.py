@@ -230,3 +230,15 @@ def test_ddp_without_find_unused_parameters_is_refused(tmp_path, monkeypatch):
     assert says.startswith("under DDP (2 processes) the modules outside the selection get no gradient")
     assert says.endswith("allowed: TrainingArguments(ddp_find_unused_parameters=True)")
     assert dynalora.attach(on) is not None
+
+
+# ------------------------------------------------------------------------------ checkpointing
+def test_checkpointing_that_would_blind_a_setting_is_refused_before_training(tmp_path):
+    t = built(tmp_path, gradient_checkpointing=True)  # as TRL's SFTConfig by default
+    cap = DynamicConfig(allocator="topk", k=2, memory_cap=0.5, cap_mode="recompute")
+    assert "gradient_checkpointing=True (TRL's SFTConfig default) checkpoints every block" in refused(t, cap)
+    t = built(tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True})
+    forward = DynamicConfig(allocator="topk", k=2, measure="forward")
+    assert "reentrant checkpointing runs without gradients" in refused(t, forward)
+    dynalora.attach(built(tmp_path, gradient_checkpointing=True), forward)  # non-reentrant: allowed
+    dynalora.attach(t, DynamicConfig())  # the default measure (gradient) reads .grad: allowed

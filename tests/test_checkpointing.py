@@ -295,6 +295,20 @@ def test_recompute_cap_checkpoints_nothing_when_the_selection_fits():
     assert "forward" not in _blocks(model)[2].__dict__
 
 
+def test_the_recompute_cap_refuses_blocks_already_checkpointed():
+    # the wrapper stood aside for a checkpointed block: no cap, while the history recorded recomputation
+    model = _peft("llama")
+    alloc = DynamicAllocator(model, DynamicConfig(allocator="topk", k=1, memory_cap=0.5, cap_mode="recompute"))
+    model.get_base_model().activation_checkpointing_enable({"use_reentrant": False})
+    model.train()
+    with pytest.raises(RuntimeError, match="gradient checkpointing already checkpoints every block"):
+        model(**_batch("llama"))
+    with torch.no_grad():  # evaluation passes are not training: nothing to refuse
+        model.eval()
+        model(**_batch("llama"))
+    alloc.close()
+
+
 def test_recompute_cap_under_the_default_allocator_trains_every_block():
     """The exclusion cap keeps blocks 0-2 out of training for good; the recompute cap does not."""
     model = _peft("llama")

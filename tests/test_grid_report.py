@@ -249,3 +249,10 @@ def test_configurations_that_differ_by_their_cap_have_different_labels(tmp_path)
         "DynaLoRA (gradient/topk, k=2/4, cap=0.35 recompute)",
         "DynaLoRA (gradient/topk, k=2/4, cap=0.5 recompute)",
     ]
+
+
+def test_runs_without_config_json_are_not_refused_as_one_seed(tmp_path):
+    for seed in (0, 1):  # recorded only in metrics.json
+        (make_run(tmp_path, f"s{seed}", seed=seed, score=0.7 + seed / 10) / "config.json").unlink()
+    (config,) = load_grid(tmp_path)
+    assert sorted(config.scores("rt")) == pytest.approx([0.7, 0.8])

@@ -325,3 +325,8 @@ def test_an_optimizer_of_ones_own_is_refused_where_the_config_needs_the_allocato
         return
     with pytest.raises(ValueError, match=f"{refused}.* create_optimizer"):
         alloc.step()
+    resumed = DynamicAllocator(tiny.peft_bert("lora"), DynamicConfig(allocator="topk", k=2, period=1, **config))
+    state = resumed.state_dict() | {"step": 5}  # a resumed run is past step 0: checked all the same
+    resumed.load_state_dict(state)
+    with pytest.raises(ValueError, match=f"{refused}.* create_optimizer"):
+        resumed.step()

@@ -176,6 +176,13 @@ class BlockGuard:
                 "so the checkpointed blocks would score 0; allowed: gradient_checkpointing_kwargs="
                 "{'use_reentrant': False} (transformers' default), or measure='gradient'"
             )
+        if self._forwards and _checkpoints(block):  # the recompute cap's wrapper would stand aside: no cap
+            raise RuntimeError(
+                "memory_cap with cap_mode='recompute' checkpoints the lowest trained blocks itself, and gradient "
+                "checkpointing already checkpoints every block, so the cap would do nothing (and the history would "
+                "record recomputation that did not happen); allowed: gradient checkpointing off with the cap, or the "
+                "cap dropped"
+            )
         if cut is None or index > cut:
             return None
         if _checkpoints(block) and type(block).__call__ is not nn.Module.__call__:

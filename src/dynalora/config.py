@@ -94,9 +94,10 @@ class DynamicConfig:
         "cutoff allocator: expected share of the blocks that backward runs through per step, in (0, 1]",
     )
     """``cutoff``: expected share of the transformer blocks' work that backward runs through per step,
-    in (0, 1]; 1 trains every module every step, as LoRA. It must lie between the top block's share
-    (which trains at every step) and, under ``memory_cap`` with ``cap_mode="exclude"``, the share the
-    cap leaves reachable: the allocator refuses a budget outside. The step time is about
+    in (0, 1]; 1 trains every module every step, as LoRA. A step spends at least the top block's
+    share (it trains at every step) and, under ``memory_cap`` with ``cap_mode="exclude"``, at most the
+    share the cap leaves reachable: a budget outside is held to the nearest of the two, and the
+    allocator says so when it is built. The step time is about
     ``f + (1 - f) * budget`` of LoRA's, with f the selection-independent share
     (:data:`dynalora.cost.FIXED_SHARE`, 0.6 on CPU)."""
 
@@ -127,7 +128,8 @@ class DynamicConfig:
     """How ``memory_cap`` is kept: ``exclude`` (``cutoff`` only): blocks whose training would exceed the
     cap never train; ``recompute`` (any allocator): every block trains as the allocator chooses, and
     on the steps a selection would exceed the cap, its lowest trained blocks are checkpointed
-    (recomputed in backward) until the rest fit (:class:`dynalora.checkpointing.BlockGuard`)."""
+    (recomputed in backward) until the rest fit (:class:`dynalora.checkpointing.BlockGuard`).
+    ``recompute`` with gradient checkpointing (every block checkpointed already) is refused."""
 
     coverage: float = _setting(0.2, "cutoff allocator: lowest probability that any block trains at a reallocation")
     """``cutoff``: the lowest probability with which any block within the cap trains at a

@@ -123,6 +123,7 @@ class DynamicAllocator:
         self._mask = torch.zeros(num, dtype=torch.bool)
         self._active_steps = torch.zeros(num, dtype=torch.int64)
         self._step = 0
+        self._stepped = False
         self._total_steps: int | None = None  # the run's length, for budget_schedule="linear"
         self.history: list[dict[str, Any]] = []
         if config.allocator in COST_AWARE:
@@ -254,28 +255,26 @@ class DynamicAllocator:
             needs.append(f"state_policy={self.config.state_policy!r}")
         if needs:
             raise ValueError(
-                f"{' and '.join(needs)} act on the optimizer that create_optimizer() builds, and this run steps "
+                f"{' and '.join(needs)} need the optimizer that create_optimizer() builds, and this run steps "
                 "an optimizer of its own; allowed: opt = allocator.create_optimizer(torch.optim.AdamW, lr=...), "
                 "or DynamicConfig(optimizer='global', state_policy='keep') with an optimizer over every module"
             )
 
     def _check_budget(self) -> None:
-        """``cutoff``: a budget the model can spend, between the top block alone and what the cap leaves."""
+        """``cutoff``: a budget outside what the model can spend is said once; every step spends the nearest
+        share it can: at least the top block's (which trains at every step), and under ``memory_cap`` with
+        ``cap_mode="exclude"`` at most what the cap leaves reachable."""
         depth_share = self.cost.above[torch.unique(self.cost.blocks)]  # backward share of each candidate cutoff
         top = float(depth_share[-1])
         reach = float(depth_share[lowest_allowed(depth_share, self._exclude_cap)])
         budget = self.config.budget
         if budget < top - 1e-9:
-            raise ValueError(
-                f"budget={budget:g} is below the backward share of the top block alone ({top:.3f} on this model), "
-                f"which trains at every step, so every step would spend {top:.3f}; allowed: a budget >= {top:.3f}"
-            )
+            logger.warning("budget=%g is below the backward share of the top block alone (%.3f on this model), which "
+                           "trains at every step: every step spends %.3f", budget, top, top)  # fmt: skip
         if self._exclude_cap is not None and budget > reach + 1e-9:
-            raise ValueError(
-                f"budget={budget:g} is more than the backward share memory_cap={self._exclude_cap:g} lets any step "
-                f"reach on this model ({reach:.3f}), so every step would spend {reach:.3f}; allowed: a budget <= "
-                f"{reach:.3f}, or cap_mode='recompute' (every block trains, the lowest recomputed)"
-            )
+            logger.warning("budget=%g is more than the backward share memory_cap=%g lets any step reach on this model "
+                           "(%.3f): every step spends at most %.3f, and the blocks within the cap train at every step",
+                           budget, self._exclude_cap, reach, reach)  # fmt: skip
 
     def _budget(self) -> float:
         if self.config.budget_schedule == "constant":
@@ -293,8 +292,9 @@ class DynamicAllocator:
     # ----------------------------------------------------------------------------- the step
     def step(self) -> None:
         """Account for one optimizer step; reallocate when the schedule says so."""
-        if self._step == 0 and self._optimizer is None:
+        if not self._stepped and self._optimizer is None:  # the first step in this process (a resume too)
             self._check_own_optimizer()
+        self._stepped = True
         self._active_steps += self._mask
         self._measure.end_step()
         self._step += 1

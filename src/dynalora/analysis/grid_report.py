@@ -125,7 +125,9 @@ def load_grid(root: str | os.PathLike[str]) -> list[Config]:
     for config in configs:  # a stale run beside its replacement would count as a second seed
         seen: dict[tuple[str, Any], str] = {}
         for run in config.runs:
-            key = (str(run.get("task")), run["config"].get("seed"))
+            key = (str(run.get("task")), run["config"].get("seed", run.get("seed")))
+            if key[1] is None:  # a run that recorded no seed: nothing to compare
+                continue
             if key in seen:
                 raise UsageError(
                     f"{seen[key]} and {run['run_dir']} are the same configuration, task and seed, and would count "

@@ -212,9 +212,9 @@ def compare_table(runs: Sequence[Mapping[str, Any]], *, fmt: TableFormat = "mark
 def aggregate(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Group runs that differ only by seed and summarise each group.
 
-    Runs group by task, model, label, main metric, the split it was read from, and the dynamic
-    config (minus any ``seed`` key), so runs whose labels coincide but whose configs differ are
-    not averaged together.
+    Runs group by task, model, label, main metric, the split it was read from, the dynamic
+    config (minus any ``seed`` key) and the run folder's ``config.json`` settings (minus seed and
+    bookkeeping), so runs whose labels coincide but whose recipes differ are not averaged together.
 
     Args:
         runs: ``metrics.json`` contents, e.g. from :func:`load_run`.
@@ -224,6 +224,9 @@ def aggregate(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         ``main_metric``, ``split``, ``n``, ``seeds``, ``metric_mean``, ``metric_std``,
         ``step_ms_mean``, ``step_ms_std`` and ``run_dirs``. Means are over the runs that have the
         value (NaN if none); stds are sample stds (``ddof=1``), NaN for fewer than two values.
+
+    Raises:
+        UsageError: two runs of one group have the same seed (a stale run beside its replacement).
     """
     groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
     for run in runs:
@@ -358,13 +361,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         runs = [load_run(run_dir) for run_dir in args.run_dirs]
+        rows = aggregate(runs) if args.aggregate else None
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    table = (
-        aggregate_table(aggregate(runs), fmt=args.format) if args.aggregate else compare_table(runs, fmt=args.format)
-    )
-    print(table)
+    print(aggregate_table(rows, fmt=args.format) if rows is not None else compare_table(runs, fmt=args.format))
     return 0
 
 

@@ -88,7 +88,8 @@ def attach(
             or accelerate (they replace the parameters the allocator holds; dynalora's own FSDP2 is
             ``dynalora train --fsdp``); fp16 (a loss scaler) with ``optimizer="local"`` (accelerate
             unscales and skips steps only for a ``torch.optim.Optimizer``; allowed: bf16, or
-            ``optimizer="global"``); more than one process with ``ddp_find_unused_parameters``
+            ``optimizer="global"``); gradient checkpointing with ``cap_mode="recompute"``, or reentrant
+            with the ``forward`` or ``adapter`` measure; more than one process with ``ddp_find_unused_parameters``
             resolved to False; ``args.optim`` names an optimizer outside :data:`SUPPORTED_OPTIMIZERS`;
             or anything else that would not be read (Adam's settings with another optimizer,
             ``optim_args`` with Adam or keys its optimizer does not read, an allocator over another
@@ -132,6 +133,19 @@ def attach(
             "fp16 scales the loss, and accelerate unscales the gradients and skips overflow steps only for a "
             "torch.optim.Optimizer, which optimizer='local' does not build (its steps would take scaled gradients); "
             "allowed: bf16, or DynamicConfig(optimizer='global')"
+        )
+    if args.gradient_checkpointing and settings.cap_mode == "recompute":
+        raise ValueError(
+            "memory_cap with cap_mode='recompute' checkpoints the lowest trained blocks itself, and "
+            "gradient_checkpointing=True (TRL's SFTConfig default) checkpoints every block, so the cap would do "
+            "nothing; allowed: gradient_checkpointing=False with the cap, or the cap dropped"
+        )
+    reentrant = (args.gradient_checkpointing_kwargs or {}).get("use_reentrant", False)  # transformers 5: False
+    if args.gradient_checkpointing and reentrant and settings.measure in ("forward", "adapter"):
+        raise ValueError(
+            f"measure={settings.measure!r} reads each module's training forward, which reentrant checkpointing runs "
+            "without gradients and repeats inside backward; allowed: gradient_checkpointing_kwargs="
+            "{'use_reentrant': False}, or DynamicConfig(measure='gradient')"
         )
     if args.world_size > 1 and not _finds_unused_parameters(trainer):
         raise ValueError(

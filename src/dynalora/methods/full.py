@@ -20,7 +20,7 @@ def full(model: nn.Module, opts: MethodOptions) -> Built:
     # default and all-linear: every linear layer of the transformer blocks (find_linear_modules' own default)
     custom = opts.targets not in (None, (ALL_LINEAR,))
     if not opts.dynamic:
-        if opts.targets is not None:
+        if custom:  # all-linear is what plain full fine-tuning trains anyway (the CLI's default on decoders)
             raise UsageError(PLAIN_TARGETS.format(",".join(opts.targets)))
         model.requires_grad_(True)
         return model, None

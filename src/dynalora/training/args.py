@@ -294,6 +294,7 @@ class TrainArgs(OutputArgs, TrainingArgs, DynamicArgs, DataArgs, ModelArgs):
         if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
             raise UsageError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         defaults = {f.name: f.default for f in fields(self)}
+        dynamic_only = {name: getattr(self, name) for name in REGISTRY[self.method].dynamic_options}  # as given
         for name, owners in METHOD_ONLY.items():  # an option this method does not read, set: refused, not ignored
             if getattr(self, name) != defaults[name] and self.method not in owners:
                 flag = "--" + name.replace("_", "-")
@@ -348,8 +349,8 @@ class TrainArgs(OutputArgs, TrainingArgs, DynamicArgs, DataArgs, ModelArgs):
         if self.dynamic and method.static:  # refused now, not once the model has loaded
             raise UsageError(method.static)
         if not self.dynamic:
-            for name in method.dynamic_options:  # read by the method's dynamic variant only
-                if getattr(self, name) != defaults[name]:
+            for name, value in dynamic_only.items():  # read by the method's dynamic variant only
+                if value != defaults[name]:
                     flag = "--" + name.replace("_", "-")
                     raise UsageError(f"{flag} is read by dynamic --method {self.method} only, and this run is static; "
                                      "drop it, or add --dynamic")  # fmt: skip
@@ -520,9 +521,8 @@ class TrainArgs(OutputArgs, TrainingArgs, DynamicArgs, DataArgs, ModelArgs):
             )
         if self.regression:
             raise UsageError("--regression needs --objective classification; a causal LM predicts tokens")
-        method = REGISTRY[self.method]
-        if self.targets is None and "targets" in method.options and "targets" not in method.dynamic_options:
-            self.targets = "all-linear"  # decoders: attention and MLP, as LoRA is used on LLMs (full: its default)
+        if self.targets is None and "targets" in REGISTRY[self.method].options:
+            self.targets = "all-linear"  # decoders: attention and MLP, as LoRA is used on LLMs
         if self.max_eval_samples is None:
             self.max_eval_samples = DEFAULT_CAUSAL_EVAL_SAMPLES
 

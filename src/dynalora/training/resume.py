@@ -134,7 +134,10 @@ def restore_checkpoint(job: Job, folder: Path) -> Progress:
         job.trainer.optimizer.load_state_dict(state["optimizer"])
     job.trainer.lr_scheduler.load_state_dict(state["scheduler"])
     if job.allocator is not None:
-        job.allocator.load_state_dict(state["allocator"])
+        try:
+            job.allocator.load_state_dict(state["allocator"])
+        except ValueError as err:  # e.g. a preset that changed between versions: the flags match, the rules not
+            raise UsageError(f"--resume: {err}") from None
     if acc.scaler is not None and state["scaler"] is not None:
         acc.scaler.load_state_dict(state["scaler"])
     checkpoint.set_rng_state(rng)  # last: nothing above may draw from it
