@@ -98,6 +98,16 @@ def test_plain_lora_trains_everything_every_step(tiny_model, csv_task, tmp_path)
     assert m["dynamic"] is None and m["module_active_steps"] == {}
     assert m["mean_active_trainable_params"] == m["trainable_params"] == 4 * 2 * 32 * 8 + 66
     assert not (out / "allocations.jsonl").exists()
+    # each split's class balance, beside which an accuracy reads for what it is (counted from the files here)
+    import csv
+    from collections import Counter
+
+    for split in ("validation", "test"):
+        with open(csv_task[split]) as f:
+            labels = Counter(row["label"] for row in csv.DictReader(f))
+        assert sorted(m["label_counts"][split].values()) == sorted(labels.values())
+        assert m["majority_baseline"][split] == pytest.approx(max(labels.values()) / sum(labels.values()))
+    assert f"(n={sum(labels.values())})" in (out / "model" / "README.md").read_text()
 
 
 def _count(model_dir, keep):
@@ -834,3 +844,13 @@ def test_a_run_that_ends_before_its_first_reallocation_says_so(tiny_model, csv_t
     said = [r.getMessage() for r in caplog.records if "first reallocation" in r.getMessage()]
     assert said == ["the run's 2 optimizer steps end before its first reallocation (period 2): no module is "
                     "chosen by importance in it"]  # fmt: skip
+
+
+def test_metrics_json_writes_no_bare_nan():
+    # a constant regression prediction has no correlation: NaN, which json.dumps wrote as a bare NaN
+    from dynalora.training.outputs import _finite
+
+    metrics = {"test": {"pearson": float("nan"), "mse": 0.5}, "steps": [1.0, float("inf")], "n": 3}
+    assert json.loads(json.dumps(_finite(metrics), allow_nan=False)) == {
+        "test": {"pearson": None, "mse": 0.5}, "steps": [1.0, None], "n": 3
+    }  # fmt: skip

@@ -135,10 +135,16 @@ def test_drugreview_uses_its_own_test_file() -> None:
     assert [names[y] for y in data.splits["test"]["label"]] == [r["rating"] for r in test]
     assert data.splits["test"]["text"][0] == html.unescape(test[0]["review"]).strip().strip('"').strip()
     assert "&#039;" not in " ".join(data.splits["test"]["text"])
-    train_counts = Counter(r["rating"] for r in raw["drugsComTrain.tsv"])
+    def text(row):
+        return html.unescape(row["review"]).strip().strip('"').strip()
+
+    in_test = {text(r) for r in test}
+    kept = [r for r in raw["drugsComTrain.tsv"] if text(r) not in in_test]
+    assert len(kept) == len(raw["drugsComTrain.tsv"]) - 1  # one review is in both files: it stays in test only
     ours = Counter(names[y] for split in ("train", "validation") for y in data.splits[split]["label"])
-    assert ours == train_counts  # train + validation = the train file, stratified 80/20
+    assert ours == Counter(r["rating"] for r in kept)  # train + validation = the rest of the train file, 80/20
     assert len(data.splits["validation"]) == 120
+    assert not in_test & {*data.splits["train"]["text"], *data.splits["validation"]["text"]}
 
 
 def test_drugreview_instruct_asks_for_the_rating_as_a_word() -> None:
@@ -146,7 +152,7 @@ def test_drugreview_instruct_asks_for_the_rating_as_a_word() -> None:
     test = list(csv.DictReader(io.TextIOWrapper(archive.open("drugsComTest.tsv")), delimiter="\t"))
     data = load_task("drugreview_instruct")
     assert data.spec.kind == "causal_lm" and data.spec.main_metric == "exact_match"
-    assert {s: len(ds) for s, ds in data.splits.items()} == {"train": 480, "validation": 120, "test": 379}
+    assert {s: len(ds) for s, ds in data.splits.items()} == {"train": 479, "validation": 120, "test": 379}
     assert data.splits["test"]["response"] == [r["rating"] for r in test]  # the word is the file's own rating
     first = html.unescape(test[0]["review"]).strip().strip('"').strip()
     assert data.splits["test"]["prompt"][0] == (

@@ -207,6 +207,7 @@ def _drug_frame(archive: zipfile.ZipFile, name: str) -> pd.DataFrame:
 def _load_drugreview(task: str, opts: _Options) -> TaskData:
     with zipfile.ZipFile(_DRUG_FILE.locate(task)) as archive:
         train, test = _drug_frame(archive, "drugsComTrain.tsv"), _drug_frame(archive, "drugsComTest.tsv")
+    train = train[~train["text"].isin(set(test["text"]))]  # a review in both files (one): test only
     train, validation = train_test_split(train, test_size=0.2, stratify=train["label"], random_state=_SPLIT_SEED)
     splits = _splits({"train": train, "validation": validation, "test": test})
     return TaskData(_spec("drugreview", 3), splits, list(_DRUG_LABELS), True)

@@ -119,7 +119,7 @@ class DataArgs:
         "validate on N examples drawn at random (seed 0) from the validation split (the test split has its own cap)"
     )
     max_test_samples: int | None = _opt(
-        "test on N examples drawn at random (seed 0); metrics.json records test_examples (default: the whole split)"
+        "test on N examples drawn at random (seed 0); metrics.json records examples.test (default: the whole split)"
     )
     glue_dir: str | None = _opt("folder of the official GLUE TSV files (offline GLUE)")
     train_file: str | None = _opt("training file for --task custom (.csv/.json/.jsonl)")

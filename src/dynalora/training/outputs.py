@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +97,7 @@ def finish(job: Job, out: Path, records: list[dict[str, Any]], costs: dict[str, 
         "test": test,
         # how many examples each figure comes from, so that a sampled split cannot pass for a whole one
         "examples": {split: len(loader.dataset) for split, loader in job.eval_loaders.items()},
+        **_class_balance(job.spec, final),
         "main_metric": job.spec.main_metric,
         "trainable_params": job.num_trainable,
         **costs,
@@ -129,6 +132,29 @@ def finish(job: Job, out: Path, records: list[dict[str, Any]], costs: dict[str, 
     return metrics
 
 
+def _class_balance(spec: Any, final: dict[str, Any]) -> dict[str, Any]:
+    """Each evaluated split's label counts and the score of always predicting its most common class,
+    beside which an accuracy reads for what it is (classification only)."""
+    if spec.is_regression or getattr(spec.kind, "objective", None) != "classification":
+        return {}
+    counts = {split: Counter(r["labels"].tolist()) for split, r in final.items() if r and len(r["labels"])}
+    return {
+        "label_counts": {split: {str(k): c[k] for k in sorted(c)} for split, c in counts.items()},
+        "majority_baseline": {split: max(c.values()) / sum(c.values()) for split, c in counts.items()},
+    }
+
+
+def _finite(value: Any) -> Any:
+    """NaN and inf as JSON's null (a constant regression prediction has no correlation), which strict readers take."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     with open(path, "w") as f:
         for record in records:
@@ -139,8 +165,9 @@ def model_card(args: TrainArgs, metrics: dict[str, Any], allocator: DynamicAlloc
     """``model/README.md``: what was trained, from what, how, and what it scored."""
     base = portable_model_id(args.model)
     library = "peft" if args.method not in ("full", "bitfit", "galore") else "transformers"
+    examples = metrics.get("examples", {})
     scores = ", ".join(
-        f"{split} {name} {value:.4f}"
+        f"{split} {name} {value:.4f}" + (f" (n={examples[split]})" if split in examples else "")
         for split in ("validation", "test")
         for name, value in metrics.get(split, {}).items()
         if isinstance(value, (int, float))
@@ -210,7 +237,7 @@ def _write_outputs(out: Path, model, tokenizer, allocator, records, metrics, inf
     tokenizer.save_pretrained(weights)
     if card is not None:
         (weights / "README.md").write_text(card[0])  # in place of PEFT's empty template
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "metrics.json").write_text(json.dumps(_finite(metrics), indent=2, allow_nan=False) + "\n")
 
 
 def push(folder: Path, repo_id: str) -> None:
